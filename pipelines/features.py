@@ -1,0 +1,220 @@
+"""Composite transforms from raw source batches to feature rows and dead letters.
+
+Nothing here knows where rows come from or where they go: the jobs attach sources and
+sinks. Elements are Arrow tables (whole batches), so a bounded run does a handful of
+vectorized calls per key-partition instead of one Python call per event.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam import pvalue
+
+from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
+from finfeat.schemas.mapping import Mapping
+from finfeat.transforms.buckets import split_by_bucket
+from finfeat.transforms.dedup import deduplicate
+from finfeat.transforms.features import compute_calendar_features, compute_entity_features
+from finfeat.transforms.parse import CardTokenizer, parse_batch
+from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
+
+NAMESPACE = "finfeat"
+DEAD = "dead_letters"
+STATS = "stats"
+
+
+def _stat(name: str, value: int) -> pvalue.TaggedOutput:
+    return pvalue.TaggedOutput(STATS, (name, int(value)))
+
+
+class ParseBatchFn(beam.DoFn):
+    """Raw source batch -> canonical events; rows that fail go to the dead-letter output."""
+
+    def __init__(self, *, mapping: Mapping, token_key: bytes, run_id: str, recorded_at_us: int) -> None:
+        self._mapping, self._key, self._run_id, self._recorded = mapping, token_key, run_id, recorded_at_us
+
+    def setup(self) -> None:
+        self._tokenizer = CardTokenizer(self._key)
+        self._parsed = beam.metrics.Metrics.counter(NAMESPACE, "events_parsed")
+        self._dead = beam.metrics.Metrics.counter(NAMESPACE, "dead_letters")
+
+    def process(self, element: tuple[str, pa.Table, pa.Table]) -> Iterator[object]:
+        source, raw, unreadable = element
+        events, dead = parse_batch(raw, mapping=self._mapping, tokenizer=self._tokenizer, source=source,
+                                   run_id=self._run_id, recorded_at_us=self._recorded)
+        self._parsed.inc(events.num_rows)
+        self._dead.inc(dead.num_rows + unreadable.num_rows)
+        yield _stat("rows_read", raw.num_rows + unreadable.num_rows)
+        if unreadable.num_rows:
+            yield pvalue.TaggedOutput(DEAD, unreadable)
+        if events.num_rows:
+            yield events
+        if dead.num_rows:
+            yield pvalue.TaggedOutput(DEAD, dead)
+
+
+class DeduplicateEvents(beam.PTransform):
+    """Every txn id once; repeated copies become dead letters (bounded input)."""
+
+    def __init__(self, *, buckets: int, run_id: str, recorded_at_us: int) -> None:
+        super().__init__()
+        self._buckets, self._run_id, self._recorded = buckets, run_id, recorded_at_us
+
+    def expand(self, events: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+        run_id, recorded = self._run_id, self._recorded
+
+        def dedup(item: tuple[int, list[pa.Table]]) -> Iterator[object]:
+            _, pieces = item
+            unique, dead = deduplicate(pa.concat_tables(list(pieces)), run_id=run_id, recorded_at_us=recorded)
+            yield unique
+            if dead.num_rows:
+                yield pvalue.TaggedOutput(DEAD, dead)
+
+        return (events
+                | "PartitionByTxnId" >> beam.FlatMap(split_by_bucket, "txn_id", self._buckets)
+                | "GroupByTxnId" >> beam.GroupByKey()
+                | "KeepOneCopy" >> beam.FlatMap(dedup).with_outputs(DEAD, main="events"))
+
+
+def _emit_mask(table: pa.Table, emit_from_us: int | None, emit_until_us: int | None) -> pa.Array:
+    t = table.column("event_time").cast(pa.int64())
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    if emit_from_us is not None:
+        mask = pc.and_(mask, pc.greater_equal(t, emit_from_us))
+    if emit_until_us is not None:
+        mask = pc.and_(mask, pc.less(t, emit_until_us))
+    return mask
+
+
+class ComputeFeatures(beam.PTransform):
+    """Exact point-in-time features for every event of a bounded PCollection of event tables.
+
+    Each entity kind (card, merchant) is partitioned by a stable hash of its key so that one
+    worker holds all of an entity's history; the arithmetic is
+    :func:`finfeat.transforms.features.compute_entity_features`, the same function the
+    streaming job and the online lookup call. Per-entity results are joined back on txn id.
+    Only events with ``emit_from_us <= event_time < emit_until_us`` produce rows; the others
+    are history that warms the windows up.
+    """
+
+    def __init__(self, *, spec: FeatureSpec, buckets: int = 8, emit_from_us: int | None = None,
+                 emit_until_us: int | None = None) -> None:
+        super().__init__()
+        if buckets < 1:
+            raise ValueError("buckets must be at least 1")
+        self._spec, self._buckets = spec, buckets
+        self._from, self._until = emit_from_us, emit_until_us
+
+    def expand(self, events: beam.PCollection) -> beam.PCollection:
+        if not events.is_bounded:
+            raise NotImplementedError(
+                "ComputeFeatures on an unbounded PCollection needs the streaming job (finfeat stream), "
+                "which is not part of this release; run a backfill over a bounded source")
+        spec, buckets, lo, hi = self._spec, self._buckets, self._from, self._until
+        branches: dict[str, beam.PCollection] = {}
+
+        def identity(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+            chosen = table.filter(_emit_mask(table, lo, hi))
+            if chosen.num_rows == 0:
+                return
+            t_us = chosen.column("event_time").cast(pa.int64()).to_numpy()
+            days = pa.array(t_us // 86_400_000_000, pa.int32()).cast(pa.date32())
+            base = chosen.append_column("event_date", days)
+            cols = {name: base.column(name) for name in IDENTITY_COLUMNS}
+            cols.update(compute_calendar_features(chosen, spec.for_entity("event")))
+            yield from split_by_bucket(pa.table(cols), "txn_id", buckets)
+
+        branches["base"] = (events
+                            | "SelectEmittedEvents" >> beam.FlatMap(identity))
+        for entity in spec.entities:
+            label = entity.capitalize()
+            defs = spec.for_entity(entity)
+
+            def entity_features(item: tuple[int, list[pa.Table]], defs=defs, entity=entity
+                                ) -> Iterator[tuple[int, pa.Table]]:
+                _, pieces = item
+                table = pa.concat_tables(list(pieces))
+                cols = compute_entity_features(table, defs, entity)
+                out = pa.table({"txn_id": table.column("txn_id"), **cols}).filter(_emit_mask(table, lo, hi))
+                yield from split_by_bucket(out, "txn_id", buckets)
+
+            branches[entity] = (events
+                                | f"PartitionBy{label}" >> beam.FlatMap(split_by_bucket, ENTITY_COLUMNS[entity],
+                                                                         buckets)
+                                | f"GroupBy{label}" >> beam.GroupByKey()
+                                | f"Compute{label}Features" >> beam.FlatMap(entity_features))
+        schema = feature_schema(spec)
+        names = list(branches)
+
+        def join(item: tuple[int, dict[str, list[pa.Table]]]) -> Iterator[pa.Table]:
+            _, parts = item
+            if not parts["base"]:
+                return
+            joined = pa.concat_tables(parts["base"])
+            for name in names[1:]:
+                right = pa.concat_tables(parts[name]) if parts[name] else None
+                if right is None:
+                    raise RuntimeError(f"no {name} features for a bucket that has events")
+                joined = joined.join(right, keys="txn_id", join_type="left outer")
+            yield joined.select(schema.names).cast(schema)
+
+        return (branches
+                | "JoinOnTxnId" >> beam.CoGroupByKey()
+                | "AssembleFeatureRows" >> beam.FlatMap(join))
+
+
+class BuildFeatures(beam.PTransform):
+    """Raw ``(source, batch, unreadable dead letters)`` triples -> ``{"features", "dead_letters", "stats"}``.
+
+    ``stats`` carries ``(name, count)`` pairs from every stage so that a run can reconcile
+    ``rows read = events accepted + dead letters`` on any runner.
+    """
+
+    def __init__(self, *, mapping: Mapping, spec: FeatureSpec, token_key: bytes, run_id: str,
+                 recorded_at_us: int, emit_from_us: int | None = None, emit_until_us: int | None = None,
+                 buckets: int = 8) -> None:
+        super().__init__()
+        CardTokenizer(token_key)  # fail at construction on a bad key
+        self._mapping, self._spec, self._key = mapping, spec, token_key
+        self._run_id, self._recorded, self._buckets = run_id, recorded_at_us, buckets
+        self._from, self._until = emit_from_us, emit_until_us
+
+    def expand(self, raw: beam.PCollection) -> dict[str, beam.PCollection]:
+        parsed = raw | "ParseEvents" >> beam.ParDo(
+            ParseBatchFn(mapping=self._mapping, token_key=self._key, run_id=self._run_id,
+                         recorded_at_us=self._recorded)).with_outputs(DEAD, STATS, main="events")
+        unique = parsed.events | "DeduplicateEvents" >> DeduplicateEvents(
+            buckets=self._buckets, run_id=self._run_id, recorded_at_us=self._recorded)
+        warmup = self._spec.max_window_us
+        lo = None if self._from is None else self._from - warmup
+        until = self._until
+
+        def in_reach(table: pa.Table) -> Iterator[object]:
+            yield _stat("events_accepted", table.num_rows)
+            kept = table.filter(_emit_mask(table, lo, until)).drop_columns(["_source", "_source_row"])
+            yield _stat("events_outside_range", table.num_rows - kept.num_rows)
+            if kept.num_rows:
+                yield kept
+
+        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_outputs(STATS,
+                                                                                                main="events")
+        features = events.events | "ComputeFeatures" >> ComputeFeatures(
+            spec=self._spec, buckets=self._buckets, emit_from_us=self._from, emit_until_us=self._until)
+
+        def count(table: pa.Table) -> tuple[str, int]:
+            return ("features_out", table.num_rows)
+
+        def count_dead(table: pa.Table) -> Iterator[tuple[str, int]]:
+            for reason, n in zip(*np.unique(table.column("reason").to_numpy(zero_copy_only=False),
+                                           return_counts=True)):
+                yield (f"dead_letters.{reason}", int(n))
+
+        dead = (parsed[DEAD], unique[DEAD]) | "FlattenDeadLetters" >> beam.Flatten()
+        stats = ((parsed[STATS], events[STATS], features | "CountFeatures" >> beam.Map(count),
+                  dead | "CountDeadLetters" >> beam.FlatMap(count_dead))
+                 | "FlattenStats" >> beam.Flatten())
+        return {"features": features, "dead_letters": dead, "stats": stats}

@@ -1,0 +1,33 @@
+"""Packaging for finfeat.
+
+The repository keeps one top-level folder per concern (``schemas/``, ``transforms/``,
+``pipelines/``, ``validation/``, ``jobs/``); they install as sub-packages of ``finfeat`` so
+that nothing generic lands at the top of a user's ``site-packages``. The same file is what
+Beam's ``--setup_file`` builds and ships to remote workers.
+"""
+from __future__ import annotations
+
+from setuptools import setup
+
+_SUBPACKAGES = ("schemas", "transforms", "pipelines", "validation", "jobs")
+
+setup(
+    name="finfeat",
+    version="0.1.0",
+    description="Point-in-time ML features for card fraud and credit risk, batch and streaming on Apache Beam",
+    python_requires=">=3.11,<3.12",
+    packages=["finfeat", *(f"finfeat.{name}" for name in _SUBPACKAGES)],
+    package_dir={"finfeat": "finfeat", **{f"finfeat.{name}": name for name in _SUBPACKAGES}},
+    package_data={"finfeat.jobs": ["mappings/*.yaml"], "finfeat.validation": ["suites/*.yaml"]},
+    install_requires=[
+        "apache-beam>=2.77,<2.78",
+        "deltalake>=1.6,<1.7",
+        "pyarrow>=25,<26",
+        "numpy>=2,<3",
+        "pandas>=2.3,<2.4",
+        "pyyaml>=6",
+        "pydantic>=2.10,<3",
+        "tqdm>=4.66",
+    ],
+    entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},
+)

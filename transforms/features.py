@@ -1,0 +1,325 @@
+"""Exact point-in-time feature arithmetic over Arrow tables, vectorized with numpy.
+
+This module is the single implementation of every feature: the batch backfill calls it on
+whole key-partitions, the streaming job on an entity's buffered history plus the events
+the watermark has passed, and the online lookup on stored state plus one candidate. None
+of them re-derives a feature, so training and serving cannot drift apart.
+
+Window rule, for a transaction x of entity e at time t: the W-window holds e's
+transactions y with ``(y.event_time, y.txn_id) < (t, x.txn_id)`` (txn ids compared as
+byte strings) and ``y.event_time > t - W``. After sorting by ``(entity, event_time,
+txn_id)`` that window is the contiguous index range ``[lo(i), i)``, which turns every
+aggregate into prefix sums, sparse-table range maxima or short vectorized scans.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from finfeat.transforms.spec import ENTITY_COLUMNS, FIELD_COLUMNS, FeatureDef, FeatureSpec
+
+EARTH_RADIUS_KM = 6371.0
+_US_PER_HOUR = 3_600_000_000
+_US_PER_DAY = 86_400_000_000
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _sorted_order(table: pa.Table, key: str) -> np.ndarray:
+    return pc.sort_indices(
+        table, sort_keys=[(key, "ascending"), ("event_time", "ascending"), ("txn_id", "ascending")]
+    ).to_numpy()
+
+
+def _group_ids(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Dense group number per row of a sorted key column."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    codes = pc.dictionary_encode(keys).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(codes[1:], codes[:-1], out=new[1:])
+    return np.cumsum(new) - 1
+
+
+def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.ndarray:
+    """For rows sorted by (group, t): the first index in the row's group with t > t_i - window.
+
+    Uses one searchsorted over a composite key ``group * span + t``; groups are processed in
+    chunks small enough that the key cannot overflow int64.
+    """
+    n = len(t)
+    lo = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return lo
+    t0 = int(t.min())
+    span = int(t.max()) - t0 + window + 1
+    per_chunk = max(1, (_INT64_MAX // 2) // span)
+    n_groups = int(group[-1]) + 1
+    starts = np.searchsorted(group, np.arange(0, n_groups + per_chunk, per_chunk)[: (n_groups - 1) // per_chunk + 2])
+    starts[-1] = n
+    for a, b in zip(starts[:-1], starts[1:]):
+        if a >= b:
+            continue
+        g = group[a:b] - group[a]
+        key = g * span + (t[a:b] - t0)
+        lo[a:b] = a + np.searchsorted(key, key - window, side="right")
+    return lo
+
+
+def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max(values[lo:hi]) per row for non-empty ranges, via a sparse table."""
+    length = hi - lo
+    out = np.zeros(len(lo), dtype=values.dtype)
+    ok = length > 0
+    if not ok.any():
+        return out
+    levels = [values]
+    max_len = int(length.max())
+    k = 1
+    while (1 << k) <= max_len:
+        prev = levels[-1]
+        half = 1 << (k - 1)
+        levels.append(np.maximum(prev[:-half], prev[half:]) if len(prev) > half else prev[:0])
+        k += 1
+    lvl = np.zeros(len(lo), dtype=np.int64)
+    lvl[ok] = np.floor(np.log2(length[ok])).astype(np.int64)
+    # guard against floating log2 off-by-one at exact powers of two
+    too_big = ok & ((1 << lvl) > length)
+    lvl[too_big] -= 1
+    for k in np.unique(lvl[ok]):
+        rows = ok & (lvl == k)
+        table = levels[k]
+        out[rows] = np.maximum(table[lo[rows]], table[hi[rows] - (1 << k)])
+    return out
+
+
+def haversine_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dphi = p2 - p1
+    dlmb = np.radians(lon2) - np.radians(lon1)
+    a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlmb / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(a))
+
+
+def _float_col(table: pa.Table, name: str, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    col = table.column(name).take(order)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    values = col.fill_null(0.0).to_numpy()
+    return values.astype(np.float64), valid
+
+
+def _previous_same(group: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Index of the previous row (in sorted order) with the same group and code, else -1."""
+    n = len(group)
+    pos = np.arange(n)
+    order = np.lexsort((pos, codes, group))
+    prev = np.full(n, -1, dtype=np.int64)
+    if n > 1:
+        same = (group[order[1:]] == group[order[:-1]]) & (codes[order[1:]] == codes[order[:-1]])
+        prev[order[1:][same]] = order[:-1][same]
+    return prev
+
+
+class _EntityFrame:
+    """One table sorted by (entity, event_time, txn_id), with shared intermediate arrays."""
+
+    def __init__(self, table: pa.Table, entity: str) -> None:
+        self.order = _sorted_order(table, ENTITY_COLUMNS[entity])
+        self.table = table
+        self.n = len(self.order)
+        keys = table.column(ENTITY_COLUMNS[entity]).take(self.order)
+        self.group = _group_ids(keys)
+        self.t = table.column("event_time").take(self.order).cast(pa.int64()).to_numpy()
+        self.idx = np.arange(self.n, dtype=np.int64)
+        new = np.ones(self.n, dtype=bool)
+        if self.n > 1:
+            new[1:] = self.group[1:] != self.group[:-1]
+        self.gstart = np.maximum.accumulate(np.where(new, self.idx, 0)) if self.n else self.idx
+        self._lo: dict[int, np.ndarray] = {}
+        self._cache: dict[str, np.ndarray] = {}
+
+    def lo(self, window: int) -> np.ndarray:
+        if window not in self._lo:
+            self._lo[window] = window_lower_bounds(self.t, self.group, window)
+        return self._lo[window]
+
+    def ints(self, column: str) -> np.ndarray:
+        if column not in self._cache:
+            self._cache[column] = self.table.column(column).take(self.order).to_numpy().astype(np.int64)
+        return self._cache[column]
+
+    def codes(self, column: str) -> np.ndarray:
+        key = f"codes:{column}"
+        if key not in self._cache:
+            col = self.table.column(column).take(self.order)
+            self._cache[key] = pc.dictionary_encode(col).combine_chunks().indices.to_numpy(zero_copy_only=False)
+        return self._cache[key]
+
+    def prefix(self, column: str) -> np.ndarray:
+        key = f"prefix:{column}"
+        if key not in self._cache:
+            self._cache[key] = np.concatenate([[0], np.cumsum(self.ints(column))])
+        return self._cache[key]
+
+    def prev_same(self, column: str) -> np.ndarray:
+        key = f"prev:{column}"
+        if key not in self._cache:
+            self._cache[key] = _previous_same(self.group, self.codes(column))
+        return self._cache[key]
+
+    def centered_moments(self, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prefix sums of y and y*y with y = x - per-group integer mean (exact int64 sums)."""
+        key = f"moments:{column}"
+        if key not in self._cache:
+            x = self.ints(column)
+            counts = np.bincount(self.group) if self.n else np.zeros(0, dtype=np.int64)
+            sums = np.bincount(self.group, weights=x.astype(np.float64)) if self.n else np.zeros(0)
+            ref = np.rint(sums / np.maximum(counts, 1)).astype(np.int64)
+            y = x - ref[self.group]
+            if self.n and np.abs(y).max() >= (1 << 31):  # y*y would not fit in int64
+                yf = y.astype(np.float64)
+                p1 = np.concatenate([[0.0], np.cumsum(yf)])
+                p2 = np.concatenate([[0.0], np.cumsum(yf * yf)])
+            else:
+                p1 = np.concatenate([[0], np.cumsum(y)])
+                p2 = np.concatenate([[0], np.cumsum(y * y)])
+            self._cache[key] = (p1, p2, y)
+        return self._cache[key]
+
+
+def _masked(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
+    return pa.array(values, type=typ, mask=~valid)
+
+
+def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """Values and validity of one feature, in sorted order."""
+    i = frame.idx
+    n = frame.n
+    everywhere = np.ones(n, dtype=bool)
+    agg = f.agg
+    if agg in {"count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new"}:
+        lo = frame.lo(f.window_us)
+        count = i - lo
+        nonempty = count > 0
+    if agg == "count":
+        return count, everywhere
+    if agg in {"sum", "avg"}:
+        p = frame.prefix(FIELD_COLUMNS[f.field])
+        total = p[i] - p[lo]
+        if agg == "sum":
+            return total, everywhere
+        return total / np.maximum(count, 1), nonempty
+    if agg in {"max", "min"}:
+        x = frame.ints(FIELD_COLUMNS[f.field])
+        if agg == "max":
+            return _range_max(x, lo, i), nonempty
+        return -_range_max(-x, lo, i), nonempty
+    if agg in {"std", "zscore"}:
+        col = FIELD_COLUMNS[f.field]
+        x = frame.ints(col)
+        p1, p2, _ = frame.centered_moments(col)
+        s1 = (p1[i] - p1[lo]).astype(np.float64)
+        s2 = (p2[i] - p2[lo]).astype(np.float64)
+        safe_n = np.maximum(count, 2).astype(np.float64)
+        var = (s2 - s1 * s1 / safe_n) / (safe_n - 1)
+        varies = count >= 2
+        if varies.any():
+            hi_v = _range_max(x, lo, i)
+            lo_v = -_range_max(-x, lo, i)
+            varies &= hi_v != lo_v
+        std = np.sqrt(np.maximum(var, 0.0))
+        if agg == "std":
+            return std, varies
+        p = frame.prefix(col)
+        avg = (p[i] - p[lo]) / np.maximum(count, 1)
+        z = np.zeros(n)
+        z[varies] = (x[varies] - avg[varies]) / std[varies]
+        return z, varies
+    if agg == "distinct":
+        prev = frame.prev_same(FIELD_COLUMNS[f.field])
+        distinct = np.zeros(n, dtype=np.int64)
+        active = np.flatnonzero(count > 0)
+        k = 1
+        while active.size:
+            j = active - k
+            distinct[active] += prev[j] < lo[active]
+            k += 1
+            active = active[count[active] >= k]
+        return distinct, everywhere
+    if agg == "is_new":
+        prev = frame.prev_same(FIELD_COLUMNS[f.field])
+        return prev < lo, everywhere
+    if agg == "seconds_since_last":
+        has_prev = i > frame.gstart
+        dt = np.zeros(n)
+        dt[1:] = (frame.t[1:] - frame.t[:-1]) / 1e6
+        return dt, has_prev
+    if agg == "geo_velocity":
+        lat, lat_ok = _float_col(frame.table, "merchant_lat", frame.order)
+        lon, lon_ok = _float_col(frame.table, "merchant_lon", frame.order)
+        located = lat_ok & lon_ok
+        last = np.maximum.accumulate(np.where(located, i, -1)) if n else i
+        prev = np.full(n, -1, dtype=np.int64)
+        prev[1:] = last[:-1]
+        ok = located & (prev >= frame.gstart)
+        p = np.where(ok, prev, 0)
+        dt = frame.t - frame.t[p]
+        ok &= dt > 0
+        speed = np.zeros(n)
+        if ok.any():
+            dist = haversine_km(lat[p[ok]], lon[p[ok]], lat[ok], lon[ok])
+            speed[ok] = dist / (dt[ok] / _US_PER_HOUR)
+        return speed, ok
+    raise ValueError(f"aggregation {agg!r} is not computed per entity")
+
+
+def compute_entity_features(
+    table: pa.Table, defs: Sequence[FeatureDef], entity: str
+) -> dict[str, pa.Array]:
+    """Features of one entity kind for every row of ``table``, aligned with its row order.
+
+    ``table`` holds canonical events (at least txn_id, event_time, the entity column and the
+    fields the definitions read) for any number of entities: the whole history that the
+    windows may reach. Rows are not required to be sorted.
+    """
+    frame = _EntityFrame(table, entity)
+    inverse = np.empty(frame.n, dtype=np.int64)
+    inverse[frame.order] = np.arange(frame.n)
+    result: dict[str, pa.Array] = {}
+    for f in defs:
+        values, valid = _compute_one(frame, f, result)
+        values, valid = values[inverse], valid[inverse]
+        result[f.name] = _masked(values, valid, f.arrow_type)
+    return result
+
+
+def compute_calendar_features(table: pa.Table, defs: Sequence[FeatureDef]) -> dict[str, pa.Array]:
+    """hour_of_day, day_of_week (Monday = 0) and is_weekend of each row's UTC event time."""
+    t = table.column("event_time").cast(pa.int64()).to_numpy()
+    days = t // _US_PER_DAY
+    dow = (days + 3) % 7  # 1970-01-01 was a Thursday
+    values = {
+        "hour_of_day": ((t // _US_PER_HOUR) % 24).astype(np.int32),
+        "day_of_week": dow.astype(np.int32),
+        "is_weekend": dow >= 5,
+    }
+    return {f.name: pa.array(values[f.agg], type=f.arrow_type) for f in defs}
+
+
+def compute_features(table: pa.Table, spec: FeatureSpec) -> pa.Table:
+    """Every feature of ``spec`` for every row of ``table`` (all the entities it needs).
+
+    The result is ``txn_id`` plus the feature columns in spec order, aligned with the input.
+    Callers that split entities across workers call :func:`compute_entity_features` per
+    entity instead and join on ``txn_id``.
+    """
+    cols: dict[str, pa.Array] = {}
+    for entity in spec.entities:
+        cols.update(compute_entity_features(table, spec.for_entity(entity), entity))
+    cols.update(compute_calendar_features(table, spec.for_entity("event")))
+    arrays = [table.column("txn_id").combine_chunks()] + [cols[name] for name in spec.names]
+    return pa.Table.from_arrays(arrays, names=["txn_id", *spec.names])

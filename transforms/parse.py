@@ -1,0 +1,361 @@
+"""Raw source records to canonical events plus dead letters, a whole batch at a time.
+
+``parse_batch`` is pure: an Arrow table of source columns in, canonical events and dead
+letters out. Every row ends up in exactly one of the two, which is what lets a run
+reconcile ``rows read = events accepted + dead letters``. The card number is replaced by a
+keyed HMAC token here, before anything is stored, and dead-letter payloads are redacted of
+every column the mapping marks as personal data.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from finfeat.schemas.currencies import ISO_4217
+from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
+from finfeat.schemas.events import CHANNELS, EVENT_SCHEMA, EVENT_TIME_TYPE
+from finfeat.schemas.mapping import Mapping, MappingError
+
+SOURCE_ROW = "_source_row"
+SOURCE = "_source"
+#: The event columns plus where each row came from (used for the deterministic dedup rule).
+PARSED_SCHEMA = pa.schema([*EVENT_SCHEMA, pa.field(SOURCE, pa.string(), nullable=False),
+                           pa.field(SOURCE_ROW, pa.int64(), nullable=False)])
+
+_MIN_US = 0                               # 1970-01-01
+_MAX_US = 4_102_444_800_000_000           # 2100-01-01
+_EPOCH_UNITS = {"epoch_s": 1_000_000, "epoch_ms": 1_000, "epoch_us": 1}
+_NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+class CardTokenizer:
+    """Keyed HMAC-SHA256 of the card number's digits; the same key gives the same token."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the tokenization key must be at least 16 bytes; set FINFEAT_TOKEN_KEY "
+                             "or tokenization.key in the job config")
+        self._key = key
+
+    def token(self, digits: str) -> str:
+        return "tok_" + hmac.new(self._key, digits.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def tokens(self, digits: pa.Array) -> pa.Array:
+        """Vectorized over the distinct numbers of a batch."""
+        encoded = pc.dictionary_encode(digits).combine_chunks() if isinstance(digits, pa.ChunkedArray) \
+            else pc.dictionary_encode(digits)
+        tokens = pa.array([self.token(d) if d is not None else None for d in encoded.dictionary.to_pylist()],
+                          pa.string())
+        return tokens.take(encoded.indices)
+
+
+@dataclass
+class _Problems:
+    reason: np.ndarray  # object array: None or a reason code
+    detail: np.ndarray
+
+    @classmethod
+    def new(cls, n: int) -> _Problems:
+        return cls(np.full(n, None, dtype=object), np.full(n, None, dtype=object))
+
+    def flag(self, mask: np.ndarray | pa.Array, reason: str, detail: str, values: pa.Array | None = None) -> None:
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = mask.fill_null(False).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(mask & (self.reason == None))  # noqa: E711 (element-wise)
+        if rows.size == 0:
+            return
+        self.reason[rows] = reason
+        if values is not None:
+            shown = values.take(pa.array(rows)).to_pylist()
+            self.detail[rows] = [f"{detail}: {v!r}" for v in shown]
+        else:
+            self.detail[rows] = detail
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.reason == None  # noqa: E711
+
+
+def _col(raw: pa.Table, name: str) -> pa.Array:
+    if name not in raw.column_names:
+        cols = [c for c in raw.column_names if not c.startswith("_")]
+        raise MappingError(f"the mapping reads column {name!r}, which the input does not have; "
+                           f"its columns are {cols}")
+    return raw.column(name).combine_chunks()
+
+
+def _text(arr: pa.Array) -> pa.Array:
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return pc.utf8_trim_whitespace(arr.cast(pa.string()))
+    if pa.types.is_null(arr.type):
+        return pa.nulls(len(arr), pa.string())
+    return arr.cast(pa.string())
+
+
+def _missing(arr: pa.Array) -> np.ndarray:
+    text = _text(arr)
+    return pc.or_(pc.is_null(text), pc.equal(text, "")).fill_null(True).to_numpy(zero_copy_only=False)
+
+
+def _parse_amount(arr: pa.Array, scale: int, p: _Problems, name: str) -> np.ndarray:
+    n = len(arr)
+    minor = np.zeros(n, dtype=np.int64)
+    typ = arr.type
+    if pa.types.is_integer(typ):
+        v = arr.fill_null(0).to_numpy().astype(np.int64)
+        p.flag(v < 0, "negative_amount", f"{name} is negative", arr)
+        return v * (10 ** scale)
+    if pa.types.is_floating(typ):
+        v = arr.fill_null(0.0).to_numpy().astype(np.float64)
+        finite = np.isfinite(v)
+        p.flag(~finite, "non_finite_amount", f"{name} is not finite", arr)
+        p.flag(finite & (v < 0), "negative_amount", f"{name} is negative", arr)
+        scaled = np.where(finite, v, 0.0) * (10 ** scale)
+        rounded = np.rint(scaled)
+        p.flag(np.abs(scaled - rounded) > 1e-6, "amount_precision",
+               f"{name} has more than {scale} decimals", arr)
+        ok = finite & (np.abs(rounded) < 9e15)
+        minor[ok] = rounded[ok].astype(np.int64)
+        return minor
+    text = _text(arr)
+    lowered = pc.utf8_lower(text)
+    p.flag(pc.is_in(lowered, pa.array(sorted(_NON_FINITE))), "non_finite_amount", f"{name} is not finite", arr)
+    parts = pc.extract_regex(text, r"^(?P<sign>[+-]?)(?P<int>[0-9]{1,15})(?:\.(?P<frac>[0-9]*))?$")
+    matched = pc.is_valid(parts).to_numpy(zero_copy_only=False)
+    p.flag(~matched & ~_missing(arr), "wrong_type", f"{name} is not a decimal number", arr)
+    if not matched.any():
+        return minor
+    sign = pc.struct_field(parts, "sign").fill_null("")
+    ints = pc.struct_field(parts, "int").fill_null("0")
+    frac = pc.struct_field(parts, "frac").fill_null("")
+    frac_kept = pc.utf8_slice_codeunits(frac, 0, scale) if scale else pa.array([""] * n)
+    frac_rest = pc.utf8_slice_codeunits(frac, scale)
+    too_precise = pc.match_substring_regex(frac_rest, "[1-9]")
+    p.flag(too_precise, "amount_precision", f"{name} has more than {scale} decimals", arr)
+    padded = pc.utf8_rpad(frac_kept, scale, "0") if scale else frac_kept
+    whole = pc.cast(pc.binary_join_element_wise(ints, padded, ""), pa.int64())
+    values = whole.to_numpy(zero_copy_only=False)
+    negative = pc.equal(sign, "-").to_numpy(zero_copy_only=False) & (values != 0)
+    p.flag(negative, "negative_amount", f"{name} is negative", arr)
+    minor[matched] = values[matched]
+    return minor
+
+
+def _iso_fallback(text: pa.Array, zone: ZoneInfo) -> pa.Array:
+    out: list[int | None] = []
+    for s in text.to_pylist():
+        try:
+            dt = datetime.fromisoformat(s) if s else None
+        except ValueError:
+            dt = None
+        if dt is None:
+            out.append(None)
+            continue
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=zone)
+        delta = dt.astimezone(timezone.utc) - datetime(1970, 1, 1, tzinfo=timezone.utc)
+        out.append((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
+    return pa.array(out, pa.int64()).cast(EVENT_TIME_TYPE)
+
+
+def _localize(naive: pa.Array, zone: str) -> pa.Array:
+    if zone == "UTC":
+        return naive.cast(pa.timestamp("us")).cast(pa.int64()).cast(EVENT_TIME_TYPE)
+    return pc.assume_timezone(naive.cast(pa.timestamp("us")), zone, ambiguous="earliest",
+                              nonexistent="earliest").cast(EVENT_TIME_TYPE)
+
+
+def _parse_time(arr: pa.Array, fmt: str, zone: str, p: _Problems, name: str) -> np.ndarray:
+    typ = arr.type
+    if pa.types.is_timestamp(typ):
+        ts = arr.cast(EVENT_TIME_TYPE) if typ.tz else _localize(arr, zone)
+    elif fmt in _EPOCH_UNITS:
+        if pa.types.is_integer(typ):
+            ints = arr.cast(pa.int64())
+        else:
+            text = _text(arr)
+            good = pc.match_substring_regex(text, r"^-?[0-9]{1,16}$").fill_null(False)
+            ints = pc.if_else(good, text, pa.scalar(None, pa.string())).cast(pa.int64())
+        ts = pc.multiply(ints, _EPOCH_UNITS[fmt]).cast(EVENT_TIME_TYPE)
+    else:
+        text = _text(arr)
+        if fmt == "iso8601":
+            try:
+                ts = text.cast(EVENT_TIME_TYPE)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                try:
+                    ts = _localize(text.cast(pa.timestamp("us")), zone)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    ts = _iso_fallback(text, ZoneInfo(zone))
+        else:
+            naive = pc.strptime(text, format=fmt, unit="us", error_is_null=True)
+            ts = naive.cast(EVENT_TIME_TYPE) if naive.type.tz else _localize(naive, zone)
+    us = ts.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
+    bad = pc.is_null(ts).to_numpy(zero_copy_only=False) | (us < _MIN_US) | (us >= _MAX_US)
+    p.flag(bad, "bad_timestamp", f"{name} is not a time in format {fmt} ({zone}) between 1970 and 2100", arr)
+    return us
+
+
+def _parse_float(arr: pa.Array, p: _Problems, name: str, bound: float) -> pa.Array:
+    if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_decimal(arr.type):
+        vals = arr.cast(pa.float64())
+    else:
+        text = _text(arr)
+        text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+        good = pc.match_substring_regex(text, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+        p.flag(pc.invert(good.fill_null(True)), "wrong_type", f"{name} is not a number", arr)
+        vals = pc.if_else(good.fill_null(False), text, pa.scalar(None, pa.string())).cast(pa.float64())
+    v = vals.fill_null(0.0).to_numpy(zero_copy_only=False)
+    p.flag(~np.isfinite(v) | (np.abs(v) > bound), "bad_coordinates", f"{name} is outside +-{bound:g}", arr)
+    return vals
+
+
+def _parse_label(arr: pa.Array, true_values: list[str], false_values: list[str], p: _Problems,
+                 name: str) -> pa.Array:
+    if pa.types.is_boolean(arr.type):
+        return arr
+    text = _text(arr)
+    is_true = pc.is_in(text, pa.array(true_values))
+    is_false = pc.is_in(text, pa.array(false_values))
+    empty = _missing(arr)
+    p.flag(~empty & ~pc.or_(is_true, is_false).fill_null(False).to_numpy(zero_copy_only=False), "wrong_type",
+           f"{name} is none of {true_values + false_values}", arr)
+    return pc.if_else(pa.array(empty), pa.scalar(None, pa.bool_()), is_true)
+
+
+def _channel(raw: pa.Table, mapping: Mapping) -> pa.Array:
+    n = raw.num_rows
+    spec = mapping.fields.channel
+    if spec is None:
+        return pa.array(["unknown"] * n, pa.string())
+    if spec.constant is not None:
+        return pa.array([spec.constant] * n, pa.string())
+    encoded = pc.dictionary_encode(_text(_col(raw, spec.column)))
+
+    def pick(value: str | None) -> str:
+        if value is None:
+            return spec.default
+        if value in spec.map:
+            return spec.map[value]
+        for suffix, channel in spec.suffix_map.items():
+            if value.endswith(suffix):
+                return channel
+        return value if value in CHANNELS and not spec.map and not spec.suffix_map else spec.default
+
+    labels = pa.array([pick(v) for v in encoded.dictionary.to_pylist()], pa.string())
+    return labels.take(encoded.indices).fill_null(spec.default)
+
+
+def redacted_payloads(raw: pa.Table, rows: np.ndarray, mapping: Mapping, tokens: pa.Array | None) -> list[str]:
+    """JSON of the source record without personal data (the card number becomes its token)."""
+    hidden = mapping.redacted_columns()
+    keep = [c for c in raw.column_names if not c.startswith("_") and c not in hidden]
+    records = raw.select(keep).take(pa.array(rows, pa.int64())).to_pylist()
+    if tokens is not None:
+        for rec, tok in zip(records, tokens.take(pa.array(rows, pa.int64())).to_pylist()):
+            rec["card_token"] = tok
+    return [json.dumps(r, default=str, sort_keys=True) for r in records]
+
+
+def parse_batch(raw: pa.Table, *, mapping: Mapping, tokenizer: CardTokenizer, source: str,
+                run_id: str, recorded_at_us: int) -> tuple[pa.Table, pa.Table]:
+    """Map one batch of source rows to ``(events, dead_letters)``.
+
+    ``raw`` holds the source columns and ``_source_row`` (the record's 0-based number in its
+    file). Events follow :data:`PARSED_SCHEMA`; dead letters :data:`DEAD_LETTER_SCHEMA`.
+    """
+    n = raw.num_rows
+    f = mapping.fields
+    p = _Problems.new(n)
+    required = {"txn_id": f.txn_id.column, "merchant_id": f.merchant_id.column, "amount": f.amount.column,
+                "event_time": f.event_time.column}
+    card_col = (f.card_number or f.card_token).column
+    required["card"] = card_col
+    if f.currency.column:
+        required["currency"] = f.currency.column
+    for label, column in required.items():
+        p.flag(_missing(_col(raw, column)), "missing_field", f"{label} ({column}) is missing")
+
+    card = _text(_col(raw, card_col))
+    tokens: pa.Array | None = None
+    if f.card_number is not None:
+        digits = pc.replace_substring_regex(card, r"[ \-]", "")
+        valid_pan = pc.match_substring_regex(digits, r"^[0-9]{10,19}$").fill_null(False)
+        p.flag(pc.invert(valid_pan), "wrong_type", f"card number ({card_col}) is not 10-19 digits")
+        tokens = tokenizer.tokens(pc.if_else(valid_pan, digits, pa.scalar(None, pa.string())))
+    else:
+        tokens = card
+
+    amount = _parse_amount(_col(raw, f.amount.column), f.amount.scale, p, f.amount.column)
+    event_us = _parse_time(_col(raw, f.event_time.column), f.event_time.format, f.event_time.timezone, p,
+                           f.event_time.column)
+    if f.currency.constant is not None:
+        currency = pa.array([f.currency.constant] * n, pa.string())
+    else:
+        currency = pc.utf8_upper(_text(_col(raw, f.currency.column)))
+        known = pc.is_in(currency, pa.array(sorted(ISO_4217))).fill_null(False)
+        p.flag(pc.invert(known), "unknown_currency", "currency is not an ISO-4217 code",
+               _col(raw, f.currency.column))
+    coords = {}
+    for name, bound in (("card_lat", 90.0), ("card_lon", 180.0), ("merchant_lat", 90.0), ("merchant_lon", 180.0)):
+        spec = getattr(f, name)
+        coords[name] = (_parse_float(_col(raw, spec.column), p, spec.column, bound) if spec
+                        else pa.nulls(n, pa.float64()))
+    label = (_parse_label(_col(raw, f.is_fraud.column), f.is_fraud.true_values, f.is_fraud.false_values, p,
+                          f.is_fraud.column) if f.is_fraud else pa.nulls(n, pa.bool_()))
+    category = _text(_col(raw, f.merchant_category.column)) if f.merchant_category else pa.nulls(n, pa.string())
+
+    ok = p.ok
+    keep = pa.array(ok)
+    rows = raw.column(SOURCE_ROW).combine_chunks()
+    events = pa.Table.from_arrays(
+        [
+            _text(_col(raw, f.txn_id.column)).filter(keep),
+            tokens.filter(keep),
+            _text(_col(raw, f.merchant_id.column)).filter(keep),
+            category.filter(keep),
+            pa.array(amount[ok], pa.int64()),
+            currency.filter(keep),
+            pa.array(event_us[ok], pa.int64()).cast(EVENT_TIME_TYPE),
+            _channel(raw, mapping).filter(keep),
+            *(coords[c].filter(keep) for c in ("card_lat", "card_lon", "merchant_lat", "merchant_lon")),
+            label.filter(keep),
+            pa.array([source] * int(ok.sum()), pa.string()),
+            rows.filter(keep),
+        ],
+        schema=PARSED_SCHEMA,
+    )
+    bad = np.flatnonzero(~ok)
+    dead = make_dead_letters(
+        run_id=run_id, stage="parse", reasons=list(p.reason[bad]), details=list(p.detail[bad]), source=source,
+        source_rows=rows.take(pa.array(bad, pa.int64())).to_pylist(),
+        txn_ids=_text(_col(raw, f.txn_id.column)).take(pa.array(bad, pa.int64())).to_pylist(),
+        payloads=redacted_payloads(raw, bad, mapping, tokens), recorded_at_us=recorded_at_us,
+    )
+    return events, dead
+
+
+def make_dead_letters(*, run_id: str, stage: str, reasons: list[str], details: list[str], source: str | list[str],
+                      source_rows: list[int], txn_ids: list[str | None], payloads: list[str],
+                      recorded_at_us: int) -> pa.Table:
+    n = len(reasons)
+    sources = source if isinstance(source, list) else [source] * n
+    day = recorded_at_us // 86_400_000_000
+    return pa.Table.from_arrays(
+        [
+            pa.array([run_id] * n, pa.string()), pa.array([stage] * n, pa.string()),
+            pa.array(reasons, pa.string()), pa.array(details, pa.string()), pa.array(sources, pa.string()),
+            pa.array(source_rows, pa.int64()), pa.array(txn_ids, pa.string()), pa.array(payloads, pa.string()),
+            pa.array([recorded_at_us] * n, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            pa.array([day] * n, pa.int32()).cast(pa.date32()),
+        ],
+        schema=DEAD_LETTER_SCHEMA,
+    )
