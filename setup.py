@@ -29,5 +29,8 @@ setup(
         "pydantic>=2.10,<3",
         "tqdm>=4.66",
     ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1"],
+    },
     entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},
 )

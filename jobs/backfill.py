@@ -113,7 +113,7 @@ class CommitRunFn(beam.DoFn):
             "tables": {"features": {"path": features_path, "version": features_version},
                        "dead_letters": {"path": dead_path, "version": dead_version}},
         }
-        report["report_path"] = str(delta.write_run_report(cfg.warehouse, report))
+        delta.write_run_report(cfg.warehouse, report)
         yield report
 
 

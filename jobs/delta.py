@@ -55,5 +55,6 @@ def write_run_report(warehouse: str | Path, report: dict[str, object]) -> Path:
     folder = Path(warehouse) / RUNS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{report['run_id']}.json"
+    report["report_path"] = str(path)
     path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     return path

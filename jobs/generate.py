@@ -43,8 +43,8 @@ account_takeover
     A card suddenly transacts in a city more than 650 km from home, 3-12 times over 1-6 hours,
     at merchants it never used, for 3-10 times its usual amounts (ATM withdrawals included).
 amount_spike
-    A single purchase 8-30 times the card's usual amount for that category, at one of the
-    card's own merchants or online.
+    A single purchase 8-30 times the card's usual amount for that category (taken as at least
+    50.00), at one of the card's own merchants or at an online shop.
 merchant_compromise
     A popular in-person merchant is compromised for 3-14 days; the cards seen there in that
     window have genuine (unlabelled) transactions at it, and about 70 % of them see 1-3 fraud
@@ -168,7 +168,7 @@ _CITY_WEIGHT = np.array([c[4] for c in _CITY_TABLE])
 _ONLINE_GROUP = _N_CITIES  # merchant group index of online merchants
 _FOREIGN_MERCHANT_SHARE = 0.12  # share of in-person merchants located in Europe
 
-_MIN_MERCHANTS = _N_CITIES + 3
+_MIN_MERCHANTS = _N_CITIES + len(_CATEGORY_TABLE)
 _N_PREF = 12  # preferred merchants per card
 _N_PREF_LOCAL = 9
 _TRAVELLER_SHARE = 0.05
@@ -320,14 +320,12 @@ def _build_world(rng: np.random.Generator, *, n_cards: int, n_merchants: int,
                  start_us: int, end_us: int) -> _World:
     n_cat = len(CATEGORIES)
     pos_cats = np.flatnonzero(_CAT_CHANNEL != _ONLINE)
-    online_cats = np.flatnonzero(_CAT_CHANNEL == _ONLINE)
 
-    # --- merchants: categories (every city gets an in-person merchant, >= 3 online merchants)
+    # --- merchants: categories (every city gets an in-person merchant, every category a merchant)
     cat = rng.choice(n_cat, size=n_merchants, p=_CAT_SHARE)
     p_pos = _CAT_SHARE[pos_cats] / _CAT_SHARE[pos_cats].sum()
     cat[:_N_CITIES] = rng.choice(pos_cats, size=_N_CITIES, p=p_pos)
-    p_onl = _CAT_SHARE[online_cats] / _CAT_SHARE[online_cats].sum()
-    cat[_N_CITIES:_N_CITIES + 3] = rng.choice(online_cats, size=3, p=p_onl)
+    cat[_N_CITIES:_N_CITIES + n_cat] = rng.permutation(n_cat)  # every category exists
     is_online = _CAT_CHANNEL[cat] == _ONLINE
 
     city_p = np.where(_CITY_DOMESTIC,
@@ -606,6 +604,9 @@ def _plan_merchant_compromise(rng: np.random.Generator, w: _World, budget: int,
         other_city = (w.c_city[card] + rng.integers(1, _N_CITIES, n)) % _N_CITIES
         elsewhere = np.where(rng.random(n) < 0.6, _ONLINE_GROUP, other_city)
         merchant = w.pick_weighted(rng, elsewhere)
+        again = merchant == m  # (a visitor from another city) never at the compromised merchant
+        if again.any():
+            merchant[again] = w.pick_weighted(rng, np.full(int(again.sum()), _ONLINE_GROUP))
         cat = w.m_cat[merchant]
         amount = _finish_amounts(rng.lognormal(np.log(25_000), 0.8, n), cat, floor=1_000)
         frauds.append(_Events(t, card, merchant, amount, np.full(n, _MC, dtype=np.int8)))
@@ -815,8 +816,12 @@ def _jsonl_bytes(table: pa.Table, ev: _Events) -> list[memoryview]:
     return out
 
 
+# low-cardinality columns worth dictionary-encoding (txn ids and times never repeat enough)
+_DICTIONARY_COLUMNS = tuple(n for n in GENERATED_SCHEMA.names if n not in ("txn_id", "event_time", "amount_minor"))
+
+
 class _Sink:
-    """Parquet (one row group per chunk) or JSON Lines, written to ``<out>.partial`` then renamed."""
+    """Parquet (zstd, one row group per chunk) or JSON Lines, written to ``<out>.partial`` then renamed."""
 
     def __init__(self, path: Path, fmt: Literal["parquet", "jsonl"]) -> None:
         self.path = path
@@ -825,7 +830,8 @@ class _Sink:
         self._pq: pq.ParquetWriter | None = None
         self._fh: BinaryIO | None = None
         if fmt == "parquet":
-            self._pq = pq.ParquetWriter(str(self.tmp), GENERATED_SCHEMA, compression="snappy")
+            self._pq = pq.ParquetWriter(str(self.tmp), GENERATED_SCHEMA, compression="zstd",
+                                        use_dictionary=list(_DICTIONARY_COLUMNS))
         else:
             self._fh = open(self.tmp, "wb")
 

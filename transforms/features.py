@@ -171,23 +171,17 @@ class _EntityFrame:
             self._cache[key] = _previous_same(self.group, self.codes(column))
         return self._cache[key]
 
-    def centered_moments(self, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Prefix sums of y and y*y with y = x - per-group integer mean (exact int64 sums)."""
-        key = f"moments:{column}"
+    def square_prefix(self, column: str) -> np.ndarray:
+        """Prefix sums of x*x: int64 when no window sum can overflow it, exact Python ints otherwise."""
+        key = f"square:{column}"
         if key not in self._cache:
             x = self.ints(column)
-            counts = np.bincount(self.group) if self.n else np.zeros(0, dtype=np.int64)
-            sums = np.bincount(self.group, weights=x.astype(np.float64)) if self.n else np.zeros(0)
-            ref = np.rint(sums / np.maximum(counts, 1)).astype(np.int64)
-            y = x - ref[self.group]
-            if self.n and np.abs(y).max() >= (1 << 31):  # y*y would not fit in int64
-                yf = y.astype(np.float64)
-                p1 = np.concatenate([[0.0], np.cumsum(yf)])
-                p2 = np.concatenate([[0.0], np.cumsum(yf * yf)])
+            biggest = int(np.abs(x).max()) if self.n else 0
+            if biggest * biggest * max(self.n, 1) < (1 << 62):
+                self._cache[key] = np.concatenate([[0], np.cumsum(x * x)])
             else:
-                p1 = np.concatenate([[0], np.cumsum(y)])
-                p2 = np.concatenate([[0], np.cumsum(y * y)])
-            self._cache[key] = (p1, p2, y)
+                xo = x.astype(object)
+                self._cache[key] = np.concatenate([np.array([0], dtype=object), np.cumsum(xo * xo)])
         return self._cache[key]
 
 
@@ -219,22 +213,26 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -
             return _range_max(x, lo, i), nonempty
         return -_range_max(-x, lo, i), nonempty
     if agg in {"std", "zscore"}:
+        # Exact integer sums of the window, then n*S2 - S1^2 in Python integers (exact, and a
+        # function of the window's values alone, so every run and every path agrees bit for bit).
         col = FIELD_COLUMNS[f.field]
         x = frame.ints(col)
-        p1, p2, _ = frame.centered_moments(col)
-        s1 = (p1[i] - p1[lo]).astype(np.float64)
-        s2 = (p2[i] - p2[lo]).astype(np.float64)
-        safe_n = np.maximum(count, 2).astype(np.float64)
-        var = (s2 - s1 * s1 / safe_n) / (safe_n - 1)
+        p, q = frame.prefix(col), frame.square_prefix(col)
         varies = count >= 2
-        if varies.any():
-            hi_v = _range_max(x, lo, i)
-            lo_v = -_range_max(-x, lo, i)
-            varies &= hi_v != lo_v
-        std = np.sqrt(np.maximum(var, 0.0))
+        rows = np.flatnonzero(varies)
+        s1, s2, k = p[i[rows]] - p[lo[rows]], q[i[rows]] - q[lo[rows]], count[rows]
+        if s2.dtype != object and (k.astype(np.float64) * s2.astype(np.float64)).max(initial=0) < 2.0**62:
+            numerator = k * s2 - s1 * s1  # exact in int64
+            ratio = numerator.astype(np.float64) / (k * (k - 1)).astype(np.float64)
+        else:
+            s1, s2, k = s1.astype(object), s2.astype(object), k.astype(object)
+            numerator = k * s2 - s1 * s1
+            ratio = np.array([float(a / b) for a, b in zip(numerator, k * (k - 1))], dtype=np.float64)
+        varies[rows[numerator == 0]] = False
+        std = np.zeros(n)
+        std[rows] = np.sqrt(ratio)
         if agg == "std":
             return std, varies
-        p = frame.prefix(col)
         avg = (p[i] - p[lo]) / np.maximum(count, 1)
         z = np.zeros(n)
         z[varies] = (x[varies] - avg[varies]) / std[varies]
