@@ -38,6 +38,24 @@ def redact_text(text: str, tokenizer: CardTokenizer, pii_keys: set[str]) -> str:
     return text[:4000]
 
 
+_SAFE_FIELD = re.compile(r"^[0-9.:+\-TZ ]*$|^[0-9a-f]{16,64}$")
+
+
+def redact_misaligned(fields: list[str], delimiter: str, tokenizer: CardTokenizer) -> str:
+    """A CSV row whose fields do not line up with the header: no column can be trusted to be
+    free of personal data, so only numbers, times and hex ids are kept (card numbers tokenized)."""
+    shown = []
+    for v in fields:
+        digits = re.sub(r"[ \-]", "", v)
+        if digits.isdigit() and 10 <= len(digits) <= 19:
+            shown.append(tokenizer.token(digits))
+        elif _SAFE_FIELD.match(v):
+            shown.append(v)
+        else:
+            shown.append("<redacted>")
+    return delimiter.join(shown)[:4000]
+
+
 def _unreadable(rows: list[tuple[int, str, str]], source: str, run_id: str, recorded_at_us: int) -> pa.Table:
     return make_dead_letters(
         run_id=run_id, stage="read", reasons=["unparseable"] * len(rows), details=[r[1] for r in rows],
@@ -107,8 +125,6 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
     if not resume_at:
         return
     start = resume_at[0]
-    hidden = mapping.redacted_columns()
-    hidden_pos = {i for i, h in enumerate(header) if h in hidden}
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
         reader = csv.reader(fh, delimiter=mapping.csv.delimiter, quotechar=mapping.csv.quotechar)
         next(reader, None)
@@ -129,8 +145,7 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
             if ordinal < start:
                 continue
             if len(record) != len(header):
-                shown = [("<redacted>" if i in hidden_pos else v) for i, v in enumerate(record)]
-                payload = redact_text(mapping.csv.delimiter.join(shown), tokenizer, hidden)
+                payload = redact_misaligned(record, mapping.csv.delimiter, tokenizer)
                 bad.append((ordinal, f"line {reader.line_num}: {len(record)} fields, the header has {len(header)}",
                             payload))
                 continue
