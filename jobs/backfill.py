@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from finfeat import __version__
 from finfeat.jobs import delta
-from finfeat.jobs.sources import read_file
+from finfeat.jobs.sources import check_columns, read_file
 from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
@@ -140,6 +140,8 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
 
 def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
     """Run the backfill to completion and return its report (also saved under ``_runs/``)."""
+    for path in cfg.inputs:
+        check_columns(path, cfg.mapping)
     recorded_at_us = int(time.time() * 1_000_000)
     started = time.monotonic()
     options = PipelineOptions(cfg.beam_args)

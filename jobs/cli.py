@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                         allow_abbrev=False)
     bf.add_argument("--input", action="append", required=True, help="a file or folder; repeatable")
     bf.add_argument("--mapping", default="generated",
-                    help="mapping YAML, or a built-in name: sparkov, generated (default)")
+                    help="mapping YAML, or a built-in name: sparkov, generated (default), canonical")
     bf.add_argument("--start", type=_date, required=True, help="first event date, UTC, inclusive")
     bf.add_argument("--end", type=_date, required=True, help="last event date, UTC, inclusive")
     bf.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")

@@ -244,3 +244,22 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         else:
             raise MappingError(f"input {p} does not exist; pass --input with a file or a folder of files")
     return out
+
+
+def check_columns(path: Path, mapping: Mapping) -> None:
+    """Fail before any work if a CSV header or Parquet schema lacks a column the mapping reads.
+
+    (JSON Lines records carry their own keys; a key absent from a record is that record's
+    ``missing_field`` dead letter, not a configuration error.)
+    """
+    fmt = mapping.format_for(path)
+    if fmt == "csv":
+        columns = _csv_header(path, mapping) or []
+    elif fmt == "parquet":
+        columns = pq.ParquetFile(path).schema_arrow.names
+    else:
+        return
+    missing = [c for c in mapping.source_columns() if c not in columns]
+    if missing:
+        raise MappingError(f"the mapping reads column(s) {missing}, which {path} does not have; "
+                           f"its columns are {[c for c in columns if not c.startswith('_')]}")

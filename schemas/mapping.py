@@ -178,7 +178,7 @@ class Mapping(_Strict):
             raise MappingError(f"mapping {path} is invalid: {problems}") from None
 
 
-BUILTIN_MAPPINGS = ("sparkov", "generated")
+BUILTIN_MAPPINGS = ("sparkov", "generated", "canonical")
 
 
 def _read_mapping_text(path: str | Path) -> str:
