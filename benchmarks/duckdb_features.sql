@@ -40,15 +40,14 @@ WITH ev AS (
     SELECT txn_id, card_token, merchant_id,
            amount_minor AS amount,
            epoch_us(event_time) AS t,                               -- UTC microseconds
-           event_time AT TIME ZONE 'UTC' AS utc_time,               -- naive UTC wall clock
            CASE WHEN merchant_lat IS NOT NULL AND merchant_lon IS NOT NULL
                 THEN {'t': epoch_us(event_time), 'lat': merchant_lat, 'lon': merchant_lon}
            END AS loc                                               -- NULL = no location
     FROM read_parquet(getvariable('input_parquet'))
 ),
 peers AS (
-    SELECT *,
-           row_number() OVER (ORDER BY t, txn_id) - rank() OVER (ORDER BY t) AS peer_rank
+    -- number of events (any entity) at the same instant with a smaller txn_id
+    SELECT *, row_number() OVER (PARTITION BY t ORDER BY txn_id) - 1 AS peer_rank
     FROM ev
 ),
 keyed AS (
@@ -58,7 +57,7 @@ keyed AS (
     FROM peers
 ),
 windowed AS (
-    SELECT txn_id, amount, t, utc_time, loc,
+    SELECT txn_id, amount, t, loc,
         count(*) OVER c1h  AS card_count_1h,
         count(*) OVER c24h AS card_count_24h,
         count(*) OVER c7d  AS card_count_7d,
@@ -101,7 +100,8 @@ derived AS (
                       + cos(radians(prev_loc.lat)) * cos(radians(loc.lat))
                         * pow(sin((radians(loc.lon) - radians(prev_loc.lon)) / 2), 2))))
                   / ((loc.t - prev_loc.t) / 3.6e9)
-        END AS velocity
+        END AS velocity,
+        make_timestamp(t) AS utc_time                               -- naive UTC wall clock
     FROM windowed
 )
 SELECT

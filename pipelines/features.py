@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from apache_beam import pvalue
 
 from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
+from finfeat.pipelines.streaming import ComputeFeaturesUnbounded
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.buckets import split_by_bucket
 from finfeat.transforms.dedup import deduplicate
@@ -91,7 +92,12 @@ def _emit_mask(table: pa.Table, emit_from_us: int | None, emit_until_us: int | N
 
 
 class ComputeFeatures(beam.PTransform):
-    """Exact point-in-time features for every event of a bounded PCollection of event tables.
+    """Exact point-in-time features for a PCollection of event tables -> ``{"features", "late"}``.
+
+    Bounded input is computed as below; unbounded input goes through
+    :class:`finfeat.pipelines.streaming.ComputeFeaturesUnbounded` (per-entity state and
+    event-time timers) that calls the same engine. ``late`` holds events that arrived after
+    their features could still be exact (always empty for bounded input).
 
     Each entity kind (card, merchant) is partitioned by a stable hash of its key so that one
     worker holds all of an entity's history; the arithmetic is
@@ -109,11 +115,11 @@ class ComputeFeatures(beam.PTransform):
         self._spec, self._buckets = spec, buckets
         self._from, self._until = emit_from_us, emit_until_us
 
-    def expand(self, events: beam.PCollection) -> beam.PCollection:
+    def expand(self, events: beam.PCollection) -> dict[str, beam.PCollection]:
         if not events.is_bounded:
-            raise NotImplementedError(
-                "ComputeFeatures on an unbounded PCollection needs the streaming job (finfeat stream), "
-                "which is not part of this release; run a backfill over a bounded source")
+            if self._from is not None or self._until is not None:
+                raise ValueError("an emit range applies to bounded input only")
+            return events | "Unbounded" >> ComputeFeaturesUnbounded(spec=self._spec)
         spec, buckets, lo, hi = self._spec, self._buckets, self._from, self._until
         branches: dict[str, beam.PCollection] = {}
 
@@ -162,9 +168,11 @@ class ComputeFeatures(beam.PTransform):
                 joined = joined.join(right, keys="txn_id", join_type="left outer")
             yield joined.select(schema.names).cast(schema)
 
-        return (branches
-                | "JoinOnTxnId" >> beam.CoGroupByKey()
-                | "AssembleFeatureRows" >> beam.FlatMap(join))
+        features = (branches
+                    | "JoinOnTxnId" >> beam.CoGroupByKey()
+                    | "AssembleFeatureRows" >> beam.FlatMap(join))
+        late = events.pipeline | "NoLateEventsInBatch" >> beam.Create([])
+        return {"features": features, "late": late}
 
 
 class BuildFeatures(beam.PTransform):
@@ -202,8 +210,9 @@ class BuildFeatures(beam.PTransform):
 
         events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_outputs(STATS,
                                                                                                 main="events")
-        features = events.events | "ComputeFeatures" >> ComputeFeatures(
+        computed = events.events | "ComputeFeatures" >> ComputeFeatures(
             spec=self._spec, buckets=self._buckets, emit_from_us=self._from, emit_until_us=self._until)
+        features = computed["features"]
 
         def count(table: pa.Table) -> tuple[str, int]:
             return ("features_out", table.num_rows)
