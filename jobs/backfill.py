@@ -122,8 +122,7 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
     raw = (pipeline
            | "ListInputs" >> beam.Create(files)
            | "ReadFiles" >> beam.ParDo(ReadFilesFn(mapping=cfg.mapping, token_key=cfg.token_key, run_id=cfg.run_id,
-                                                   recorded_at_us=recorded_at_us))
-           | "SpreadBatches" >> beam.Reshuffle())
+                                                   recorded_at_us=recorded_at_us)))
     out = raw | "BuildFeatures" >> BuildFeatures(
         mapping=cfg.mapping, spec=cfg.spec, token_key=cfg.token_key, run_id=cfg.run_id,
         recorded_at_us=recorded_at_us, emit_from_us=_day_us(cfg.start),

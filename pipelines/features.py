@@ -21,7 +21,7 @@ from finfeat.transforms.buckets import split_by_bucket
 from finfeat.transforms.dedup import deduplicate
 from finfeat.transforms.features import compute_calendar_features, compute_entity_features
 from finfeat.transforms.parse import CardTokenizer, parse_batch
-from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
+from finfeat.transforms.spec import ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec
 
 NAMESPACE = "finfeat"
 DEAD = "dead_letters"
@@ -91,6 +91,17 @@ def _emit_mask(table: pa.Table, emit_from_us: int | None, emit_until_us: int | N
     return mask
 
 
+def _columns_needed(defs: tuple, entity: str, anchor_col: str) -> list[str]:
+    """The event columns an entity's features read (so only those are shuffled)."""
+    cols = ["txn_id", "event_time", ENTITY_COLUMNS[entity], anchor_col]
+    for f in defs:
+        if f.field:
+            cols.append(FIELD_COLUMNS[f.field])
+        if f.agg == "geo_velocity":
+            cols += ["merchant_lat", "merchant_lon"]
+    return list(dict.fromkeys(cols))
+
+
 class ComputeFeatures(beam.PTransform):
     """Exact point-in-time features for a PCollection of event tables -> ``{"features", "late"}``.
 
@@ -102,7 +113,9 @@ class ComputeFeatures(beam.PTransform):
     Each entity kind (card, merchant) is partitioned by a stable hash of its key so that one
     worker holds all of an entity's history; the arithmetic is
     :func:`finfeat.transforms.features.compute_entity_features`, the same function the
-    streaming job and the online lookup call. Per-entity results are joined back on txn id.
+    streaming job and the online lookup call. The first entity of the spec (the card) is the
+    anchor: the other entities' features, a few narrow columns, travel to the anchor's
+    partitions and are joined there, so the wide rows are shuffled only once.
     Only events with ``emit_from_us <= event_time < emit_until_us`` produce rows; the others
     are history that warms the windows up.
     """
@@ -121,22 +134,13 @@ class ComputeFeatures(beam.PTransform):
                 raise ValueError("an emit range applies to bounded input only")
             return events | "Unbounded" >> ComputeFeaturesUnbounded(spec=self._spec)
         spec, buckets, lo, hi = self._spec, self._buckets, self._from, self._until
-        branches: dict[str, beam.PCollection] = {}
-
-        def identity(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
-            chosen = table.filter(_emit_mask(table, lo, hi))
-            if chosen.num_rows == 0:
-                return
-            t_us = chosen.column("event_time").cast(pa.int64()).to_numpy()
-            days = pa.array(t_us // 86_400_000_000, pa.int32()).cast(pa.date32())
-            base = chosen.append_column("event_date", days)
-            cols = {name: base.column(name) for name in IDENTITY_COLUMNS}
-            cols.update(compute_calendar_features(chosen, spec.for_entity("event")))
-            yield from split_by_bucket(pa.table(cols), "txn_id", buckets)
-
-        branches["base"] = (events
-                            | "SelectEmittedEvents" >> beam.FlatMap(identity))
-        for entity in spec.entities:
+        schema = feature_schema(spec)
+        entities = list(spec.entities)
+        anchor = entities[0] if entities else None
+        anchor_col = ENTITY_COLUMNS[anchor] if anchor else "txn_id"
+        branches: dict[str, beam.PCollection] = {
+            "events": events | "PartitionByAnchor" >> beam.FlatMap(split_by_bucket, anchor_col, buckets)}
+        for entity in entities[1:]:
             label = entity.capitalize()
             defs = spec.for_entity(entity)
 
@@ -145,32 +149,45 @@ class ComputeFeatures(beam.PTransform):
                 _, pieces = item
                 table = pa.concat_tables(list(pieces))
                 cols = compute_entity_features(table, defs, entity)
-                out = pa.table({"txn_id": table.column("txn_id"), **cols}).filter(_emit_mask(table, lo, hi))
-                yield from split_by_bucket(out, "txn_id", buckets)
+                out = pa.table({"txn_id": table.column("txn_id"), anchor_col: table.column(anchor_col), **cols})
+                yield from split_by_bucket(out.filter(_emit_mask(table, lo, hi)), anchor_col, buckets)
 
+            needed = _columns_needed(defs, entity, anchor_col)
             branches[entity] = (events
+                                | f"Project{label}Columns" >> beam.Map(lambda t, cols=needed: t.select(cols))
                                 | f"PartitionBy{label}" >> beam.FlatMap(split_by_bucket, ENTITY_COLUMNS[entity],
                                                                          buckets)
                                 | f"GroupBy{label}" >> beam.GroupByKey()
                                 | f"Compute{label}Features" >> beam.FlatMap(entity_features))
-        schema = feature_schema(spec)
-        names = list(branches)
 
-        def join(item: tuple[int, dict[str, list[pa.Table]]]) -> Iterator[pa.Table]:
+        def assemble(item: tuple[int, dict[str, list[pa.Table]]]) -> Iterator[pa.Table]:
+            """All of an anchor bucket's events: anchor features, calendar, identity, then the
+            other entities' (narrow) feature columns joined on txn id."""
             _, parts = item
-            if not parts["base"]:
+            if not parts["events"]:
                 return
-            joined = pa.concat_tables(parts["base"])
-            for name in names[1:]:
-                right = pa.concat_tables(parts[name]) if parts[name] else None
-                if right is None:
-                    raise RuntimeError(f"no {name} features for a bucket that has events")
-                joined = joined.join(right, keys="txn_id", join_type="left outer")
-            yield joined.select(schema.names).cast(schema)
+            table = pa.concat_tables(parts["events"])
+            cols = compute_entity_features(table, spec.for_entity(anchor), anchor) if anchor else {}
+            cols.update(compute_calendar_features(table, spec.for_entity("event")))
+            t_us = table.column("event_time").cast(pa.int64()).to_numpy()
+            cols["event_date"] = pa.array(t_us // 86_400_000_000, pa.int32()).cast(pa.date32())
+            for name in IDENTITY_COLUMNS:
+                if name not in cols:
+                    cols[name] = table.column(name)
+            rows = pa.table(cols).filter(_emit_mask(table, lo, hi))
+            for entity in entities[1:]:
+                if rows.num_rows == 0:
+                    break
+                if not parts[entity]:
+                    raise RuntimeError(f"no {entity} features for a bucket that has events")
+                right = pa.concat_tables(parts[entity]).drop_columns([anchor_col])
+                rows = rows.join(right, keys="txn_id", join_type="left outer")
+            if rows.num_rows:
+                yield rows.select(schema.names).cast(schema)
 
         features = (branches
-                    | "JoinOnTxnId" >> beam.CoGroupByKey()
-                    | "AssembleFeatureRows" >> beam.FlatMap(join))
+                    | "GroupByAnchor" >> beam.CoGroupByKey()
+                    | "AssembleFeatureRows" >> beam.FlatMap(assemble))
         late = events.pipeline | "NoLateEventsInBatch" >> beam.Create([])
         return {"features": features, "late": late}
 

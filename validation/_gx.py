@@ -1,0 +1,119 @@
+"""The one place that touches Great Expectations: a process-wide ephemeral context, reused.
+
+GX Core has a fixed cost per process (the import, ~2-4 s) and a small one per validation. The
+context, its pandas data source, the data-frame asset and its batch definition are built once per
+process (per Beam worker) on first use and reused; GX suites are built once per finfeat suite and
+cached by fingerprint. Validations are serialized with a lock: GX contexts are not documented as
+thread-safe and Beam may run several bundles of one worker on threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# No usage statistics leave the machine (GX reads this when a context is created).
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+_LOCK = threading.RLock()
+_STATE: dict[str, Any] = {}
+_SUITES: dict[str, Any] = {}
+
+#: Row numbers of every offending row per expectation, nothing else that grows with the data:
+#: no unexpected values (finfeat samples them from the table itself), no index query string.
+RESULT_FORMAT: dict[str, Any] = {
+    "result_format": "COMPLETE",
+    "exclude_unexpected_values": True,
+    "return_unexpected_index_query": False,
+    "partial_unexpected_count": 0,
+}
+
+
+def gx() -> Any:
+    """The ``great_expectations`` module, imported once, quietly."""
+    mod = _STATE.get("gx")
+    if mod is None:
+        with _LOCK:
+            mod = _STATE.get("gx")
+            if mod is None:
+                started = time.monotonic()
+                import great_expectations as mod  # noqa: PLC0415  (2-4 s: only when a suite is used)
+
+                for name in ("great_expectations", "great_expectations.data_context"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
+                _STATE["gx"] = mod
+                _STATE["import_seconds"] = round(time.monotonic() - started, 2)
+    return mod
+
+
+def expectation_class(type_name: str) -> type:
+    """The GX expectation class of a snake-case type name; KeyError if GX has none."""
+    gx()
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    try:
+        return get_expectation_impl(type_name)
+    except Exception:
+        raise KeyError(type_name) from None
+
+
+def is_row_level(cls: type) -> bool:
+    """Whether an expectation judges single rows (so offending rows can be named)."""
+    from great_expectations.expectations.expectation import (
+        ColumnMapExpectation,
+        ColumnPairMapExpectation,
+        MulticolumnMapExpectation,
+    )
+
+    return issubclass(cls, (ColumnMapExpectation, ColumnPairMapExpectation, MulticolumnMapExpectation))
+
+
+def quiet_context(context: Any) -> Any:
+    """No progress bars on stderr for every metric batch."""
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
+
+
+def _batch_definition() -> Any:
+    bd = _STATE.get("batch_definition")
+    if bd is None:
+        context = quiet_context(gx().get_context(mode="ephemeral"))
+        source = context.data_sources.add_pandas("finfeat")
+        asset = source.add_dataframe_asset("frame")
+        bd = asset.add_batch_definition_whole_dataframe("whole")
+        _STATE["context"], _STATE["batch_definition"] = context, bd
+    return bd
+
+
+def gx_suite(suite: Any) -> Any:
+    """The GX ``ExpectationSuite`` of a finfeat :class:`~finfeat.validation.suite.Suite`, cached."""
+    key = suite.fingerprint
+    built = _SUITES.get(key)
+    if built is None:
+        with _LOCK:
+            built = _SUITES.get(key)
+            if built is None:
+                built = gx().ExpectationSuite(name=suite.name)
+                for rule in suite.rules:
+                    built.add_expectation(rule.to_gx())
+                _SUITES[key] = built
+    return built
+
+
+def validate_frame(frame: pd.DataFrame, suite: Any) -> Any:
+    """Validate a pandas frame (RangeIndex: row numbers) with the shared ephemeral context."""
+    with _LOCK:
+        bd = _batch_definition()
+        batch = bd.get_batch(batch_parameters={"dataframe": frame})
+        return batch.validate(gx_suite(suite), result_format=dict(RESULT_FORMAT))
+
+
+def import_seconds() -> float | None:
+    return _STATE.get("import_seconds")
