@@ -7,6 +7,7 @@ vectorized calls per key-partition instead of one Python call per event.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -15,6 +16,7 @@ import pyarrow.compute as pc
 from apache_beam import pvalue
 
 from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
+from finfeat.pipelines import coders as _coders  # noqa: F401  (registers the Arrow table coder)
 from finfeat.pipelines.streaming import ComputeFeaturesUnbounded
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.buckets import split_by_bucket
@@ -24,6 +26,7 @@ from finfeat.transforms.parse import CardTokenizer, parse_batch
 from finfeat.transforms.spec import ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec
 
 NAMESPACE = "finfeat"
+Keyed = Tuple[int, pa.Table]  # a bucket number and a table (Beam reads the hint at run time)
 DEAD = "dead_letters"
 STATS = "stats"
 
@@ -76,7 +79,7 @@ class DeduplicateEvents(beam.PTransform):
                 yield pvalue.TaggedOutput(DEAD, dead)
 
         return (events
-                | "PartitionByTxnId" >> beam.FlatMap(split_by_bucket, "txn_id", self._buckets)
+                | "PartitionByTxnId" >> beam.FlatMap(split_by_bucket, "txn_id", self._buckets).with_output_types(Keyed)
                 | "GroupByTxnId" >> beam.GroupByKey()
                 | "KeepOneCopy" >> beam.FlatMap(dedup).with_outputs(DEAD, main="events"))
 
@@ -139,7 +142,8 @@ class ComputeFeatures(beam.PTransform):
         anchor = entities[0] if entities else None
         anchor_col = ENTITY_COLUMNS[anchor] if anchor else "txn_id"
         branches: dict[str, beam.PCollection] = {
-            "events": events | "PartitionByAnchor" >> beam.FlatMap(split_by_bucket, anchor_col, buckets)}
+            "events": events | "PartitionByAnchor" >> beam.FlatMap(split_by_bucket, anchor_col, buckets
+                                                                   ).with_output_types(Keyed)}
         for entity in entities[1:]:
             label = entity.capitalize()
             defs = spec.for_entity(entity)
@@ -154,11 +158,12 @@ class ComputeFeatures(beam.PTransform):
 
             needed = _columns_needed(defs, entity, anchor_col)
             branches[entity] = (events
-                                | f"Project{label}Columns" >> beam.Map(lambda t, cols=needed: t.select(cols))
+                                | f"Project{label}Columns" >> beam.Map(lambda t, cols=needed: t.select(cols)
+                                                                       ).with_output_types(pa.Table)
                                 | f"PartitionBy{label}" >> beam.FlatMap(split_by_bucket, ENTITY_COLUMNS[entity],
-                                                                         buckets)
+                                                                         buckets).with_output_types(Keyed)
                                 | f"GroupBy{label}" >> beam.GroupByKey()
-                                | f"Compute{label}Features" >> beam.FlatMap(entity_features))
+                                | f"Compute{label}Features" >> beam.FlatMap(entity_features).with_output_types(Keyed))
 
         def assemble(item: tuple[int, dict[str, list[pa.Table]]]) -> Iterator[pa.Table]:
             """All of an anchor bucket's events: anchor features, calendar, identity, then the
@@ -187,7 +192,7 @@ class ComputeFeatures(beam.PTransform):
 
         features = (branches
                     | "GroupByAnchor" >> beam.CoGroupByKey()
-                    | "AssembleFeatureRows" >> beam.FlatMap(assemble))
+                    | "AssembleFeatureRows" >> beam.FlatMap(assemble).with_output_types(pa.Table))
         late = events.pipeline | "NoLateEventsInBatch" >> beam.Create([])
         return {"features": features, "late": late}
 

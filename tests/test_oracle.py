@@ -19,12 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str, path: Path):
-    """Import a module by file path (tests/ and benchmarks/ are not packages)."""
+    """Import a module by file path (benchmarks/ is not a package)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -349,9 +351,9 @@ def random_events(rng: np.random.Generator, n: int, *, n_cards: int = 6, n_merch
                   days: int = 40) -> pa.Table:
     """Events built to hit the edge cases: times on a 30-minute grid or 1 µs either side of it
     (so t - W lands exactly on, or 1 µs inside, other events, and many events share a
-    timestamp) plus some off-grid ones, amounts from a
-    small set (equal-value windows), missing or half-missing locations, ids whose byte order
-    differs from case-insensitive or length order, and no particular row order."""
+    timestamp) plus some off-grid ones; amounts from a small set (equal-value windows);
+    missing or half-missing locations; ids whose byte order differs from case-insensitive or
+    length order; no particular row order."""
     grid = rng.integers(0, days * 48, n) * 1_800 * US + rng.choice([0, 0, 0, 0, 1, -1], n)
     off_grid = rng.random(n) < 0.2
     t = T0 + np.where(off_grid, rng.integers(0, days * H24, n), grid)
@@ -396,48 +398,30 @@ def test_fast_query_single_thread_same_answer(tmp_path):
     assert compare_features(run_fast(table, tmp_path, threads=1), oracle_features(table)) == []
 
 
-def test_fast_query_equals_oracle_on_hand_built_edge_cases(tmp_path):
+_event = st.fixed_dictionaries({
+    "card": st.sampled_from(["c1", "c2", "c3"]),
+    "merchant": st.sampled_from(["m1", "m2", "m3"]),
+    # a few instants, some exactly 1 h / 24 h / 7 d / 30 d apart, one 1 µs off
+    "t": st.sampled_from([T0, T0 + 1, T0 + H1, T0 + H24, T0 + D7, T0 + D30, T0 + D30 + H1,
+                          T0 + D7 + H24]),
+    "amount": st.sampled_from([0, 5, 5, 17, 10**9]),
+    "loc": st.sampled_from([None, (0.0, 0.0), (0.0, 1.0), (45.5, -73.6), (45.5, None)]),
+})
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(_event, min_size=1, max_size=25),
+       st.lists(st.text(alphabet="aAb_é", min_size=1, max_size=3), min_size=25, max_size=25,
+                unique=True))
+def test_fast_query_equals_oracle_hypothesis(tmp_path, rows, ids):
     table = events([
-        {"txn": "b", "t": T0, "amount": 300}, {"txn": "é", "t": T0, "amount": 400},
-        {"txn": "a", "t": T0, "amount": 200}, {"txn": "B", "t": T0, "amount": 100},
-        {"txn": "y_out", "card": "w", "t": T0 + D30 - H24, "amount": 1000, "lat": 0.0, "lon": 0.0},
-        {"txn": "y_in", "card": "w", "t": T0 + D30 - H24 + 1, "amount": 20},
-        {"txn": "x", "card": "w", "t": T0 + D30, "amount": 1, "lat": 0.0, "lon": 1.0},
-        {"txn": "z", "card": "w", "t": T0 + D30, "amount": 1, "lat": 0.0, "lon": 2.0},
+        {"txn": ids[i], "card": r["card"], "merchant": r["merchant"], "t": r["t"],
+         "amount": r["amount"], "lat": None if r["loc"] is None else r["loc"][0],
+         "lon": None if r["loc"] is None else r["loc"][1]}
+        for i, r in enumerate(rows)
     ])
     assert_equal_to_oracle(table, tmp_path)
-
-
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover
-    given = None
-
-if given is not None:
-    _event = st.fixed_dictionaries({
-        "card": st.sampled_from(["c1", "c2", "c3"]),
-        "merchant": st.sampled_from(["m1", "m2", "m3"]),
-        # a few instants, some exactly 1 h / 24 h / 7 d / 30 d apart, one 1 µs off
-        "t": st.sampled_from([T0, T0 + 1, T0 + H1, T0 + H24, T0 + D7, T0 + D30, T0 + D30 + H1,
-                              T0 + D7 + H24]),
-        "amount": st.sampled_from([0, 5, 5, 17, 10**9]),
-        "loc": st.sampled_from([None, (0.0, 0.0), (0.0, 1.0), (45.5, -73.6), (45.5, None)]),
-    })
-
-    @settings(max_examples=40, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(st.lists(_event, min_size=1, max_size=25),
-           st.lists(st.text(alphabet="aAb_é", min_size=1, max_size=3), min_size=25, max_size=25,
-                    unique=True))
-    def test_fast_query_equals_oracle_hypothesis(tmp_path, rows, ids):
-        table = events([
-            {"txn": ids[i], "card": r["card"], "merchant": r["merchant"], "t": r["t"],
-             "amount": r["amount"], "lat": None if r["loc"] is None else r["loc"][0],
-             "lon": None if r["loc"] is None else r["loc"][1]}
-            for i, r in enumerate(rows)
-        ])
-        assert_equal_to_oracle(table, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,436 @@
+"""The online store's one abstract class, its typed results and errors, and the retention rule.
+
+What is stored (per entity kind of the spec, e.g. card and merchant) is not a feature vector
+but the entity's recent canonical events: exactly what the entity's windows can still reach.
+A lookup then runs the batch engine on that history plus the candidate transaction (see
+:mod:`finfeat.jobs.online.lookup`), so serving computes the very row the backfill writes.
+
+Retention, for an entity whose state is as of ``asof`` (its newest event time) and whose
+longest window is ``reach``, with ``H = asof - reach``:
+
+* every event with ``event_time > H``;
+* the newest event with ``event_time <= H`` (the "anchor": ``seconds_since_last`` of a later
+  transaction needs the entity's previous event however old it is);
+* the newest *located* event with ``event_time <= H`` (``geo_velocity`` needs the latest
+  located event however old it is).
+
+This set is a function of the set of events written, whatever their order, so the state is
+the same whether events arrive in order, shuffled, repeated or from concurrent writers.
+Each state also records ``pruned_max_us``, the newest event time ever dropped, which tells a
+lookup whether it can still be exact for a candidate older than the state (see
+:meth:`EntityState.exact_for`).
+
+Writes are monotonic: ``asof`` only moves forward, an event is inserted once per txn id (a
+re-write is a no-op), and an older event never displaces a newer one. Keys expire after
+``ttl_s`` of write inactivity (wall clock); an expired key reads as absent, never as stale
+data, and the next write starts it afresh.
+"""
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from finfeat.schemas.events import EVENT_SCHEMA, TransactionEvent, events_to_table
+from finfeat.transforms.spec import ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec
+
+#: Layout version of the stored state; part of every key / the SQLite schema.
+LAYOUT_VERSION = 1
+#: Keys live this long after their last write (wall clock) unless the store is told otherwise.
+DEFAULT_TTL_S = 35 * 86_400
+_GEO_FIELDS = ("merchant_lat", "merchant_lon")
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+class OnlineStoreError(Exception):
+    """Base class of every error the online store raises."""
+
+
+class StoreUnavailable(OnlineStoreError):
+    """The store cannot be reached or did not answer in time; nothing was read from it.
+
+    On a write, the batch in flight may or may not have been applied (each entity update is
+    atomic, and on Redis each batch is one MULTI/EXEC); writes are idempotent, so re-running
+    the write or the materialization is the recovery.
+    """
+
+    def __init__(self, store: str, detail: str) -> None:
+        super().__init__(f"online store {store} is unavailable: {detail}")
+        self.store, self.detail = store, detail
+
+
+class KeyNotFound(OnlineStoreError, LookupError):
+    """No state for an entity: it was never written (a new card or merchant) or it expired."""
+
+    reason = "not_found"
+
+    def __init__(self, entity: str, key: str, detail: str = "") -> None:
+        what = detail or "no state (never written, or expired and removed by the store)"
+        super().__init__(f"{entity} {key!r}: {what}")
+        self.entity, self.key = entity, key
+
+
+class KeyExpired(KeyNotFound):
+    """The entity's state exists but its TTL has passed: it is not served (backends that keep
+    expired rows until they are purged, i.e. SQLite, say so; Redis has already deleted them)."""
+
+    reason = "expired"
+
+    def __init__(self, entity: str, key: str, expired_at_us: int) -> None:
+        super().__init__(entity, key, f"state expired at {_iso(expired_at_us)} (no write within the TTL)")
+        self.expired_at_us = expired_at_us
+
+
+class CandidateBeforeState(OnlineStoreError):
+    """The candidate's time is so far before the stored state's as-of time that events its
+    windows need were already pruned: an exact answer needs the batch path."""
+
+    def __init__(self, entity: str, key: str, at_us: int, as_of_us: int, pruned_max_us: int | None) -> None:
+        super().__init__(
+            f"{entity} {key!r}: the candidate at {_iso(at_us)} is older than the online state "
+            f"(as of {_iso(as_of_us)}, events up to {_iso(pruned_max_us)} already pruned); "
+            "the store serves exact features only for candidates its retained history covers")
+        self.entity, self.key, self.at_us, self.as_of_us = entity, key, at_us, as_of_us
+        self.pruned_max_us = pruned_max_us
+
+
+class StoreSpecMismatch(OnlineStoreError):
+    """The store holds state written for a different retention (feature spec) than the caller's."""
+
+
+def _iso(us: int | None) -> str:
+    if us is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def wall_clock_us() -> int:
+    """Microseconds since the Unix epoch, UTC, from the wall clock."""
+    return time.time_ns() // 1000
+
+
+# ------------------------------------------------------------------------------------ retention
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What one entity kind keeps: its longest window and the event fields its features read."""
+
+    entity: str
+    reach_us: int
+    fields: tuple[str, ...]
+
+    @property
+    def key_column(self) -> str:
+        return ENTITY_COLUMNS[self.entity]
+
+    @property
+    def keeps_location(self) -> bool:
+        return all(f in self.fields for f in _GEO_FIELDS)
+
+    def as_json(self) -> dict[str, object]:
+        return {"reach_us": self.reach_us, "fields": list(self.fields)}
+
+
+def retention_for(spec: FeatureSpec) -> dict[str, Retention]:
+    """Per entity kind of ``spec``: the reach (longest window) and the fields to store."""
+    out: dict[str, Retention] = {}
+    for entity in spec.entities:
+        defs = spec.for_entity(entity)
+        reach = max((d.window_us or 0) for d in defs)
+        needed: set[str] = set()
+        for d in defs:
+            if d.field and FIELD_COLUMNS[d.field] != ENTITY_COLUMNS[entity]:
+                needed.add(FIELD_COLUMNS[d.field])
+            if d.agg == "geo_velocity":
+                needed.update(_GEO_FIELDS)
+        fields = tuple(n for n in EVENT_SCHEMA.names if n in needed)  # canonical order
+        out[entity] = Retention(entity=entity, reach_us=reach, fields=fields)
+    return out
+
+
+def retention_json(retention: Mapping[str, Retention]) -> str:
+    return json.dumps({"layout": LAYOUT_VERSION, **{k: r.as_json() for k, r in sorted(retention.items())}},
+                      sort_keys=True, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------ stored records
+
+
+class StoredEvent(NamedTuple):
+    """One event in an entity's state: id, time, whether it has coordinates, the kept fields."""
+
+    txn_id: str
+    time_us: int
+    located: bool
+    values: tuple[Any, ...]  # in Retention.fields order
+
+    def payload(self) -> str:
+        return json.dumps(list(self.values), separators=(",", ":"), allow_nan=False)
+
+    @staticmethod
+    def from_payload(txn_id: str, time_us: int, located: bool, payload: str) -> StoredEvent:
+        return StoredEvent(txn_id, time_us, located, tuple(json.loads(payload)))
+
+
+@dataclass(frozen=True)
+class EntityUpdate:
+    """Events to add to one entity's state."""
+
+    entity: str
+    key: str
+    events: tuple[StoredEvent, ...]
+
+
+@dataclass(frozen=True)
+class EntityState:
+    """One entity's stored state, events sorted by (time, txn_id)."""
+
+    entity: str
+    key: str
+    as_of_us: int
+    pruned_max_us: int | None
+    events: tuple[StoredEvent, ...]
+
+    def exact_for(self, at_us: int, reach_us: int) -> bool:
+        """Whether a candidate at ``at_us`` sees every event its features need in this state.
+
+        Everything newer than ``as_of - reach`` is kept, as are the newest and the newest
+        located event before that; dropped events are no newer than ``pruned_max_us``. So a
+        candidate is exact when it is newer than ``as_of - reach`` (its previous events are
+        then kept or are the anchors) and no dropped event lies inside its longest window.
+        Always true for ``at_us >= as_of_us``, the normal case of a transaction scored now.
+        """
+        if at_us <= self.as_of_us - reach_us:
+            return False
+        return self.pruned_max_us is None or self.pruned_max_us <= at_us - reach_us
+
+    def canonical(self) -> tuple[object, ...]:
+        """A comparable form (tests compare states written in different orders)."""
+        return (self.as_of_us, self.pruned_max_us, tuple(sorted(self.events)))
+
+
+@dataclass(frozen=True)
+class MissingState:
+    """The answer for a key with no servable state."""
+
+    entity: str
+    key: str
+    expired_at_us: int | None = None  # set when the backend knows the key expired
+
+    @property
+    def reason(self) -> str:
+        return "expired" if self.expired_at_us is not None else "not_found"
+
+    def error(self) -> KeyNotFound:
+        if self.expired_at_us is not None:
+            return KeyExpired(self.entity, self.key, self.expired_at_us)
+        return KeyNotFound(self.entity, self.key)
+
+
+@dataclass
+class WriteStats:
+    updates: int = 0          # entity updates sent
+    events: int = 0           # stored events sent (an event counts once per entity kind)
+    batches: int = 0
+
+
+def prune(events: Iterable[StoredEvent], as_of_us: int, reach_us: int) -> tuple[list[StoredEvent], int | None]:
+    """The retention rule on a list of events: (kept events sorted, newest dropped time or None).
+
+    The backends apply the same rule inside the store (Lua in Redis, SQL in SQLite); this
+    reference version is what tests and :func:`materialize` use.
+    """
+    ordered = sorted(events, key=lambda e: (e.time_us, e.txn_id.encode()))
+    horizon = as_of_us - reach_us
+    old = [e for e in ordered if e.time_us <= horizon]
+    if len(old) <= 1:
+        return ordered, None
+    keep = {old[-1].txn_id}
+    for e in reversed(old):
+        if e.located:
+            keep.add(e.txn_id)
+            break
+    dropped = [e for e in old if e.txn_id not in keep]
+    kept = [e for e in ordered if e.time_us > horizon or e.txn_id in keep]
+    return kept, max(e.time_us for e in dropped)
+
+
+# ----------------------------------------------------------------------- events -> entity updates
+
+
+def event_time_us(table: pa.Table) -> np.ndarray:
+    col = table.column("event_time")
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.timestamp("us", tz="UTC"))
+    return col.cast(pa.int64()).to_numpy()
+
+
+def check_event_columns(table: pa.Table, retention: Mapping[str, Retention]) -> None:
+    needed = {"txn_id", "event_time"}
+    for r in retention.values():
+        needed.add(r.key_column)
+        needed.update(r.fields)
+    missing = sorted(needed - set(table.column_names))
+    if missing:
+        hint = ""
+        if set(missing) & set(_GEO_FIELDS):
+            hint = (" (the Delta features table has no merchant coordinates: pass the canonical events, "
+                    "e.g. the backfill's parsed input, not the feature rows)")
+        raise ValueError(f"events lack column(s) {', '.join(missing)} that the online state needs{hint}")
+
+
+def stored_events(table: pa.Table, retention: Retention, rows: np.ndarray | None = None) -> list[StoredEvent]:
+    """The given rows of an event table as one entity kind's stored events, in row order."""
+    if rows is not None:
+        table = table.take(pa.array(rows, pa.int64()))
+    ids = table.column("txn_id").to_pylist()
+    times = event_time_us(table).tolist()
+    cols = [table.column(f).to_pylist() for f in retention.fields]
+    if retention.keeps_location:
+        lat = table.column("merchant_lat").is_valid().to_numpy(zero_copy_only=False)
+        lon = table.column("merchant_lon").is_valid().to_numpy(zero_copy_only=False)
+        located = (lat & lon).tolist()
+    else:
+        located = [False] * len(ids)
+    return [StoredEvent(i, t, loc, tuple(v)) for i, t, loc, *v in zip(ids, times, located, *cols)]
+
+
+def updates_from_events(table: pa.Table, retention: Mapping[str, Retention]) -> list[EntityUpdate]:
+    """One update per (entity kind, key) touched by the events, events in input order."""
+    check_event_columns(table, retention)
+    out: list[EntityUpdate] = []
+    for entity, r in retention.items():
+        keys = table.column(r.key_column).to_pylist()
+        events = stored_events(table, r)
+        grouped: dict[str, list[StoredEvent]] = {}
+        for k, e in zip(keys, events):
+            grouped.setdefault(k, []).append(e)
+        out.extend(EntityUpdate(entity, k, tuple(v)) for k, v in grouped.items())
+    return out
+
+
+# ----------------------------------------------------------------------------- the store class
+
+
+class OnlineStore(ABC):
+    """Per-entity event state for online lookups; one subclass per backend.
+
+    Construct with the feature spec (or an explicit retention); a store refuses to mix
+    state written under another retention (:class:`StoreSpecMismatch`).
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, spec: FeatureSpec | Mapping[str, Retention], *, ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.retention: dict[str, Retention] = (
+            retention_for(spec) if isinstance(spec, FeatureSpec) else dict(spec))
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        self.ttl_us = int(ttl_s * 1_000_000)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def write(self, events: pa.Table | Sequence[TransactionEvent], *, now_us: int | None = None) -> WriteStats:
+        """Add canonical events (a table of ``EVENT_SCHEMA`` or typed rows) to every entity's
+        state, in one batch. Idempotent and order-independent; the streaming job's entry point."""
+        if not isinstance(events, pa.Table):
+            events = events_to_table(list(events))
+        return self.write_updates(updates_from_events(events, self.retention), now_us=now_us)
+
+    def write_updates(self, updates: Sequence[EntityUpdate], *, now_us: int | None = None) -> WriteStats:
+        """Apply entity updates as one batch (one transaction / one pipelined MULTI)."""
+        for u in updates:
+            if u.entity not in self.retention:
+                raise ValueError(f"entity kind {u.entity!r} is not in this store's spec "
+                                 f"({', '.join(self.retention)})")
+        updates = [u for u in updates if u.events]
+        if not updates:
+            return WriteStats()
+        now = wall_clock_us() if now_us is None else now_us
+        self._apply(updates, expire_at_us=now + self.ttl_us, now_us=now)
+        return WriteStats(updates=len(updates), events=sum(len(u.events) for u in updates), batches=1)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def read_states(self, keys: Sequence[tuple[str, str]], *, now_us: int | None = None
+                    ) -> list[EntityState | MissingState]:
+        """The state of each ``(entity kind, key)``, in one round trip / read transaction."""
+        for entity, _ in keys:
+            if entity not in self.retention:
+                raise ValueError(f"entity kind {entity!r} is not in this store's spec ({', '.join(self.retention)})")
+        if not keys:
+            return []
+        now = wall_clock_us() if now_us is None else now_us
+        return self._read(list(keys), now_us=now)
+
+    def read_state(self, entity: str, key: str, *, now_us: int | None = None) -> EntityState:
+        """One state, or :class:`KeyNotFound` / :class:`KeyExpired`."""
+        got = self.read_states([(entity, key)], now_us=now_us)[0]
+        if isinstance(got, MissingState):
+            raise got.error()
+        return got
+
+    # -- backend ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _apply(self, updates: Sequence[EntityUpdate], *, expire_at_us: int, now_us: int) -> None:
+        """Apply the updates atomically per entity; monotonic; prune; set the expiry."""
+
+    @abstractmethod
+    def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
+        """Read states consistently per entity."""
+
+    @abstractmethod
+    def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
+        """Every live state (for tests, debugging and small stores; scans the whole store)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the store is, for messages (never includes a password)."""
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_meta(self, stored: str | None) -> None:
+        mine = retention_json(self.retention)
+        if stored is not None and stored != mine:
+            raise StoreSpecMismatch(
+                f"online store {self.location} holds state for retention {stored}, but this feature spec needs "
+                f"{mine}; materialize into a fresh store (another SQLite file or Redis namespace)")
+
+
+@dataclass
+class MaterializeStats:
+    """What :func:`finfeat.jobs.online.materialize.materialize` did."""
+
+    events_in: int = 0
+    events_written: int = 0            # stored events sent to the store, all entity kinds together
+    states: dict[str, int] = field(default_factory=dict)   # entity kind -> keys written
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events_in / self.seconds if self.seconds else float("inf")
+
+    @property
+    def writes_per_s(self) -> float:
+        return self.events_written / self.seconds if self.seconds else float("inf")
