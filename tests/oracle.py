@@ -334,3 +334,44 @@ def _same(actual: object, expected: object, is_float: bool, rel: float, abs_tol:
     if isinstance(actual, bool) != isinstance(expected, bool):
         return False
     return actual == expected
+
+
+_FRAUD_RATE_SQL = """
+WITH ev AS (
+    SELECT txn_id, merchant_id, epoch_us(event_time) AS t, coalesce(is_fraud, false) AS fraud,
+           epoch_us(label_time) AS label_t
+    FROM events
+)
+SELECT x.txn_id,
+       CASE WHEN count(y.txn_id) = 0 THEN NULL
+            ELSE (count(y.txn_id) FILTER (WHERE y.fraud AND coalesce(y.label_t, y.t + $delay) < x.t))::DOUBLE
+                 / count(y.txn_id) END AS rate
+FROM ev x
+LEFT JOIN ev y
+  ON y.merchant_id = x.merchant_id
+ AND y.t > x.t - $delay - $window
+ AND y.t <= x.t - $delay
+GROUP BY x.txn_id
+ORDER BY x.txn_id
+"""
+
+
+def oracle_fraud_rate(events: pa.Table, *, window_us: int, delay_us: int) -> pa.Table:
+    """Merchant fraud rate over (t - delay - W, t - delay], labels known before t, by self-join.
+
+    A label's time is ``label_time`` where given, else event time + delay. NULL on an empty window.
+    """
+    import duckdb
+
+    cols = ["txn_id", "merchant_id", "event_time", "is_fraud"]
+    table = events.select(cols)
+    label = events.column("label_time") if "label_time" in events.column_names else pa.nulls(
+        events.num_rows, pa.timestamp("us", tz="UTC"))
+    table = table.append_column("label_time", label.cast(pa.timestamp("us", tz="UTC")))
+    con = duckdb.connect()
+    try:
+        con.register("events", table)
+        sql = _FRAUD_RATE_SQL.replace("$window", str(int(window_us))).replace("$delay", str(int(delay_us)))
+        return con.sql(sql).to_arrow_table()
+    finally:
+        con.close()

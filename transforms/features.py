@@ -70,6 +70,30 @@ def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.nda
     return lo
 
 
+def group_searchsorted(t: np.ndarray, group: np.ndarray, query_group: np.ndarray,
+                       query_t: np.ndarray) -> np.ndarray:
+    """For rows sorted by (group, t) and queries sorted by group: the first index of the
+    query's group whose t >= query_t (the group's end when there is none)."""
+    out = np.empty(len(query_t), dtype=np.int64)
+    if len(query_t) == 0:
+        return out
+    t0, t1 = int(t.min()), int(t.max())
+    span = t1 - t0 + 2
+    qt = np.clip(query_t, t0, t1 + 1) - t0
+    per_chunk = max(1, (_INT64_MAX // 2) // span)
+    n_groups = int(group[-1]) + 1
+    for g0 in range(0, n_groups, per_chunk):
+        g1 = min(g0 + per_chunk, n_groups)
+        a, b = np.searchsorted(group, [g0, g1])
+        qa, qb = np.searchsorted(query_group, [g0, g1])
+        if qa == qb:
+            continue
+        key = (group[a:b] - g0) * span + (t[a:b] - t0)
+        qkey = (query_group[qa:qb] - g0) * span + qt[qa:qb]
+        out[qa:qb] = a + np.searchsorted(key, qkey, side="left")
+    return out
+
+
 def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """max(values[lo:hi]) per row for non-empty ranges, via a sparse table."""
     length = hi - lo
@@ -272,7 +296,37 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -
             dist = haversine_km(lat[p[ok]], lon[p[ok]], lat[ok], lon[ok])
             speed[ok] = dist / (dt[ok] / _US_PER_HOUR)
         return speed, ok
+    if agg == "fraud_rate":
+        return _fraud_rate(frame, f)
     raise ValueError(f"aggregation {agg!r} is not computed per entity")
+
+
+def _fraud_rate(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndarray]:
+    """Share of the entity's transactions in (t - delay - W, t - delay] whose fraud label was
+    known before t. A label's time is its ``label_time`` where the table has one, else the
+    event time plus the delay (a label counts as known ``delay`` after its transaction)."""
+    window, delay = f.window_us, f.delay_us
+    i = frame.idx
+    first = frame.lo(delay + window)
+    after = frame.lo(delay)
+    count = after - first
+    fraud = frame.table.column("is_fraud").take(frame.order).fill_null(False).to_numpy(zero_copy_only=False)
+    label_time = frame.t + delay
+    if "label_time" in frame.table.column_names:
+        given = frame.table.column("label_time").take(frame.order).cast(pa.int64())
+        known = given.is_valid().to_numpy(zero_copy_only=False)
+        label_time = np.where(known, given.fill_null(0).to_numpy(zero_copy_only=False), label_time)
+    j = np.flatnonzero(fraud)
+    # fraud j counts for rows whose t lies in [max(t_j + delay, label_j + 1), t_j + delay + W)
+    start = group_searchsorted(frame.t, frame.group, frame.group[j], np.maximum(frame.t[j] + delay, label_time[j] + 1))
+    stop = group_searchsorted(frame.t, frame.group, frame.group[j], frame.t[j] + delay + window)
+    diff = np.zeros(frame.n + 1, dtype=np.int64)
+    keep = stop > start
+    np.add.at(diff, start[keep], 1)
+    np.add.at(diff, stop[keep], -1)
+    frauds = np.cumsum(diff)[: frame.n]
+    rate = frauds / np.maximum(count, 1)
+    return rate, count > 0
 
 
 def compute_entity_features(

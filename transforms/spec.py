@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 Entity = Literal["card", "merchant", "event"]
 Agg = Literal[
     "count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new",
-    "seconds_since_last", "geo_velocity", "hour_of_day", "day_of_week", "is_weekend",
+    "seconds_since_last", "geo_velocity", "hour_of_day", "day_of_week", "is_weekend", "fraud_rate",
 ]
 
 #: Which event column identifies each entity.
@@ -33,7 +33,9 @@ FIELD_COLUMNS: dict[str, str] = {"amount": "amount_minor", "merchant": "merchant
 _WINDOW_UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 _WINDOW_RE = re.compile(r"^(\d+)([smhd])$")
 
-_WINDOWED = {"count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new"}
+_WINDOWED = {"count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new", "fraud_rate"}
+#: Default delay of label-aware features: labels are trusted only this long after the event.
+DEFAULT_LABEL_DELAY = "7d"
 _NUMERIC_FIELD = {"sum", "avg", "max", "min", "std", "zscore"}
 _CALENDAR = {"hour_of_day", "day_of_week", "is_weekend"}
 
@@ -61,10 +63,24 @@ class FeatureDef(BaseModel):
     agg: Agg
     field: Literal["amount", "merchant", "card"] | None = None
     window: str | None = None
+    delay: str | None = None  # label-aware features only: the window ends this long before t
 
     @model_validator(mode="after")
     def _check(self) -> FeatureDef:
         agg = self.agg
+        if agg == "fraud_rate":
+            if self.field:
+                raise ValueError("fraud_rate takes no field (it reads the labels)")
+            if not self.window:
+                raise ValueError("fraud_rate needs a window such as 7d")
+            window_us(self.window)
+            if self.delay is None:
+                object.__setattr__(self, "delay", DEFAULT_LABEL_DELAY)
+            if window_us(self.delay) <= 0:
+                raise ValueError("fraud_rate needs a positive delay such as 7d")
+            return self
+        if self.delay is not None:
+            raise ValueError(f"{agg} takes no delay (only label-aware features such as fraud_rate do)")
         if agg in _CALENDAR:
             if self.entity != "event" or self.field or self.window:
                 raise ValueError(f"{agg} takes entity: event and no field or window")
@@ -91,6 +107,15 @@ class FeatureDef(BaseModel):
         return window_us(self.window) if self.window else None
 
     @property
+    def delay_us(self) -> int:
+        return window_us(self.delay) if self.delay else 0
+
+    @property
+    def reach_us(self) -> int:
+        """How far back in event time this feature looks."""
+        return (self.window_us or 0) + self.delay_us
+
+    @property
     def name(self) -> str:
         e, a, f, w = self.entity, self.agg, self.field, self.window
         if a in _CALENDAR:
@@ -107,6 +132,8 @@ class FeatureDef(BaseModel):
             return f"{e}_seconds_since_last"
         if a == "geo_velocity":
             return f"{e}_geo_velocity_kmh"
+        if a == "fraud_rate":
+            return f"{e}_fraud_rate_{w}"
         return f"{e}_{a}_{f}_{w}"
 
     @property
@@ -178,7 +205,12 @@ class FeatureSpec(BaseModel):
 
     @property
     def max_window_us(self) -> int:
-        return max((f.window_us or 0) for f in self.features)
+        """How far back in event time any feature looks (window plus label delay)."""
+        return max(f.reach_us for f in self.features)
+
+    @property
+    def needs_labels(self) -> bool:
+        return any(f.agg == "fraud_rate" for f in self.features)
 
     @cached_property
     def spec_hash(self) -> str:

@@ -263,7 +263,7 @@ def prune(events: Iterable[StoredEvent], as_of_us: int, reach_us: int) -> tuple[
             break
     dropped = [e for e in old if e.txn_id not in keep]
     kept = [e for e in ordered if e.time_us > horizon or e.txn_id in keep]
-    return kept, max(e.time_us for e in dropped)
+    return kept, max((e.time_us for e in dropped), default=None)
 
 
 # ----------------------------------------------------------------------- events -> entity updates

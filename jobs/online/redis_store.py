@@ -1,0 +1,243 @@
+"""The production online store: Redis (>= 7.0), one Lua script per entity update.
+
+Key layout (``<ns>`` defaults to ``ff:v1``; the braces are a Redis Cluster hash tag, so both
+keys of an entity live in one slot)::
+
+    <ns>:meta                    STRING  the retention (reach and fields per entity kind) the state was written for
+    <ns>:<kind>:{<id>}:h         HASH    asof -> newest event time (us); pmax -> newest pruned event time (us);
+                                         '#'<txn_id> -> '<located 0|1><event_time_us>|<json of the kept fields>'
+    <ns>:<kind>:{<id>}:z         ZSET    txn_id scored by event time (ties order by txn_id, as the engine's sort)
+
+A lookup reads one HASH per entity (``HGETALL``, card and merchant pipelined in one round
+trip). A write is :data:`_WRITE_LUA`, atomic per entity: insert each event once (``HSETNX``
+on its txn id: a re-write is a no-op), move ``asof`` forward only (max), prune by the
+retention rule (everything newer than ``asof - reach``, plus the newest and the newest located
+event before that), keep ``pmax``, and extend the expiry (``PEXPIREAT``, never shortened).
+A batch is a pipelined MULTI/EXEC of those scripts, so it applies entirely or not at all.
+
+Times travel as decimal strings: Lua numbers are doubles, exact for integer microseconds
+(< 2**53), and ``string.format('%d')`` prints them without the 14-digit ``tostring`` rounding.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from finfeat.jobs.online.base import (
+    DEFAULT_TTL_S,
+    EntityState,
+    EntityUpdate,
+    MissingState,
+    OnlineStore,
+    OnlineStoreError,
+    Retention,
+    StoredEvent,
+    StoreUnavailable,
+    retention_json,
+)
+from finfeat.transforms.spec import FeatureSpec
+
+DEFAULT_NAMESPACE = "ff:v1"
+_MIN_VERSION = (7, 0)
+
+# KEYS[1] = state hash, KEYS[2] = time zset
+# ARGV[1] = reach_us, ARGV[2] = expire_at_ms, then per event: txn_id, time_us, packed value
+_WRITE_LUA = r"""
+local h, z = KEYS[1], KEYS[2]
+local reach = tonumber(ARGV[1])
+local cur = redis.call('HGET', h, 'asof')
+local asof = cur and tonumber(cur) or nil
+local inserted = 0
+for i = 3, #ARGV, 3 do
+  local txn, t = ARGV[i], ARGV[i + 1]
+  if redis.call('HSETNX', h, '#' .. txn, ARGV[i + 2]) == 1 then
+    redis.call('ZADD', z, t, txn)
+    inserted = inserted + 1
+    local tn = tonumber(t)
+    if asof == nil or tn > asof then asof = tn end
+  end
+end
+if asof == nil then
+  return {0, false}
+end
+local asof_s = string.format('%d', asof)
+redis.call('HSET', h, 'asof', asof_s)
+local old = redis.call('ZRANGEBYSCORE', z, '-inf', string.format('%d', asof - reach), 'WITHSCORES')
+local n = #old / 2
+if n > 1 then
+  local anchor = old[2 * n - 1]
+  local located = nil
+  for k = n, 1, -1 do
+    local v = redis.call('HGET', h, '#' .. old[2 * k - 1])
+    if v and string.sub(v, 1, 1) == '1' then
+      located = old[2 * k - 1]
+      break
+    end
+  end
+  local p = redis.call('HGET', h, 'pmax')
+  local pmax = p and tonumber(p) or nil
+  for k = 1, n do
+    local id = old[2 * k - 1]
+    if id ~= anchor and id ~= located then
+      redis.call('HDEL', h, '#' .. id)
+      redis.call('ZREM', z, id)
+      local s = tonumber(old[2 * k])
+      if pmax == nil or s > pmax then pmax = s end
+    end
+  end
+  if pmax ~= nil then redis.call('HSET', h, 'pmax', string.format('%d', pmax)) end
+end
+local exp = tonumber(ARGV[2])
+local now_exp = redis.call('PEXPIRETIME', h)
+if now_exp < 0 or exp > now_exp then
+  redis.call('PEXPIREAT', h, ARGV[2])
+  redis.call('PEXPIREAT', z, ARGV[2])
+end
+return {inserted, asof_s}
+"""
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisOnlineStore(OnlineStore):
+    """Online state in Redis; thread-safe (one connection pool); one instance per process."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, spec: FeatureSpec | dict[str, Retention], *, ttl_s: float = DEFAULT_TTL_S,
+                 namespace: str = DEFAULT_NAMESPACE, socket_timeout_s: float = 2.0,
+                 connect_timeout_s: float = 1.0) -> None:
+        super().__init__(spec, ttl_s=ttl_s)
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r} is not a Redis URL (redis://HOST:PORT/DB)")
+        self.url, self.namespace = url, namespace
+        # One immediate retry on a dropped connection (a pooled socket the server closed); none on a
+        # timeout: a server that does not answer is reported at once, never waited out three times.
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)), retry_on_timeout=False,
+            health_check_interval=0)
+        self._script = self._client.register_script(_WRITE_LUA)
+        self._meta_ok = False
+
+    @property
+    def location(self) -> str:
+        return f"{_redacted(self.url)} (namespace {self.namespace})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _keys(self, kind: str, key: str) -> tuple[str, str]:
+        base = f"{self.namespace}:{kind}:{{{key}}}"
+        return f"{base}:h", f"{base}:z"
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}")
+
+    def _ensure_meta(self, *, write: bool) -> None:
+        if self._meta_ok:
+            return
+        info = self._client.info("server")
+        version = tuple(int(x) for x in str(info.get("redis_version", "0.0")).split(".")[:2])
+        if version < _MIN_VERSION:
+            raise OnlineStoreError(f"{self.location}: Redis {info.get('redis_version')} is too old; "
+                                   f"the online store needs {'.'.join(map(str, _MIN_VERSION))} or later")
+        meta_key = f"{self.namespace}:meta"
+        if write:
+            self._client.set(meta_key, retention_json(self.retention), nx=True)
+        stored = self._client.get(meta_key)
+        self._check_meta(stored.decode() if stored is not None else None)
+        self._meta_ok = stored is not None
+
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _apply(self, updates: Sequence[EntityUpdate], *, expire_at_us: int, now_us: int) -> None:
+        expire_ms = str(-(-expire_at_us // 1000))
+        try:
+            self._ensure_meta(write=True)
+            pipe = self._client.pipeline(transaction=True)
+            for u in updates:
+                args: list[str] = [str(self.retention[u.entity].reach_us), expire_ms]
+                for e in u.events:
+                    args += [e.txn_id, str(e.time_us), f"{int(e.located)}{e.time_us}|{e.payload()}"]
+                self._script(keys=list(self._keys(u.entity, u.key)), args=args, client=pipe)
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        except redis.ResponseError as exc:
+            raise OnlineStoreError(f"{self.location}: write failed: {exc}") from exc
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
+        try:
+            self._ensure_meta(write=False)
+            pipe = self._client.pipeline(transaction=False)
+            for kind, key in keys:
+                pipe.hgetall(self._keys(kind, key)[0])
+            raw = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        return [self._decode(kind, key, h) for (kind, key), h in zip(keys, raw)]
+
+    @staticmethod
+    def _decode(kind: str, key: str, h: dict[bytes, bytes]) -> EntityState | MissingState:
+        if not h or b"asof" not in h:
+            return MissingState(kind, key)
+        events = []
+        for f, v in h.items():
+            if f[:1] != b"#":
+                continue
+            s = v.decode()
+            bar = s.index("|", 1)
+            events.append(StoredEvent.from_payload(f[1:].decode(), int(s[1:bar]), s[0] == "1", s[bar + 1:]))
+        events.sort(key=lambda e: (e.time_us, e.txn_id.encode()))
+        pmax = h.get(b"pmax")
+        return EntityState(kind, key, int(h[b"asof"]), int(pmax) if pmax is not None else None, tuple(events))
+
+    def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
+        prefix = f"{self.namespace}:"
+        keys: list[tuple[str, str]] = []
+        try:
+            for raw in self._client.scan_iter(match=f"{self.namespace}:*:h", count=1000):
+                name = raw.decode()[len(prefix):]
+                kind, _, rest = name.partition(":")
+                if kind in self.retention and rest.startswith("{") and rest.endswith("}:h"):
+                    keys.append((kind, rest[1:-3]))
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        states = self._read(keys, now_us=0) if keys else []
+        return {(s.entity, s.key): s for s in states if isinstance(s, EntityState)}
+
+    def drop_namespace(self) -> int:
+        """Delete every key of this store's namespace (tests, re-materialization); returns how many."""
+        n = 0
+        try:
+            batch: list[bytes] = []
+            for raw in self._client.scan_iter(match=f"{self.namespace}:*", count=1000):
+                batch.append(raw)
+                if len(batch) >= 1000:
+                    n += self._client.unlink(*batch)
+                    batch = []
+            if batch:
+                n += self._client.unlink(*batch)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        self._meta_ok = False
+        return n
