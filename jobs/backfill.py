@@ -15,11 +15,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from finfeat import __version__
 from finfeat.jobs import delta
-from finfeat.jobs.sources import check_columns, read_file
+from finfeat.jobs.sources import check_columns, read_file, read_labels_file
 from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import feature_schema
+from finfeat.schemas.labels import LABEL_SCHEMA
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.parse import CardTokenizer
 from finfeat.transforms.spec import FeatureSpec
@@ -42,6 +43,7 @@ class BackfillConfig:
     token_key: bytes
     spec: FeatureSpec = field(default_factory=FeatureSpec.default)
     buckets: int = 8
+    labels: list[Path] = field(default_factory=list)
     beam_args: list[str] = field(default_factory=lambda: ["--runner=FnApiRunner"])
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
                         + uuid.uuid4().hex[:8])
@@ -68,6 +70,15 @@ class ReadFilesFn(beam.DoFn):
             yield Path(path).name, raw, unreadable
 
 
+class ReadLabelsFn(beam.DoFn):
+    def __init__(self, *, run_id: str, recorded_at_us: int) -> None:
+        self._run_id, self._recorded = run_id, recorded_at_us
+
+    def process(self, path: str) -> Iterator[tuple[str, pa.Table, pa.Table]]:
+        for raw, unreadable in read_labels_file(path, run_id=self._run_id, recorded_at_us=self._recorded):
+            yield Path(path).name, raw, unreadable
+
+
 class CommitRunFn(beam.DoFn):
     """The one committer: checks reconciliation, then writes features and dead letters."""
 
@@ -80,6 +91,7 @@ class CommitRunFn(beam.DoFn):
         schema = feature_schema(cfg.spec)
         features = [t for kind, t in tagged if kind == "features"]
         dead = [t for kind, t in tagged if kind == "dead"]
+        labels = [t for kind, t in tagged if kind == "labels"]
         stats: dict[str, int] = {}
         for kind, kv in tagged:
             if kind == "stat":
@@ -87,9 +99,15 @@ class CommitRunFn(beam.DoFn):
         feature_table = pa.concat_tables(features).cast(schema) if features else schema.empty_table()
         dead_table = pa.concat_tables(dead).cast(DEAD_LETTER_SCHEMA) if dead else DEAD_LETTER_SCHEMA.empty_table()
         read, accepted = stats.get("rows_read", 0), stats.get("events_accepted", 0)
-        if read != accepted + dead_table.num_rows:
+        label_dead = pa.compute.sum(pa.compute.equal(dead_table.column("stage"), "labels")).as_py() or 0
+        event_dead = dead_table.num_rows - label_dead
+        if read != accepted + event_dead:
             raise ReconciliationError(f"rows read {read} != events accepted {accepted} + dead letters "
-                                      f"{dead_table.num_rows}; nothing was committed")
+                                      f"{event_dead}; nothing was committed")
+        label_read, label_ok = stats.get("label_rows_read", 0), stats.get("labels_accepted", 0)
+        if label_read != label_ok + label_dead:
+            raise ReconciliationError(f"label rows read {label_read} != labels accepted {label_ok} + dead letters "
+                                      f"{label_dead}; nothing was committed")
         metadata = {
             "finfeat.run_id": cfg.run_id, "finfeat.code_version": __version__,
             "finfeat.schema_version": SCHEMA_VERSION, "finfeat.spec_hash": cfg.spec.spec_hash,
@@ -100,18 +118,25 @@ class CommitRunFn(beam.DoFn):
         features_version = delta.overwrite_partitions(features_path, feature_table, start=cfg.start, end=cfg.end,
                                                       metadata=metadata)
         dead_version = delta.append_dead_letters(dead_path, dead_table, metadata=metadata)
+        labels_path = delta.table_path(cfg.warehouse, delta.LABELS)
+        label_table = pa.concat_tables(labels) if labels else LABEL_SCHEMA.empty_table()
+        labels_version = delta.upsert_labels(labels_path, label_table, metadata=metadata)
         by_reason: dict[str, int] = {}
-        for reason in dead_table.column("reason").to_pylist():
-            by_reason[reason] = by_reason.get(reason, 0) + 1
+        for stage, reason in zip(dead_table.column("stage").to_pylist(), dead_table.column("reason").to_pylist()):
+            if stage != "labels":
+                by_reason[reason] = by_reason.get(reason, 0) + 1
         report = {
             **{k.removeprefix("finfeat."): v for k, v in metadata.items()},
             "inputs": [str(p) for p in cfg.inputs],
-            "rows_read": read, "events_accepted": accepted, "dead_letters": dead_table.num_rows,
+            "rows_read": read, "events_accepted": accepted, "dead_letters": event_dead,
+            "label_rows_read": label_read, "labels_accepted": label_ok, "label_dead_letters": label_dead,
+            "labels_written": label_table.num_rows,
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
             "events_outside_range": stats.get("events_outside_range", 0),
             "features_written": feature_table.num_rows,
             "tables": {"features": {"path": features_path, "version": features_version},
-                       "dead_letters": {"path": dead_path, "version": dead_version}},
+                       "dead_letters": {"path": dead_path, "version": dead_version},
+                       "labels": {"path": labels_path, "version": labels_version}},
         }
         delta.write_run_report(cfg.warehouse, report)
         yield report
@@ -123,13 +148,20 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
            | "ListInputs" >> beam.Create(files)
            | "ReadFiles" >> beam.ParDo(ReadFilesFn(mapping=cfg.mapping, token_key=cfg.token_key, run_id=cfg.run_id,
                                                    recorded_at_us=recorded_at_us)))
-    out = raw | "BuildFeatures" >> BuildFeatures(
+    inputs: dict[str, beam.PCollection] = {"raw": raw}
+    if cfg.labels:
+        inputs["labels"] = (pipeline
+                            | "ListLabelFiles" >> beam.Create([str(p) for p in cfg.labels])
+                            | "ReadLabelFiles" >> beam.ParDo(ReadLabelsFn(run_id=cfg.run_id,
+                                                                          recorded_at_us=recorded_at_us)))
+    out = inputs | "BuildFeatures" >> BuildFeatures(
         mapping=cfg.mapping, spec=cfg.spec, token_key=cfg.token_key, run_id=cfg.run_id,
         recorded_at_us=recorded_at_us, emit_from_us=_day_us(cfg.start),
         emit_until_us=_day_us(cfg.end + timedelta(days=1)), buckets=cfg.buckets)
     stats = out["stats"] | "SumStats" >> beam.CombinePerKey(sum)
     tagged = ((out["features"] | "TagFeatures" >> beam.Map(lambda t: (0, ("features", t))),
                out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
+               out["labels"] | "TagLabels" >> beam.Map(lambda t: (0, ("labels", t))),
                stats | "TagStats" >> beam.Map(lambda kv: (0, ("stat", kv))))
               | "FlattenForCommit" >> beam.Flatten())
     (tagged

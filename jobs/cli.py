@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
     bf.add_argument("--feature-spec", help="feature spec YAML (default: the built-in v1 set)")
     bf.add_argument("--buckets", type=_positive, default=8, help="key partitions per entity (default 8)")
+    bf.add_argument("--labels", action="append", default=[],
+                    help="a labels feed (txn_id, is_fraud, label_time) as CSV, JSON Lines or Parquet; repeatable")
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
                                                             f"{TOKEN_KEY_ENV} is unset (test data only)")
 
@@ -131,6 +133,10 @@ def _print_report(report: dict[str, object]) -> None:
     ]
     for reason, n in report["dead_letters_by_reason"].items():
         lines.append(f"    {reason:<22}{n:>8,}")
+    if report.get("label_rows_read"):
+        lines.append(f"  labels feed        {report['label_rows_read']:>10,} read, {report['labels_accepted']:,} accepted, "
+                     f"{report['label_dead_letters']:,} dead letters")
+    lines.append(f"  labels written     {report.get('labels_written', 0):>10,}")
     ok = report["rows_read"] == report["events_accepted"] + report["dead_letters"]
     lines.append(f"  reconciled         {'yes' if ok else 'NO'}: {report['rows_read']:,} = "
                  f"{report['events_accepted']:,} + {report['dead_letters']:,}")
@@ -170,6 +176,7 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
     cfg = BackfillConfig(inputs=expand_inputs(args.input), mapping=Mapping.load(args.mapping),
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
                          token_key=_token_key(args, demo=demo), spec=spec, buckets=args.buckets,
+                         labels=[Path(p) for p in getattr(args, "labels", [])],
                          beam_args=beam_args)
     print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
           f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",

@@ -16,6 +16,7 @@ _LOG = logging.getLogger(__name__)
 
 FEATURES = "features"
 DEAD_LETTERS = "dead_letters"
+LABELS = "labels"
 RUNS = "_runs"
 
 
@@ -58,3 +59,26 @@ def write_run_report(warehouse: str | Path, report: dict[str, object]) -> Path:
     report["report_path"] = str(path)
     path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     return path
+
+
+def upsert_labels(path: str, table: pa.Table, *, metadata: dict[str, str]) -> int | None:
+    """Merge label rows by txn id: a feed's label replaces one that came with the event; the
+    same rows merged twice change nothing."""
+    from finfeat.schemas.labels import LABEL_SCHEMA
+
+    table = table.cast(LABEL_SCHEMA)
+    if not DeltaTable.is_deltatable(path):
+        if table.num_rows == 0:
+            return None
+        write_deltalake(path, table, partition_by=["label_date"], mode="append",
+                        commit_properties=CommitProperties(custom_metadata=metadata))
+        return DeltaTable(path).version()
+    if table.num_rows == 0:
+        return DeltaTable(path).version()
+    (DeltaTable(path)
+     .merge(table, predicate="t.txn_id = s.txn_id", source_alias="s", target_alias="t",
+            commit_properties=CommitProperties(custom_metadata=metadata))
+     .when_matched_update_all(predicate="s.source <> 'events' OR t.source = 'events'")
+     .when_not_matched_insert_all()
+     .execute())
+    return DeltaTable(path).version()

@@ -263,3 +263,37 @@ def check_columns(path: Path, mapping: Mapping) -> None:
     if missing:
         raise MappingError(f"the mapping reads column(s) {missing}, which {path} does not have; "
                            f"its columns are {[c for c in columns if not c.startswith('_')]}")
+
+
+def read_labels_file(path: str | Path, *, run_id: str, recorded_at_us: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """A labels feed (txn_id, is_fraud, label_time) as raw string batches, like :func:`read_file`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MappingError(f"labels file {path} does not exist")
+    suffix = path.suffix.lower()
+    empty = _unreadable([], path.name, run_id, recorded_at_us)
+    if suffix == ".parquet":
+        table = pq.read_table(path)
+    elif suffix == ".csv":
+        names = next(csv.reader(path.open(newline="")), [])
+        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=False))
+    elif suffix in {".jsonl", ".ndjson", ".json"}:
+        records, ordinals, bad = [], [], []
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(x for x in fh if x.strip()):
+                try:
+                    rec = json.loads(line, parse_float=str, parse_int=str)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not an object")
+                except ValueError as exc:
+                    bad.append((i, f"record {i}: {exc}", line.strip()[:4000]))
+                    continue
+                records.append([_json_value(rec.get(k)) for k in ("txn_id", "is_fraud", "label_time")])
+                ordinals.append(i)
+        yield (_strings_table(["txn_id", "is_fraud", "label_time"], records, ordinals),
+               _unreadable(bad, path.name, run_id, recorded_at_us))
+        return
+    else:
+        raise MappingError(f"cannot tell the format of labels file {path}: name it .csv, .jsonl or .parquet")
+    yield table.append_column(SOURCE_ROW, pa.array(range(table.num_rows), pa.int64())), empty

@@ -6,6 +6,7 @@ vectorized calls per key-partition instead of one Python call per event.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Tuple
 
@@ -21,14 +22,16 @@ from finfeat.pipelines.streaming import ComputeFeaturesUnbounded
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.buckets import split_by_bucket
 from finfeat.transforms.dedup import deduplicate
+from finfeat.transforms.labels import attach_labels, label_rows, parse_labels
 from finfeat.transforms.features import compute_calendar_features, compute_entity_features
 from finfeat.transforms.parse import CardTokenizer, parse_batch
-from finfeat.transforms.spec import ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec
+from finfeat.transforms.spec import DEFAULT_LABEL_DELAY, ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec, window_us
 
 NAMESPACE = "finfeat"
 Keyed = Tuple[int, pa.Table]  # a bucket number and a table (Beam reads the hint at run time)
 DEAD = "dead_letters"
 STATS = "stats"
+LABELS = "labels"
 
 
 def _stat(name: str, value: int) -> pvalue.TaggedOutput:
@@ -62,26 +65,56 @@ class ParseBatchFn(beam.DoFn):
 
 
 class DeduplicateEvents(beam.PTransform):
-    """Every txn id once; repeated copies become dead letters (bounded input)."""
+    """Every txn id once (repeated copies become dead letters), labels from a feed attached.
+
+    Bounded input. Takes the events, or ``{"events": ..., "labels": ...}`` to join a labels
+    feed on txn id in the same shuffle.
+    """
 
     def __init__(self, *, buckets: int, run_id: str, recorded_at_us: int) -> None:
         super().__init__()
         self._buckets, self._run_id, self._recorded = buckets, run_id, recorded_at_us
 
-    def expand(self, events: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        run_id, recorded = self._run_id, self._recorded
+    def expand(self, inputs: beam.PCollection | dict[str, beam.PCollection]) -> beam.pvalue.DoOutputsTuple:
+        run_id, recorded, buckets = self._run_id, self._recorded, self._buckets
+        if not isinstance(inputs, dict):
+            inputs = {"events": inputs}
+        keyed = {name: pcoll | f"Partition{name.capitalize()}ByTxnId" >> beam.FlatMap(
+                     split_by_bucket, "txn_id", buckets).with_output_types(Keyed)
+                 for name, pcoll in inputs.items()}
 
-        def dedup(item: tuple[int, list[pa.Table]]) -> Iterator[object]:
-            _, pieces = item
-            unique, dead = deduplicate(pa.concat_tables(list(pieces)), run_id=run_id, recorded_at_us=recorded)
-            yield unique
+        def dedup(item: tuple[int, dict[str, list[pa.Table]]]) -> Iterator[object]:
+            _, parts = item
+            if not parts["events"]:
+                return
+            unique, dead = deduplicate(pa.concat_tables(list(parts["events"])), run_id=run_id,
+                                       recorded_at_us=recorded)
+            labels = pa.concat_tables(list(parts["labels"])) if parts.get("labels") else None
+            yield attach_labels(unique, labels)
             if dead.num_rows:
                 yield pvalue.TaggedOutput(DEAD, dead)
 
-        return (events
-                | "PartitionByTxnId" >> beam.FlatMap(split_by_bucket, "txn_id", self._buckets).with_output_types(Keyed)
-                | "GroupByTxnId" >> beam.GroupByKey()
+        return (keyed
+                | "GroupByTxnId" >> beam.CoGroupByKey()
                 | "KeepOneCopy" >> beam.FlatMap(dedup).with_outputs(DEAD, main="events"))
+
+
+class ParseLabelsFn(beam.DoFn):
+    """Raw labels-feed batch -> label rows; bad rows become dead letters (stage ``labels``)."""
+
+    def __init__(self, *, run_id: str, recorded_at_us: int) -> None:
+        self._run_id, self._recorded = run_id, recorded_at_us
+
+    def process(self, element: tuple[str, pa.Table, pa.Table]) -> Iterator[object]:
+        source, raw, unreadable = element
+        labels, dead = parse_labels(raw, source=source, run_id=self._run_id, recorded_at_us=self._recorded)
+        yield _stat("label_rows_read", raw.num_rows + unreadable.num_rows)
+        yield _stat("labels_accepted", labels.num_rows)
+        if labels.num_rows:
+            yield labels
+        for table in (dead, unreadable):
+            if table.num_rows:
+                yield pvalue.TaggedOutput(DEAD, table)
 
 
 def _emit_mask(table: pa.Table, emit_from_us: int | None, emit_until_us: int | None) -> pa.Array:
@@ -102,6 +135,8 @@ def _columns_needed(defs: tuple, entity: str, anchor_col: str) -> list[str]:
             cols.append(FIELD_COLUMNS[f.field])
         if f.agg == "geo_velocity":
             cols += ["merchant_lat", "merchant_lon"]
+        if f.agg == "fraud_rate":
+            cols += ["is_fraud", "label_time"]
     return list(dict.fromkeys(cols))
 
 
@@ -198,7 +233,8 @@ class ComputeFeatures(beam.PTransform):
 
 
 class BuildFeatures(beam.PTransform):
-    """Raw ``(source, batch, unreadable dead letters)`` triples -> ``{"features", "dead_letters", "stats"}``.
+    """Raw ``(source, batch, unreadable dead letters)`` triples (or ``{"raw": ..., "labels": ...}``
+    with a labels feed read the same way) -> ``{"features", "dead_letters", "stats", "labels"}``.
 
     ``stats`` carries ``(name, count)`` pairs from every stage so that a run can reconcile
     ``rows read = events accepted + dead letters`` on any runner.
@@ -206,32 +242,50 @@ class BuildFeatures(beam.PTransform):
 
     def __init__(self, *, mapping: Mapping, spec: FeatureSpec, token_key: bytes, run_id: str,
                  recorded_at_us: int, emit_from_us: int | None = None, emit_until_us: int | None = None,
-                 buckets: int = 8) -> None:
+                 buckets: int = 8, label_delay_us: int | None = None) -> None:
         super().__init__()
+        delays = [f.delay_us for f in spec.features if f.agg == "fraud_rate"]
+        self._label_delay_us = label_delay_us if label_delay_us is not None else (
+            max(delays) if delays else window_us(DEFAULT_LABEL_DELAY))
         CardTokenizer(token_key)  # fail at construction on a bad key
         self._mapping, self._spec, self._key = mapping, spec, token_key
         self._run_id, self._recorded, self._buckets = run_id, recorded_at_us, buckets
         self._from, self._until = emit_from_us, emit_until_us
 
-    def expand(self, raw: beam.PCollection) -> dict[str, beam.PCollection]:
+    def expand(self, inputs: beam.PCollection | dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        raw, label_raw = (inputs["raw"], inputs.get("labels")) if isinstance(inputs, dict) else (inputs, None)
         parsed = raw | "ParseEvents" >> beam.ParDo(
             ParseBatchFn(mapping=self._mapping, token_key=self._key, run_id=self._run_id,
                          recorded_at_us=self._recorded)).with_outputs(DEAD, STATS, main="events")
-        unique = parsed.events | "DeduplicateEvents" >> DeduplicateEvents(
+        dedup_in: dict[str, beam.PCollection] = {"events": parsed.events}
+        dead_parts = [parsed[DEAD]]
+        stat_parts = [parsed[STATS]]
+        if label_raw is not None:
+            labels = label_raw | "ParseLabels" >> beam.ParDo(
+                ParseLabelsFn(run_id=self._run_id, recorded_at_us=self._recorded)).with_outputs(DEAD, STATS,
+                                                                                              main="labels")
+            dedup_in["labels"] = labels.labels
+            dead_parts.append(labels[DEAD])
+            stat_parts.append(labels[STATS])
+        unique = dedup_in | "DeduplicateEvents" >> DeduplicateEvents(
             buckets=self._buckets, run_id=self._run_id, recorded_at_us=self._recorded)
         warmup = self._spec.max_window_us
         lo = None if self._from is None else self._from - warmup
-        until = self._until
+        emit_from, until = self._from, self._until
+        delay = self._label_delay_us
 
         def in_reach(table: pa.Table) -> Iterator[object]:
             yield _stat("events_accepted", table.num_rows)
             kept = table.filter(_emit_mask(table, lo, until)).drop_columns(["_source", "_source_row"])
             yield _stat("events_outside_range", table.num_rows - kept.num_rows)
+            labelled = label_rows(kept.filter(_emit_mask(kept, emit_from, until)), delay_us=delay)
+            if labelled.num_rows:
+                yield pvalue.TaggedOutput(LABELS, labelled)
             if kept.num_rows:
                 yield kept
 
-        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_outputs(STATS,
-                                                                                                main="events")
+        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_outputs(
+            STATS, LABELS, main="events")
         computed = events.events | "ComputeFeatures" >> ComputeFeatures(
             spec=self._spec, buckets=self._buckets, emit_from_us=self._from, emit_until_us=self._until)
         features = computed["features"]
@@ -240,12 +294,12 @@ class BuildFeatures(beam.PTransform):
             return ("features_out", table.num_rows)
 
         def count_dead(table: pa.Table) -> Iterator[tuple[str, int]]:
-            for reason, n in zip(*np.unique(table.column("reason").to_numpy(zero_copy_only=False),
-                                           return_counts=True)):
-                yield (f"dead_letters.{reason}", int(n))
+            pairs = Counter(zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()))
+            for (stage, reason), n in pairs.items():
+                yield (f"dead_letters.{stage}.{reason}", n)
 
-        dead = (parsed[DEAD], unique[DEAD]) | "FlattenDeadLetters" >> beam.Flatten()
-        stats = ((parsed[STATS], events[STATS], features | "CountFeatures" >> beam.Map(count),
+        dead = (*dead_parts, unique[DEAD]) | "FlattenDeadLetters" >> beam.Flatten()
+        stats = ((*stat_parts, events[STATS], features | "CountFeatures" >> beam.Map(count),
                   dead | "CountDeadLetters" >> beam.FlatMap(count_dead))
                  | "FlattenStats" >> beam.Flatten())
-        return {"features": features, "dead_letters": dead, "stats": stats}
+        return {"features": features, "dead_letters": dead, "stats": stats, "labels": events[LABELS]}

@@ -185,11 +185,17 @@ class StoredEvent(NamedTuple):
 
 @dataclass(frozen=True)
 class EntityUpdate:
-    """Events to add to one entity's state."""
+    """Events to add to one entity's state.
+
+    ``pruned_max_us``: the newest time of this entity's events that the writer dropped itself
+    because the retention would drop them (materialization pre-filters), so that the state
+    records them as pruned exactly as if they had been written and pruned in the store.
+    """
 
     entity: str
     key: str
     events: tuple[StoredEvent, ...]
+    pruned_max_us: int | None = None
 
 
 @dataclass(frozen=True)

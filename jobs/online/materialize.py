@@ -30,11 +30,15 @@ from finfeat.transforms.spec import FeatureSpec
 DEFAULT_BATCH_EVENTS = 5_000
 
 
-def retained_rows(table: pa.Table, retention: Retention) -> np.ndarray:
-    """Indices of the rows that one entity kind's final state keeps, sorted by (entity, time, txn_id)."""
+_NONE = np.iinfo(np.int64).min
+
+
+def retained_rows(table: pa.Table, retention: Retention) -> tuple[np.ndarray, np.ndarray]:
+    """The rows one entity kind's final state keeps, sorted by (entity, time, txn_id), and for
+    each of them the newest event time its entity drops (``_NONE`` when it drops nothing)."""
     n = table.num_rows
     if n == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     order = pc.sort_indices(table, sort_keys=[(retention.key_column, "ascending"), ("event_time", "ascending"),
                                               ("txn_id", "ascending")]).to_numpy()
     keys = table.column(retention.key_column).take(order)
@@ -59,7 +63,9 @@ def retained_rows(table: pa.Table, retention: Retention) -> np.ndarray:
             newest = np.ones(cand.size, dtype=bool)
             newest[:-1] = g[1:] != g[:-1]
             keep[cand[newest]] = True         # the newest located old row of each group
-    return order[keep]
+    dropped_max = np.full(int(gid[-1]) + 1, _NONE, dtype=np.int64)
+    np.maximum.at(dropped_max, gid[~keep], t[~keep])
+    return order[keep], dropped_max[gid[keep]]
 
 
 def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_us: int | None = None,
@@ -95,7 +101,7 @@ def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_
                 progress(stats)
 
     for entity, r in store.retention.items():
-        rows = retained_rows(events, r)
+        rows, dropped_max = retained_rows(events, r)
         if rows.size == 0:
             continue
         kept = events.take(pa.array(rows, pa.int64()))
@@ -107,9 +113,11 @@ def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_
             if end < len(keys) and keys[end] == keys[start]:
                 continue
             # one entity's rows [start, end), split if it alone exceeds a batch
+            pruned = int(dropped_max[start])
             for a in range(start, end, batch_events):
                 b = min(end, a + batch_events)
-                pending.append(EntityUpdate(entity, keys[start], tuple(stored[a:b])))
+                pending.append(EntityUpdate(entity, keys[start], tuple(stored[a:b]),
+                                            pruned_max_us=None if pruned == _NONE else pruned))
                 pending_events += b - a
                 if pending_events >= batch_events:
                     flush()

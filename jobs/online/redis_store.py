@@ -45,14 +45,15 @@ DEFAULT_NAMESPACE = "ff:v1"
 _MIN_VERSION = (7, 0)
 
 # KEYS[1] = state hash, KEYS[2] = time zset
-# ARGV[1] = reach_us, ARGV[2] = expire_at_ms, then per event: txn_id, time_us, packed value
+# ARGV[1] = reach_us, ARGV[2] = expire_at_ms, ARGV[3] = pruned max hint ('' for none),
+# then per event: txn_id, time_us, packed value
 _WRITE_LUA = r"""
 local h, z = KEYS[1], KEYS[2]
 local reach = tonumber(ARGV[1])
 local cur = redis.call('HGET', h, 'asof')
 local asof = cur and tonumber(cur) or nil
 local inserted = 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local txn, t = ARGV[i], ARGV[i + 1]
   if redis.call('HSETNX', h, '#' .. txn, ARGV[i + 2]) == 1 then
     redis.call('ZADD', z, t, txn)
@@ -66,6 +67,10 @@ if asof == nil then
 end
 local asof_s = string.format('%d', asof)
 redis.call('HSET', h, 'asof', asof_s)
+if ARGV[3] ~= '' then
+  local p = redis.call('HGET', h, 'pmax')
+  if (not p) or tonumber(ARGV[3]) > tonumber(p) then redis.call('HSET', h, 'pmax', ARGV[3]) end
+end
 local old = redis.call('ZRANGEBYSCORE', z, '-inf', string.format('%d', asof - reach), 'WITHSCORES')
 local n = #old / 2
 if n > 1 then
@@ -173,7 +178,8 @@ class RedisOnlineStore(OnlineStore):
             self._ensure_meta(write=True)
             pipe = self._client.pipeline(transaction=True)
             for u in updates:
-                args: list[str] = [str(self.retention[u.entity].reach_us), expire_ms]
+                args: list[str] = [str(self.retention[u.entity].reach_us), expire_ms,
+                                   "" if u.pruned_max_us is None else str(u.pruned_max_us)]
                 for e in u.events:
                     args += [e.txn_id, str(e.time_us), f"{int(e.located)}{e.time_us}|{e.payload()}"]
                 self._script(keys=list(self._keys(u.entity, u.key)), args=args, client=pipe)

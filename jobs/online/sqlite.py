@@ -169,6 +169,10 @@ class SqliteOnlineStore(OnlineStore):
             [(kind, key, e.txn_id, e.time_us, int(e.located), e.payload()) for e in u.events])
         newest = max(e.time_us for e in u.events)
         asof, pruned_max = conn.execute(_UPSERT_STATE, (kind, key, newest, expire_at_us)).fetchone()
+        if u.pruned_max_us is not None and (pruned_max is None or u.pruned_max_us > pruned_max):
+            pruned_max = u.pruned_max_us
+            conn.execute("UPDATE entity_state SET pruned_max_us = ? WHERE entity_kind = ? AND entity_id = ?",
+                         (pruned_max, kind, key))
         horizon = asof - reach
         old = conn.execute(
             "SELECT txn_id, event_time_us, located FROM entity_event "

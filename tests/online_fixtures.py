@@ -1,0 +1,207 @@
+"""Fixtures and helpers for the online-store tests: a real redis-server on 127.0.0.1, stores
+of both backends, the public test events, a short-window spec that makes retention prune."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from finfeat.jobs.online.base import OnlineStore
+from finfeat.jobs.online.redis_store import RedisOnlineStore
+from finfeat.jobs.online.sqlite import SqliteOnlineStore
+from finfeat.schemas.events import EVENT_SCHEMA
+from finfeat.transforms.spec import FeatureSpec
+from tests.conftest import SPARKOV_TEST, load_events
+
+#: Windows of minutes to hours: over the 31 hours of the public test file, states prune, and the
+#: anchors (newest event, newest located event beyond the reach) are exercised.
+SHORT_SPEC = FeatureSpec.from_dict({"version": 1, "features": [
+    {"entity": "card", "agg": "count", "window": "30m"},
+    {"entity": "card", "agg": "sum", "field": "amount", "window": "2h"},
+    {"entity": "card", "agg": "avg", "field": "amount", "window": "3h"},
+    {"entity": "card", "agg": "max", "field": "amount", "window": "1h"},
+    {"entity": "card", "agg": "std", "field": "amount", "window": "3h"},
+    {"entity": "card", "agg": "zscore", "field": "amount", "window": "3h"},
+    {"entity": "card", "agg": "distinct", "field": "merchant", "window": "2h"},
+    {"entity": "card", "agg": "is_new", "field": "merchant", "window": "3h"},
+    {"entity": "card", "agg": "seconds_since_last"},
+    {"entity": "card", "agg": "geo_velocity"},
+    {"entity": "merchant", "agg": "count", "window": "20m"},
+    {"entity": "merchant", "agg": "count", "window": "1h"},
+    {"entity": "event", "agg": "hour_of_day"},
+    {"entity": "event", "agg": "is_weekend"},
+]})
+
+
+def ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_redis_server() -> str:
+    """Path of redis-server; skips without it, except under CI where it must be installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        msg = "redis-server is not on PATH (install it: apt-get install -y redis-server)"
+        if ci():
+            pytest.fail(f"{msg}; CI must run the Redis tests")
+        pytest.skip(msg)
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen
+    port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_redis(workdir: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server on 127.0.0.1 (no persistence), stopped on exit."""
+    binary = require_redis_server()
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = None
+    for _ in range(5):  # a free port can be taken between choosing and binding it: try another
+        port = free_port()
+        log = open(workdir / f"redis-{port}.log", "wb")
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None and not _ping(port):
+            time.sleep(0.02)
+        if proc.poll() is None and _ping(port):
+            server = RedisServer(proc, port, workdir)
+            break
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    if server is None:
+        raise RuntimeError(f"could not start redis-server on 127.0.0.1; see the logs in {workdir}")
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            try:
+                os.kill(server.proc.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
+            except ProcessLookupError:
+                pass
+            server.proc.terminate()
+            try:
+                server.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+StoreFactory = Callable[..., OnlineStore]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """``make_store(spec, **kw)``: a fresh, empty store of the parametrized backend.
+
+    Redis stores share the session's server, each in its own namespace (dropped afterwards).
+    ``make_store.backend`` names the backend; ``make_store.reopen(store)`` opens a second
+    handle on the same state (another connection / pool).
+    """
+    made: list[OnlineStore] = []
+    backend = request.param
+    server = request.getfixturevalue("redis_server") if backend == "redis" else None
+
+    def factory(spec: FeatureSpec, *, name: str | None = None, **kw: object) -> OnlineStore:
+        name = name or uuid.uuid4().hex[:12]
+        if backend == "sqlite":
+            store: OnlineStore = SqliteOnlineStore(tmp_path / f"{name}.db", spec, **kw)
+        else:
+            store = RedisOnlineStore(server.url, spec, namespace=f"fftest:{name}", **kw)
+        made.append(store)
+        return store
+
+    def reopen(store: OnlineStore, spec: FeatureSpec | None = None, **kw: object) -> OnlineStore:
+        spec = spec if spec is not None else store.retention
+        if isinstance(store, SqliteOnlineStore):
+            other: OnlineStore = SqliteOnlineStore(store.path, spec, **kw)
+        else:
+            other = RedisOnlineStore(store.url, spec, namespace=store.namespace, **kw)
+        made.append(other)
+        return other
+
+    factory.backend = backend  # type: ignore[attr-defined]
+    factory.reopen = reopen  # type: ignore[attr-defined]
+    yield factory
+    for store in made:
+        if isinstance(store, RedisOnlineStore):
+            try:
+                store.drop_namespace()
+            except Exception:
+                pass
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def sparkov_test_events() -> pa.Table:
+    """The 5,116 canonical events of the public Sparkov test file, sorted by (time, txn_id)."""
+    events, _ = load_events(SPARKOV_TEST, "sparkov")
+    events = events.drop_columns(["_source", "_source_row"]).select(EVENT_SCHEMA.names)
+    return events.sort_by([("event_time", "ascending"), ("txn_id", "ascending")])
+
+
+def with_unlocated(events: pa.Table, share: float = 0.4, seed: int = 3) -> pa.Table:
+    """The events with the merchant coordinates of a seeded share of them removed."""
+    mask = pa.array(np.random.default_rng(seed).random(events.num_rows) < share)
+    out = events
+    for name in ("merchant_lat", "merchant_lon"):
+        col = pc.if_else(mask, pa.scalar(None, pa.float64()), events.column(name))
+        out = out.set_column(out.schema.get_field_index(name), name, col)
+    return out

@@ -1,0 +1,299 @@
+"""Expectation suites inside the pipeline and ``finfeat validate``, on real Delta tables.
+
+Feature rows come from the production engine on the bundled Sparkov test file (5,116 rows); a
+few are corrupted on purpose. GX's import takes a few seconds once per session; each
+validation of these rows takes under a second.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from finfeat.jobs import validate as validate_cmd
+from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
+from finfeat.schemas.quarantine import BROKEN_EXPECTATIONS, QUARANTINE_COLUMNS
+from finfeat.transforms.features import compute_features
+from finfeat.transforms.spec import FeatureSpec
+from finfeat.validation.drift import drift_report, psi
+from finfeat.validation.quarantine import append_quarantine, quarantine_path
+from finfeat.validation.suite import Suite, SuiteError
+from finfeat.validation.validate import QuarantinePolicy, ValidationFailed, ValidationOutcome, validate_table
+from tests.conftest import SPARKOV_TEST, load_events
+
+SPEC = FeatureSpec.default()
+_US_PER_DAY = 86_400_000_000
+
+
+def _feature_rows() -> pa.Table:
+    events, _ = load_events(SPARKOV_TEST, "sparkov")
+    events = events.drop_columns(["_source", "_source_row"])
+    features = compute_features(events, SPEC)   # txn_id + features, aligned with the events
+    cols = {name: events.column(name) for name in IDENTITY_COLUMNS if name in events.column_names}
+    t_us = events.column("event_time").cast(pa.int64()).to_numpy()
+    cols["event_date"] = pa.array(t_us // _US_PER_DAY, pa.int32()).cast(pa.date32())
+    cols.update({name: features.column(name) for name in SPEC.names})
+    schema = feature_schema(SPEC)
+    return pa.table({name: cols[name] for name in schema.names}).cast(schema)
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dq")
+
+
+@pytest.fixture(scope="module")
+def good_path(warehouse: Path) -> str:
+    """A real feature table (version 0), as the backfill writes it."""
+    path = str(warehouse / "features")
+    write_deltalake(path, _feature_rows(), partition_by=["event_date"], mode="overwrite")
+    return path
+
+
+@pytest.fixture(scope="module")
+def good(good_path: str) -> pa.Table:
+    return DeltaTable(good_path).to_pyarrow_table().sort_by([("event_time", "ascending"), ("txn_id", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def baseline(good: pa.Table) -> ValidationOutcome:
+    return validate_table(good, "features")
+
+
+def _set(table: pa.Table, column: str, values: dict[int, object]) -> pa.Table:
+    """``table`` with ``column[i] = v`` for each ``i: v``."""
+    data = table.column(column).to_pylist()
+    for i, v in values.items():
+        data[i] = v
+    i = table.column_names.index(column)
+    return table.set_column(i, table.schema.field(i), pa.array(data, table.schema.field(i).type))
+
+
+def _col(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist()
+
+
+# -- suites ----------------------------------------------------------------------------------------
+
+def test_suites_load_with_policies_and_the_spec_feature_names() -> None:
+    features, events = Suite.load("features"), Suite.load("events")
+    assert set(features.columns) <= set(feature_schema(SPEC).names)
+    assert {"card_count_1h", "card_count_30d", "hour_of_day", "day_of_week", "card_geo_velocity_kmh",
+            "card_std_amount_30d"} <= set(features.columns)
+    assert features.rule("currency_iso_4217").policy == "fail"
+    assert features.rule("geo_velocity_plausible").policy == "warn"
+    assert features.rule("count_non_negative[card_count_1h]").policy == "drop"
+    assert features.rule("card_count_24h_le_7d").type == "expect_column_pair_values_a_to_be_greater_than_b"
+    assert {"txn_id_unique", "currency_iso_4217", "channel_known", "event_time_plausible",
+            "latitude_in_range[card_lat]", "amount_sanity_cap"} <= set(events.names)
+
+
+def test_a_broken_suite_fails_at_load_naming_the_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nexpectations:\n  - {name: m, policy: drop, type: expect_column_mean_to_be_between,"
+                   " kwargs: {column: a, min_value: 0}}\n")
+    with pytest.raises(SuiteError, match="'m'.*row-level"):
+        Suite.load(bad)
+    bad.write_text("name: x\nexpectations:\n  - {name: y, policy: warn, type: expect_no_such_thing, kwargs: {}}\n")
+    with pytest.raises(SuiteError, match="expect_no_such_thing"):
+        Suite.load(bad)
+
+
+def test_clean_table_passes(good: pa.Table, baseline: ValidationOutcome) -> None:
+    assert baseline.ok and baseline.failures == []
+    assert baseline.quarantined.num_rows == 0 and baseline.passed.num_rows == good.num_rows == 5_116
+    assert set(baseline.warnings) <= {"geo_velocity_plausible"}   # real data: a few impossible trips
+
+
+# -- policies --------------------------------------------------------------------------------------
+
+def test_drop_quarantines_exactly_the_corrupted_rows(good: pa.Table, baseline: ValidationOutcome,
+                                                     warehouse: Path) -> None:
+    t = good
+    t = _set(t, "card_count_1h", {10: -1})
+    t = _set(t, "hour_of_day", {20: 25})
+    t = _set(t, "card_count_24h", {30: _col(good, "card_count_7d")[30] + 5})
+    t = _set(t, "txn_id", {40: _col(good, "txn_id")[41]})                 # a repeat: both copies go
+    t = _set(t, "day_of_week", {50: 9})
+    t = _set(t, "card_geo_velocity_kmh", {50: 1e6})                        # also breaks a warn expectation
+    txn = _col(t, "txn_id")
+    expected = {
+        (10, txn[10]): ["count_non_negative[card_count_1h]"],
+        (20, txn[20]): ["hour_of_day_range"],
+        (30, txn[30]): ["card_count_24h_le_7d"],
+        (40, txn[40]): ["txn_id_unique"],
+        (41, txn[41]): ["txn_id_unique"],
+        (50, txn[50]): ["geo_velocity_plausible", "day_of_week_range"],
+    }
+    out = validate_table(t, "features", run_id="run-1")
+    assert out.failures == []
+    got = list(zip(_col(out.quarantined, "txn_id"), _col(out.quarantined, BROKEN_EXPECTATIONS)))
+    assert out.quarantined.num_rows == 6
+    assert sorted(got) == sorted((k[1], v) for k, v in expected.items())
+    assert out.passed.num_rows == t.num_rows - 6
+    assert not set(_col(out.passed, "txn_id")) & {txn[i] for i in (10, 20, 30, 41, 50)}
+    assert set(_col(out.quarantined, "suite")) == {"features"} and set(_col(out.quarantined, "run_id")) == {"run-1"}
+    assert out.quarantined.column_names[-len(QUARANTINE_COLUMNS):] == QUARANTINE_COLUMNS
+    assert out.warnings["geo_velocity_plausible"] == baseline.warnings.get("geo_velocity_plausible", 0) + 1
+
+    # the quarantine Delta table: the rows, their reasons, the run id from the commit metadata
+    q = validate_table(t, "features")            # run_id "" -> filled from the commit's metadata
+    path = quarantine_path(warehouse, "features")
+    version = append_quarantine(path, q.quarantined, {"finfeat.run_id": "run-2"})
+    stored = DeltaTable(path).to_pyarrow_table()
+    assert version == 0 and stored.num_rows == 6
+    assert set(_col(stored, "run_id")) == {"run-2"}
+    assert sorted(map(tuple, _col(stored, BROKEN_EXPECTATIONS))) == sorted(tuple(v) for v in expected.values())
+    assert DeltaTable(path).history(1)[0]["finfeat.run_id"] == "run-2"
+
+
+def test_warn_only_counts(good: pa.Table, baseline: ValidationOutcome) -> None:
+    t = _set(good, "card_geo_velocity_kmh", {1: 50_000.0, 2: 60_000.0, 3: 1e7})
+    out = validate_table(t, "features")
+    assert out.ok and out.quarantined.num_rows == 0 and out.passed.num_rows == good.num_rows
+    assert out.warnings["geo_velocity_plausible"] == baseline.warnings.get("geo_velocity_plausible", 0) + 3
+
+
+def test_fail_raises_validation_failed_naming_the_expectation(good: pa.Table) -> None:
+    t = _set(good, "currency", {5: "XXX", 6: "ZZZ"})
+    out = validate_table(t, "features")
+    assert out.failed_expectations == ["currency_iso_4217"]
+    assert len(out.failures) == 1 and out.failures[0].startswith("currency_iso_4217: 2 of 5,116 rows")
+    assert "XXX" in out.failures[0]
+    with pytest.raises(ValidationFailed, match="currency_iso_4217") as info:
+        out.raise_for_failures()
+    assert info.value.failures == out.failures
+    assert out.quarantined.num_rows == 0   # fail rows are not quarantined: the run stops
+
+
+def test_quarantine_fraction_above_the_threshold_fails(good: pa.Table) -> None:
+    rows = {i: 24 for i in range(0, 5_116, 50)}                        # 103 rows, 2.0 %
+    out = validate_table(_set(good, "hour_of_day", rows), "features", policy=QuarantinePolicy(max_fraction=0.01))
+    assert out.quarantined.num_rows == 103
+    assert len(out.failures) == 1 and out.failures[0].startswith("quarantine: 103 of 5,116 rows (2.01%)")
+    assert "hour_of_day_range: 103" in out.failures[0]
+    assert QuarantinePolicy(max_fraction=0.05).check(out) is None
+    with pytest.raises(ValidationFailed, match="hour_of_day_range"):
+        out.raise_for_failures()
+
+
+def _commit(path: str, table: pa.Table, quarantine: str, policy: QuarantinePolicy) -> None:
+    """The commit step as the backfill does it: validate, stop on failure, then commit."""
+    out = validate_table(table, "features", policy=policy, run_id="r")
+    out.raise_for_failures()                    # before any commit
+    write_deltalake(path, out.passed, partition_by=["event_date"], mode="overwrite")
+    append_quarantine(quarantine, out.quarantined, {"finfeat.run_id": "r"})
+
+
+def test_a_failing_run_commits_nothing(good: pa.Table, tmp_path: Path) -> None:
+    path, quarantine = str(tmp_path / "features"), str(tmp_path / "quarantine")
+    write_deltalake(path, good, partition_by=["event_date"])
+    bad = _set(_set(good, "card_count_1h", {3: -5}), "currency", {4: "XXX"})
+    with pytest.raises(ValidationFailed, match="currency_iso_4217"):
+        _commit(path, bad, quarantine, QuarantinePolicy(0.01))
+    too_many = _set(good, "hour_of_day", {i: 99 for i in range(0, 5_116, 10)})
+    with pytest.raises(ValidationFailed, match="quarantine: 512 of 5,116"):
+        _commit(path, too_many, quarantine, QuarantinePolicy(0.01))
+    assert DeltaTable(path).version() == 0 and DeltaTable(path).to_pyarrow_table().num_rows == good.num_rows
+    assert not DeltaTable.is_deltatable(quarantine)
+    _commit(path, _set(good, "card_count_1h", {3: -5}), quarantine, QuarantinePolicy(0.01))
+    assert DeltaTable(path).version() == 1 and DeltaTable(path).to_pyarrow_table().num_rows == good.num_rows - 1
+    assert DeltaTable(quarantine).to_pyarrow_table().num_rows == 1
+
+
+# -- finfeat validate -----------------------------------------------------------------------------
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="finfeat")
+    sub = parser.add_subparsers(dest="command", required=True)
+    validate_cmd.add_parser(sub)
+    args = parser.parse_args(["validate", *argv])
+    return validate_cmd.run(args)
+
+
+@pytest.fixture(scope="module")
+def versions(good_path: str, good: pa.Table) -> dict[str, int]:
+    """Version 0 good, 1 corrupted (a drop and a fail expectation broken), 2 good but shifted."""
+    corrupted = _set(_set(good, "currency", {7: "XXX"}), "card_count_1h", {8: -1})
+    write_deltalake(good_path, corrupted, partition_by=["event_date"], mode="overwrite")
+    scaled = good
+    for name in ("card_sum_amount_1h", "card_sum_amount_24h", "card_sum_amount_7d", "card_sum_amount_30d",
+                 "card_max_amount_24h"):
+        scaled = scaled.set_column(scaled.column_names.index(name), name, pc.multiply(scaled.column(name), 10))
+    for name in ("card_avg_amount_7d", "card_avg_amount_30d", "card_std_amount_30d"):
+        scaled = scaled.set_column(scaled.column_names.index(name), name, pc.multiply(scaled.column(name), 10.0))
+    scaled = scaled.set_column(scaled.column_names.index("card_count_30d"), "card_count_30d",
+                               pc.add(scaled.column("card_count_30d"), 40))
+    write_deltalake(good_path, scaled.cast(good.schema), partition_by=["event_date"], mode="overwrite")
+    return {"good": 0, "corrupted": 1, "shifted": 2}
+
+
+def test_cli_exit_codes_and_data_docs(good_path: str, versions: dict[str, int], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "dq"
+    assert _cli("--table", good_path, "--version", "0", "--docs", str(docs)) == 0
+    assert (docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").is_file()
+    assert list((docs / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations").rglob("*.html"))
+    assert "finfeat validate: PASSED" in (docs / "index.html").read_text()
+    assert "PASSED" in capsys.readouterr().out
+
+    # the latest version (shifted, but valid row by row) passes the suite when no reference is given
+    assert _cli("--table", good_path, "--start", "2020-06-21", "--end", "2020-06-22") == 0
+
+
+def test_cli_on_a_corrupted_version(good_path: str, versions: dict[str, int], capsys: pytest.CaptureFixture[str]
+                                    ) -> None:
+    assert _cli("--table", good_path, "--version", str(versions["corrupted"]), "--start", "2020-06-21",
+                "--end", "2020-06-22") == 1
+    out = capsys.readouterr().out
+    assert "currency_iso_4217" in out and "count_non_negative[card_count_1h]" in out and "FAILED" in out
+
+
+def test_cli_usage_errors_exit_2(good_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("--table", str(tmp_path / "nothing")) == 2
+    assert _cli("--table", good_path, "--version", "99") == 2
+    assert _cli("--table", good_path, "--start", "2020-06-21") == 2
+    assert _cli("--table", good_path, "--start", "2031-01-01", "--end", "2031-01-02") == 2   # no rows
+    assert _cli("--table", good_path, "--suite", str(tmp_path / "missing.yaml")) == 2
+    assert _cli("--table", good_path, "--psi-warn", "0.5", "--psi-fail", "0.2") == 2
+    assert "finfeat validate: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        _cli("--table", good_path, "--start", "June")
+    assert info.value.code == 2
+
+
+# -- drift -----------------------------------------------------------------------------------------
+
+def test_psi_same_data_is_zero_shifted_is_large(good: pa.Table) -> None:
+    report = drift_report(good, good, SPEC.names)
+    assert [d.column for d in report] == SPEC.names
+    assert max(d.psi for d in report) < 1e-9 and {d.status for d in report} == {"ok"}
+    amounts = good.column("card_sum_amount_24h")
+    assert psi(amounts, pc.multiply(amounts, 3)) > 0.25
+    flags = pa.array([True] * 50 + [False] * 50)
+    assert psi(flags, flags) == pytest.approx(0.0, abs=1e-12)
+    assert psi(flags, pa.array([True] * 100)) > 0.25                          # booleans: two bins
+    with_nulls = pa.array([1.0, 2.0, None, None] * 25)
+    assert psi(with_nulls, pa.array([1.0, 2.0, 1.0, 2.0] * 25)) > 0.25          # nulls are a bin of their own
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(0, 1, 20_000), rng.normal(0, 1, 20_000)
+    assert psi(pa.array(a), pa.array(b)) < 0.01                                 # same distribution, other draw
+
+
+def test_cli_psi_same_data_passes_shifted_fails(good_path: str, versions: dict[str, int],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("--table", good_path, "--version", "0", "--reference-version", "0") == 0
+    assert "23 of 23 features stable (max PSI 0.0000" in capsys.readouterr().out
+    assert _cli("--table", good_path, "--version", str(versions["shifted"]), "--reference-version", "0") == 1
+    out = capsys.readouterr().out
+    assert "drift[card_sum_amount_24h]: PSI" in out and "drift[card_count_30d]" in out
+    assert "drift[hour_of_day]" not in out
+    # the same shift only warns when the fail threshold is above it
+    assert _cli("--table", good_path, "--version", str(versions["shifted"]), "--reference-version", "0",
+                "--psi-fail", "1000") == 0
+    assert "WARN" in capsys.readouterr().out
