@@ -28,6 +28,7 @@ setup(
         "pyyaml>=6",
         "pydantic>=2.10,<3",
         "tqdm>=4.66",
+        "great-expectations>=1.24,<1.25",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1"],

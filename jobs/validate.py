@@ -86,7 +86,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ref.add_argument("--reference-end", type=_date, help=f"last reference {PARTITION_COLUMN}, inclusive")
     ref.add_argument("--psi-warn", type=_non_negative, default=0.1, help="PSI that warns (default 0.1)")
     ref.add_argument("--psi-fail", type=_non_negative, default=0.25, help="PSI that fails (default 0.25)")
-    ref.add_argument("--psi-columns", help="comma-separated columns (default: the v1 features in both tables)")
+    ref.add_argument("--psi-columns", help="comma-separated columns (default: the v1 features in both tables "
+                                           "except the calendar ones: hour_of_day, day_of_week, is_weekend)")
     p.add_argument("--max-quarantine-fraction", type=_fraction, default=0.0,
                    help="largest share of rows a drop expectation may reject before the check fails (default 0)")
     p.add_argument("--missing-columns", choices=["fail", "skip"], default="fail",
@@ -184,8 +185,9 @@ def _run(args: argparse.Namespace) -> int:
         ref_label = reference.label()
         if ref_table.num_rows == 0:
             raise _Usage(f"no reference rows in {ref_label}")
+        # calendar features (hour, weekday) follow the dates selected, not the data: left out by default
         wanted = ([c.strip() for c in args.psi_columns.split(",") if c.strip()] if args.psi_columns
-                  else FeatureSpec.default().names)
+                  else [f.name for f in FeatureSpec.default().features if f.entity != "event"])
         columns = drift_columns(ref_table, table, wanted)
         if args.psi_columns:
             absent = [c for c in wanted if c not in columns]

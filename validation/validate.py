@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -244,7 +244,8 @@ def validate_table(
 
     offending: dict[str, np.ndarray] = {}
     if runnable.rules:
-        frame = table.select(runnable.columns).to_pandas()   # a RangeIndex: index == row number
+        # pandas metadata ignored: the frame gets a RangeIndex, so GX's row index == row number
+        frame = table.select(runnable.columns).to_pandas(ignore_metadata=True)
         gx_result = _gx.validate_frame(frame, runnable)
         for er in gx_result.results:
             name = er.expectation_config.meta["finfeat_name"]
@@ -350,7 +351,3 @@ def validate_tables(tables: Iterable[pa.Table], suite: Suite | str | Path, *,
     """Validate bundles one by one (one GX validation each) and combine the outcomes."""
     outcomes = [validate_table(t, suite, **kwargs) for t in tables]
     return ValidationOutcome.combine(outcomes, policy=policy)
-
-
-def now_utc_us() -> int:
-    return int(datetime.now(timezone.utc).timestamp() * 1_000_000)

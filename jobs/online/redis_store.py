@@ -1,19 +1,22 @@
-"""The production online store: Redis (>= 7.0), one Lua script per entity update.
+"""The production online store: Redis (>= 7.0), one atomic Lua script call per write batch.
 
-Key layout (``<ns>`` defaults to ``ff:v1``; the braces are a Redis Cluster hash tag, so both
-keys of an entity live in one slot)::
+Key layout (``<ns>`` defaults to ``ff:v1``)::
 
     <ns>:meta                    STRING  the retention (reach and fields per entity kind) the state was written for
     <ns>:<kind>:{<id>}:h         HASH    asof -> newest event time (us); pmax -> newest pruned event time (us);
                                          '#'<txn_id> -> '<located 0|1><event_time_us>|<json of the kept fields>'
     <ns>:<kind>:{<id>}:z         ZSET    txn_id scored by event time (ties order by txn_id, as the engine's sort)
 
-A lookup reads one HASH per entity (``HGETALL``, card and merchant pipelined in one round
-trip). A write is :data:`_WRITE_LUA`, atomic per entity: insert each event once (``HSETNX``
-on its txn id: a re-write is a no-op), move ``asof`` forward only (max), prune by the
-retention rule (everything newer than ``asof - reach``, plus the newest and the newest located
-event before that), keep ``pmax``, and extend the expiry (``PEXPIREAT``, never shortened).
-A batch is a pipelined MULTI/EXEC of those scripts, so it applies entirely or not at all.
+A lookup reads one HASH per entity (``HGETALL``; card and merchant, or a whole batch of
+candidates, pipelined in one round trip). A write batch is one call of :data:`_WRITE_LUA`,
+which per entity inserts each event once (``HSETNX`` on its txn id: a re-write is a no-op),
+moves ``asof`` forward only (max), prunes by the retention rule (everything newer than
+``asof - reach``, plus the newest and the newest located event before that), keeps ``pmax``,
+and extends the expiry (``PEXPIREAT``, never shortened). Redis runs a script without
+interleaving anything else, so concurrent writers serialize, a lookup sees an entity either
+before or after a batch, and a connection lost mid-batch leaves the batch applied entirely or
+not at all. (The ``{<id>}`` hash tag keeps an entity's two keys in one Cluster slot; a batch
+spans many entities, so Cluster would need one call per slot: not done, single node only.)
 
 Times travel as decimal strings: Lua numbers are doubles, exact for integer microseconds
 (< 2**53), and ``string.format('%d')`` prints them without the 14-digit ``tostring`` rounding.
@@ -44,65 +47,71 @@ from finfeat.transforms.spec import FeatureSpec
 DEFAULT_NAMESPACE = "ff:v1"
 _MIN_VERSION = (7, 0)
 
-# KEYS[1] = state hash, KEYS[2] = time zset
-# ARGV[1] = reach_us, ARGV[2] = expire_at_ms, ARGV[3] = pruned max hint ('' for none),
-# then per event: txn_id, time_us, packed value
+# One call applies a whole batch, atomically (a Lua script runs without interleaving):
+# KEYS = h1, z1, h2, z2, ... (state hash and time zset of each entity)
+# ARGV[1] = expire_at_ms, then per entity: reach_us, pruned max hint ('' for none), n events,
+#           then n triples: txn_id, time_us, packed value
 _WRITE_LUA = r"""
-local h, z = KEYS[1], KEYS[2]
-local reach = tonumber(ARGV[1])
-local cur = redis.call('HGET', h, 'asof')
-local asof = cur and tonumber(cur) or nil
+local exp = tonumber(ARGV[1])
+local a = 2
 local inserted = 0
-for i = 4, #ARGV, 3 do
-  local txn, t = ARGV[i], ARGV[i + 1]
-  if redis.call('HSETNX', h, '#' .. txn, ARGV[i + 2]) == 1 then
-    redis.call('ZADD', z, t, txn)
-    inserted = inserted + 1
-    local tn = tonumber(t)
-    if asof == nil or tn > asof then asof = tn end
-  end
-end
-if asof == nil then
-  return {0, false}
-end
-local asof_s = string.format('%d', asof)
-redis.call('HSET', h, 'asof', asof_s)
-if ARGV[3] ~= '' then
-  local p = redis.call('HGET', h, 'pmax')
-  if (not p) or tonumber(ARGV[3]) > tonumber(p) then redis.call('HSET', h, 'pmax', ARGV[3]) end
-end
-local old = redis.call('ZRANGEBYSCORE', z, '-inf', string.format('%d', asof - reach), 'WITHSCORES')
-local n = #old / 2
-if n > 1 then
-  local anchor = old[2 * n - 1]
-  local located = nil
-  for k = n, 1, -1 do
-    local v = redis.call('HGET', h, '#' .. old[2 * k - 1])
-    if v and string.sub(v, 1, 1) == '1' then
-      located = old[2 * k - 1]
-      break
+for e = 1, #KEYS, 2 do
+  local h, z = KEYS[e], KEYS[e + 1]
+  local reach, hint, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local cur = redis.call('HGET', h, 'asof')
+  local asof = cur and tonumber(cur) or nil
+  for i = a, a + 3 * n - 1, 3 do
+    local txn, t = ARGV[i], ARGV[i + 1]
+    if redis.call('HSETNX', h, '#' .. txn, ARGV[i + 2]) == 1 then
+      redis.call('ZADD', z, t, txn)
+      inserted = inserted + 1
+      local tn = tonumber(t)
+      if asof == nil or tn > asof then asof = tn end
     end
   end
-  local p = redis.call('HGET', h, 'pmax')
-  local pmax = p and tonumber(p) or nil
-  for k = 1, n do
-    local id = old[2 * k - 1]
-    if id ~= anchor and id ~= located then
-      redis.call('HDEL', h, '#' .. id)
-      redis.call('ZREM', z, id)
-      local s = tonumber(old[2 * k])
-      if pmax == nil or s > pmax then pmax = s end
+  a = a + 3 * n
+  if asof ~= nil then
+    redis.call('HSET', h, 'asof', string.format('%d', asof))
+    if hint ~= '' then
+      local p = redis.call('HGET', h, 'pmax')
+      if (not p) or tonumber(hint) > tonumber(p) then redis.call('HSET', h, 'pmax', hint) end
+    end
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', string.format('%d', asof - reach), 'WITHSCORES')
+    local m = #old / 2
+    if m > 1 then
+      local anchor = old[2 * m - 1]
+      local located = nil
+      for k = m, 1, -1 do
+        local v = redis.call('HGET', h, '#' .. old[2 * k - 1])
+        if v and string.sub(v, 1, 1) == '1' then
+          located = old[2 * k - 1]
+          break
+        end
+      end
+      local p = redis.call('HGET', h, 'pmax')
+      local pmax = p and tonumber(p) or nil
+      local dropped = false
+      for k = 1, m do
+        local id = old[2 * k - 1]
+        if id ~= anchor and id ~= located then
+          redis.call('HDEL', h, '#' .. id)
+          redis.call('ZREM', z, id)
+          local s = tonumber(old[2 * k])
+          if pmax == nil or s > pmax then pmax = s end
+          dropped = true
+        end
+      end
+      if dropped then redis.call('HSET', h, 'pmax', string.format('%d', pmax)) end
+    end
+    local now_exp = redis.call('PEXPIRETIME', h)
+    if now_exp < 0 or exp > now_exp then
+      redis.call('PEXPIREAT', h, ARGV[1])
+      redis.call('PEXPIREAT', z, ARGV[1])
     end
   end
-  if pmax ~= nil then redis.call('HSET', h, 'pmax', string.format('%d', pmax)) end
 end
-local exp = tonumber(ARGV[2])
-local now_exp = redis.call('PEXPIRETIME', h)
-if now_exp < 0 or exp > now_exp then
-  redis.call('PEXPIREAT', h, ARGV[2])
-  redis.call('PEXPIREAT', z, ARGV[2])
-end
-return {inserted, asof_s}
+return inserted
 """
 
 
@@ -173,17 +182,17 @@ class RedisOnlineStore(OnlineStore):
     # -- writes -----------------------------------------------------------------------------
 
     def _apply(self, updates: Sequence[EntityUpdate], *, expire_at_us: int, now_us: int) -> None:
-        expire_ms = str(-(-expire_at_us // 1000))
+        keys: list[str] = []
+        args: list[str] = [str(-(-expire_at_us // 1000))]
+        for u in updates:
+            keys += self._keys(u.entity, u.key)
+            args += [str(self.retention[u.entity].reach_us), "" if u.pruned_max_us is None else str(u.pruned_max_us),
+                     str(len(u.events))]
+            for e in u.events:
+                args += [e.txn_id, str(e.time_us), f"{int(e.located)}{e.time_us}|{e.payload()}"]
         try:
             self._ensure_meta(write=True)
-            pipe = self._client.pipeline(transaction=True)
-            for u in updates:
-                args: list[str] = [str(self.retention[u.entity].reach_us), expire_ms,
-                                   "" if u.pruned_max_us is None else str(u.pruned_max_us)]
-                for e in u.events:
-                    args += [e.txn_id, str(e.time_us), f"{int(e.located)}{e.time_us}|{e.payload()}"]
-                self._script(keys=list(self._keys(u.entity, u.key)), args=args, client=pipe)
-            pipe.execute()
+            self._script(keys=keys, args=args)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise self._unavailable(exc) from exc
         except redis.ResponseError as exc:
