@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finfeat.schemas.currencies import ISO_4217
+from finfeat.schemas.errors import describe
 from finfeat.schemas.events import CHANNELS
 
 Format = Literal["csv", "jsonl", "parquet"]
@@ -172,10 +173,7 @@ class Mapping(_Strict):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'mapping'}: {err['msg']}" for err in exc.errors()
-            )
-            raise MappingError(f"mapping {path} is invalid: {problems}") from None
+            raise MappingError(f"mapping {path} is invalid: {describe(exc)}") from None
 
 
 BUILTIN_MAPPINGS = ("sparkov", "generated", "canonical")

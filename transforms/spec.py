@@ -19,6 +19,8 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from finfeat.schemas.errors import describe
+
 Entity = Literal["card", "merchant", "event"]
 Agg = Literal[
     "count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new",
@@ -38,6 +40,17 @@ _WINDOWED = {"count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "
 DEFAULT_LABEL_DELAY = "7d"
 _NUMERIC_FIELD = {"sum", "avg", "max", "min", "std", "zscore"}
 _CALENDAR = {"hour_of_day", "day_of_week", "is_weekend"}
+
+#: Column names: <entity>_<agg>_<field>_<window> unless the aggregation reads better otherwise.
+_NAME_TEMPLATES = {
+    "count": "{e}_count_{w}",
+    "zscore": "{e}_{f}_zscore_{w}",
+    "distinct": "{e}_distinct_{f}s_{w}",
+    "is_new": "{e}_is_new_{f}_{w}",
+    "seconds_since_last": "{e}_seconds_since_last",
+    "geo_velocity": "{e}_geo_velocity_kmh",
+    "fraud_rate": "{e}_fraud_rate_{w}",
+}
 
 #: Bumped whenever the engine's arithmetic changes; part of the spec hash.
 ENGINE_VERSION = "1"
@@ -117,24 +130,10 @@ class FeatureDef(BaseModel):
 
     @property
     def name(self) -> str:
-        e, a, f, w = self.entity, self.agg, self.field, self.window
-        if a in _CALENDAR:
-            return a
-        if a == "count":
-            return f"{e}_count_{w}"
-        if a == "zscore":
-            return f"{e}_{f}_zscore_{w}"
-        if a == "distinct":
-            return f"{e}_distinct_{f}s_{w}"
-        if a == "is_new":
-            return f"{e}_is_new_{f}_{w}"
-        if a == "seconds_since_last":
-            return f"{e}_seconds_since_last"
-        if a == "geo_velocity":
-            return f"{e}_geo_velocity_kmh"
-        if a == "fraud_rate":
-            return f"{e}_fraud_rate_{w}"
-        return f"{e}_{a}_{f}_{w}"
+        if self.agg in _CALENDAR:
+            return self.agg
+        template = _NAME_TEMPLATES.get(self.agg, "{e}_{a}_{f}_{w}")
+        return template.format(e=self.entity, a=self.agg, f=self.field, w=self.window)
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -182,10 +181,7 @@ class FeatureSpec(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
-            )
-            raise SpecError(f"feature spec {origin} is invalid: {problems}") from None
+            raise SpecError(f"feature spec {origin} is invalid: {describe(exc)}") from None
 
     @classmethod
     def default(cls) -> FeatureSpec:
