@@ -31,7 +31,8 @@ setup(
         "great-expectations>=1.24,<1.25",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1"],
+        "online": ["redis==8.1.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0"],
     },
     entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},
 )

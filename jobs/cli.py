@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
                                                             f"{TOKEN_KEY_ENV} is unset (test data only)")
 
+    from finfeat.jobs import produce as produce_cmd
+    from finfeat.jobs import stream as stream_cmd
+
+    produce_cmd.add_parser(sub)
+    stream_cmd.add_parser(sub)
+
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled public data",
                           allow_abbrev=False)
     demo.add_argument("--warehouse", default="warehouse")
@@ -214,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "backfill":
             return _cmd_backfill(args, rest)
+        if args.command == "produce":
+            from finfeat.jobs import produce as produce_cmd
+
+            if rest:
+                raise UsageError(f"unknown flag(s) for produce: {' '.join(rest)}")
+            return produce_cmd.run(args)
+        if args.command == "stream":
+            from finfeat.jobs import stream as stream_cmd
+
+            return stream_cmd.run(args, rest)
         return _cmd_demo(args, rest)
     except (UsageError, MappingError, SpecError, ValueError) as exc:
         print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)

@@ -82,3 +82,16 @@ def upsert_labels(path: str, table: pa.Table, *, metadata: dict[str, str]) -> in
      .when_not_matched_insert_all()
      .execute())
     return DeltaTable(path).version()
+
+
+def read_table(path: str | Path, *, columns: list[str] | None = None, filters: object = None,
+               version: int | None = None) -> pa.Table:
+    """A Delta table (or a version of it) as one Arrow table.
+
+    Reads through a single-threaded dataset scan rather than ``DeltaTable.to_pyarrow_table()``,
+    whose threaded scan can leave Arrow threads behind that abort the interpreter at exit
+    ("terminate called without an active exception", cf. delta-io/delta-rs#2184).
+    ``filters`` is a pyarrow compute expression.
+    """
+    table = DeltaTable(str(path), version=version)
+    return table.to_pyarrow_dataset().to_table(columns=columns, filter=filters, use_threads=False)

@@ -10,6 +10,8 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
+from finfeat.jobs.delta import read_table
+
 from finfeat.jobs.backfill import BackfillConfig, run_backfill
 from finfeat.schemas.mapping import Mapping
 from tests.conftest import RUNNER, SPARKOV_TEST, SPARKOV_TRAIN, TOKEN_KEY
@@ -23,7 +25,7 @@ def _cfg(warehouse: Path, start: date, end: date, inputs: list[Path] | None = No
 
 
 def _content(path: Path) -> pa.Table:
-    table = DeltaTable(str(path)).to_pyarrow_table()
+    table = read_table(str(path))
     return table.sort_by([("txn_id", "ascending")])
 
 
@@ -36,8 +38,8 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_full_range_reconciles_and_writes_every_event(full_run: tuple[Path, dict]) -> None:
     wh, report = full_run
-    features = DeltaTable(str(wh / "features")).to_pyarrow_table()
-    dead = DeltaTable(str(wh / "dead_letters")).to_pyarrow_table()
+    features = read_table(str(wh / "features"))
+    dead = read_table(str(wh / "dead_letters"))
     lines = sum(1 for _ in SPARKOV_TRAIN.open()) - 1
     assert report["rows_read"] == lines == 18_653
     assert report["rows_read"] == report["events_accepted"] + report["dead_letters"]

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
+from finfeat.jobs.delta import read_table
+
 from finfeat.jobs.backfill import BackfillConfig, run_backfill
 from finfeat.schemas.dead_letters import REASONS
 from finfeat.schemas.mapping import Mapping
@@ -143,8 +145,8 @@ def test_end_to_end_dead_letters_land_in_delta_and_reconcile(tmp_path: Path) -> 
         report = run_backfill(BackfillConfig(
             inputs=[src], mapping=Mapping.load(mapping), warehouse=wh, start=date(2019, 1, 1), end=date(2024, 12, 31),
             token_key=TOKEN_KEY, beam_args=[f"--runner={RUNNER}"], buckets=2))
-        dead = DeltaTable(str(wh / "dead_letters")).to_pyarrow_table()
-        features = DeltaTable(str(wh / "features")).to_pyarrow_table()
+        dead = read_table(str(wh / "dead_letters"))
+        features = read_table(str(wh / "features"))
         assert report["rows_read"] == len(expected)
         assert report["rows_read"] == features.num_rows + dead.num_rows, kind
         assert sorted(dead.column("reason").to_pylist()) == sorted(r for r in expected if r), kind

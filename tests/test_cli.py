@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
+from finfeat.jobs.delta import read_table
+
 from finfeat.jobs.cli import main
 from tests.conftest import RUNNER, SPARKOV_TEST
 
@@ -98,4 +100,4 @@ def test_backfill_command_succeeds_and_prints_the_summary(tmp_path: Path) -> Non
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "reconciled         yes: 5,116 = 5,116 + 0" in proc.stdout
-    assert DeltaTable(str(tmp_path / "features")).to_pyarrow_table().num_rows == 5_116
+    assert read_table(str(tmp_path / "features")).num_rows == 5_116

@@ -9,6 +9,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from finfeat.jobs.delta import read_table
+
 from finfeat.jobs.backfill import BackfillConfig, run_backfill
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.spec import FeatureSpec
@@ -53,24 +55,24 @@ def test_labels_table_feed_wins_and_merge_is_idempotent(feed: tuple[Path, dict],
     assert report["label_rows_read"] == len(chosen) + 2
     assert report["labels_accepted"] == len(chosen)
     assert report["label_dead_letters"] == 2
-    dead = DeltaTable(str(tmp_path / "dead_letters")).to_pyarrow_table().to_pylist()
+    dead = read_table(str(tmp_path / "dead_letters")).to_pylist()
     assert sorted((d["stage"], d["reason"]) for d in dead) == [("labels", "missing_field"), ("labels", "wrong_type")]
-    labels = {r["txn_id"]: r for r in DeltaTable(str(tmp_path / "labels")).to_pyarrow_table().to_pylist()}
+    labels = {r["txn_id"]: r for r in read_table(str(tmp_path / "labels")).to_pylist()}
     assert len(labels) == 5_116  # every Sparkov event carries a label
     for txn, (fraud, when) in chosen.items():
         assert labels[txn]["is_fraud"] is fraud and labels[txn]["label_time"] == when.astimezone(timezone.utc)
         assert labels[txn]["source"] != "events"
     other = next(r for t, r in labels.items() if t not in chosen)
     assert other["source"] == "events"
-    first = DeltaTable(str(tmp_path / "labels")).to_pyarrow_table().sort_by("txn_id")
+    first = read_table(str(tmp_path / "labels")).sort_by("txn_id")
     _run(tmp_path, path)
-    assert DeltaTable(str(tmp_path / "labels")).to_pyarrow_table().sort_by("txn_id").equals(first)
+    assert read_table(str(tmp_path / "labels")).sort_by("txn_id").equals(first)
 
 
 def test_fraud_rate_in_delta_uses_the_feed_label_times(feed: tuple[Path, dict], tmp_path: Path) -> None:
     path, chosen = feed
     _run(tmp_path, path)
-    features = DeltaTable(str(tmp_path / "features")).to_pyarrow_table()
+    features = read_table(str(tmp_path / "features"))
     events, _ = load_events(SPARKOV_TEST, "sparkov")
     events = events.drop_columns(["_source", "_source_row"])
     # the oracle's input: the feed's label and label time where it has one, else the event's label

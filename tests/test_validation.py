@@ -57,12 +57,17 @@ def good_path(warehouse: Path) -> str:
 
 @pytest.fixture(scope="module")
 def good(good_path: str) -> pa.Table:
-    return DeltaTable(good_path).to_pyarrow_table().sort_by([("event_time", "ascending"), ("txn_id", "ascending")])
+    return _read(good_path).sort_by([("event_time", "ascending"), ("txn_id", "ascending")])
 
 
 @pytest.fixture(scope="module")
 def baseline(good: pa.Table) -> ValidationOutcome:
     return validate_table(good, "features")
+
+
+def _read(path: str) -> pa.Table:
+    """A Delta table's rows (single-threaded scan: see jobs/validate.py on the exit-time abort)."""
+    return DeltaTable(path).to_pyarrow_dataset().to_table(use_threads=False)
 
 
 def _set(table: pa.Table, column: str, values: dict[int, object]) -> pa.Table:
@@ -145,7 +150,7 @@ def test_drop_quarantines_exactly_the_corrupted_rows(good: pa.Table, baseline: V
     q = validate_table(t, "features")            # run_id "" -> filled from the commit's metadata
     path = quarantine_path(warehouse, "features")
     version = append_quarantine(path, q.quarantined, {"finfeat.run_id": "run-2"})
-    stored = DeltaTable(path).to_pyarrow_table()
+    stored = _read(path)
     assert version == 0 and stored.num_rows == 6
     assert set(_col(stored, "run_id")) == {"run-2"}
     assert sorted(map(tuple, _col(stored, BROKEN_EXPECTATIONS))) == sorted(tuple(v) for v in expected.values())
@@ -182,6 +187,20 @@ def test_quarantine_fraction_above_the_threshold_fails(good: pa.Table) -> None:
         out.raise_for_failures()
 
 
+def test_an_expectation_that_cannot_run_fails_whatever_its_policy(good: pa.Table) -> None:
+    suite = Suite.from_dict({"name": "odd", "expectations": [
+        {"name": "currency_as_number", "policy": "drop", "type": "expect_column_values_to_be_between",
+         "kwargs": {"column": "currency", "min_value": 0}}]})
+    out = validate_table(good.slice(0, 100), suite)
+    assert out.failed_expectations == ["currency_as_number"]
+    assert out.failures[0].startswith("currency_as_number: could not be evaluated")
+    lacking = good.drop_columns(["hour_of_day"])
+    assert validate_table(lacking, "features").failed_expectations == ["feature_defined[hour_of_day]",
+                                                                        "hour_of_day_range"]
+    skipped = validate_table(lacking, "features", missing_columns="skip")
+    assert skipped.ok and skipped.summary()["skipped"] == ["feature_defined[hour_of_day]", "hour_of_day_range"]
+
+
 def _commit(path: str, table: pa.Table, quarantine: str, policy: QuarantinePolicy) -> None:
     """The commit step as the backfill does it: validate, stop on failure, then commit."""
     out = validate_table(table, "features", policy=policy, run_id="r")
@@ -199,11 +218,11 @@ def test_a_failing_run_commits_nothing(good: pa.Table, tmp_path: Path) -> None:
     too_many = _set(good, "hour_of_day", {i: 99 for i in range(0, 5_116, 10)})
     with pytest.raises(ValidationFailed, match="quarantine: 512 of 5,116"):
         _commit(path, too_many, quarantine, QuarantinePolicy(0.01))
-    assert DeltaTable(path).version() == 0 and DeltaTable(path).to_pyarrow_table().num_rows == good.num_rows
+    assert DeltaTable(path).version() == 0 and _read(path).num_rows == good.num_rows
     assert not DeltaTable.is_deltatable(quarantine)
     _commit(path, _set(good, "card_count_1h", {3: -5}), quarantine, QuarantinePolicy(0.01))
-    assert DeltaTable(path).version() == 1 and DeltaTable(path).to_pyarrow_table().num_rows == good.num_rows - 1
-    assert DeltaTable(quarantine).to_pyarrow_table().num_rows == 1
+    assert DeltaTable(path).version() == 1 and _read(path).num_rows == good.num_rows - 1
+    assert _read(quarantine).num_rows == 1
 
 
 # -- finfeat validate -----------------------------------------------------------------------------

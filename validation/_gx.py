@@ -24,8 +24,11 @@ _LOCK = threading.RLock()
 _STATE: dict[str, Any] = {}
 _SUITES: dict[str, Any] = {}
 
-#: Row numbers of every offending row per expectation, nothing else that grows with the data:
-#: no unexpected values (finfeat samples them from the table itself), no index query string.
+#: First pass over the whole suite: success or not, nothing else (the cheapest GX format).
+SCREEN_FORMAT: dict[str, Any] = {"result_format": "BOOLEAN_ONLY"}
+#: Second pass, only for the expectations the first pass found broken: counts and the row numbers
+#: of every offending row, nothing else that grows with the data (no unexpected values: finfeat
+#: samples them from the table itself; no index query string).
 RESULT_FORMAT: dict[str, Any] = {
     "result_format": "COMPLETE",
     "exclude_unexpected_values": True,
@@ -100,19 +103,28 @@ def gx_suite(suite: Any) -> Any:
         with _LOCK:
             built = _SUITES.get(key)
             if built is None:
-                built = gx().ExpectationSuite(name=suite.name)
-                for rule in suite.rules:
-                    built.add_expectation(rule.to_gx())
-                _SUITES[key] = built
+                built = _SUITES[key] = _build(suite)
     return built
 
 
-def validate_frame(frame: pd.DataFrame, suite: Any) -> Any:
-    """Validate a pandas frame (RangeIndex: row numbers) with the shared ephemeral context."""
+def validate_frame(frame: pd.DataFrame, suite: Any, *, result_format: dict[str, Any] | None = None,
+                   cache: bool = True) -> Any:
+    """Validate a pandas frame (RangeIndex: row numbers) with the shared ephemeral context.
+
+    ``cache=False`` builds the GX suite afresh (for the small, varying suites of a second pass).
+    """
     with _LOCK:
         bd = _batch_definition()
         batch = bd.get_batch(batch_parameters={"dataframe": frame})
-        return batch.validate(gx_suite(suite), result_format=dict(RESULT_FORMAT))
+        built = gx_suite(suite) if cache else _build(suite)
+        return batch.validate(built, result_format=dict(result_format or RESULT_FORMAT))
+
+
+def _build(suite: Any) -> Any:
+    built = gx().ExpectationSuite(name=suite.name)
+    for rule in suite.rules:
+        built.add_expectation(rule.to_gx())
+    return built
 
 
 def import_seconds() -> float | None:

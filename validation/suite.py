@@ -44,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finfeat.schemas.currencies import ISO_4217
+from finfeat.schemas.errors import describe
 from finfeat.schemas.events import CHANNELS
 
 Policy = Literal["warn", "drop", "fail"]
@@ -164,10 +165,7 @@ class Suite:
         try:
             spec = _SuiteSpec.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'suite'}: {err['msg']}" for err in exc.errors()
-            )
-            raise SuiteError(f"suite {origin} is invalid: {problems}") from None
+            raise SuiteError(f"suite {origin} is invalid: {describe(exc)}") from None
         rules: list[Rule] = []
         for i, entry in enumerate(spec.expectations):
             where = f"suite {origin}, expectation {entry.name!r} (entry {i})"

@@ -1,0 +1,165 @@
+"""A Kafka source for Beam's Python SDK: a splittable DoFn per topic partition.
+
+Each partition is an offset restriction ``[start, end)``; the DoFn claims offsets as it
+emits messages, stamps each with its transaction's event time, and sets the watermark to
+the largest event time seen minus the bound on out-of-orderness. Between polls it defers
+the rest of the restriction, so the runner can checkpoint it. ``stop_after_idle_s`` ends a
+partition after that long without messages (for demos, tests and catch-up runs); without it
+the source is unbounded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+_LOG = logging.getLogger(__name__)
+END_OF_TIME = (1 << 62)
+
+
+class _CheckpointOnlyTracker(OffsetRestrictionTracker):
+    """Offsets of one partition: the runner may checkpoint (split at 0) but not split the
+    open-ended remainder by fraction (a partition is read by one reader, in order)."""
+
+    def try_split(self, fraction_of_remainder: float):  # noqa: ANN201
+        if fraction_of_remainder == 0:
+            return super().try_split(0)
+        return None
+
+
+def event_time_of(value: bytes | None) -> int | None:
+    """The message's event time in µs, or None when it cannot be read (a dead letter later)."""
+    try:
+        text = json.loads(value)["event_time"]
+        dt = datetime.fromisoformat(text)
+        return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+class ReadKafkaPartitionFn(beam.DoFn, RestrictionProvider):
+    """(topic, partition) -> (partition, offset, value) stamped with event time.
+
+    The DoFn is its own restriction provider: a partition's restriction is the offsets from
+    the earliest (or latest) one on, never split.
+    """
+
+    def __init__(self, *, bootstrap: str, start: str = "earliest", bound_s: float = 5.0,
+                 stop_after_idle_s: float | None = None, poll_s: float = 0.5) -> None:
+        self._bootstrap, self._start = bootstrap, start
+        self._bound = Duration(micros=int(bound_s * 1_000_000))
+        self._idle, self._poll = stop_after_idle_s, poll_s
+        self._consumers: dict[tuple[str, int], object] = {}
+        self._last_message: dict[tuple[str, int], float] = {}
+
+    def _consumer(self, topic: str, partition: int, offset: int) -> object:
+        from confluent_kafka import Consumer, TopicPartition
+
+        key = (topic, partition)
+        if key not in self._consumers:
+            c = Consumer({"bootstrap.servers": self._bootstrap, "group.id": f"finfeat-{topic}",
+                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+            c.assign([TopicPartition(topic, partition, offset)])
+            self._consumers[key] = (c, offset)
+        c, expected = self._consumers[key]
+        if expected != offset:  # the runner resumed us elsewhere (after a retry): seek there
+            from confluent_kafka import TopicPartition
+
+            c.seek(TopicPartition(topic, partition, offset))
+        return c
+
+    def initial_restriction(self, element: tuple[str, int]) -> OffsetRange:
+        from confluent_kafka import Consumer, TopicPartition
+
+        topic, partition = element
+        consumer = Consumer({"bootstrap.servers": self._bootstrap, "group.id": "finfeat-offsets",
+                             "enable.auto.commit": False})
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        finally:
+            consumer.close()
+        return OffsetRange(low if self._start == "earliest" else high, END_OF_TIME)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return _CheckpointOnlyTracker(restriction)
+
+    def restriction_size(self, element: object, restriction: OffsetRange) -> int:
+        return 1  # one partition is one unit of work
+
+    def split(self, element: object, restriction: OffsetRange) -> Iterator[OffsetRange]:
+        yield restriction
+
+    def teardown(self) -> None:
+        for c, _ in self._consumers.values():
+            c.close()
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, element: tuple[str, int],
+                tracker=beam.DoFn.RestrictionParam(),
+                watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
+                ) -> Iterator[TimestampedValue]:
+        topic, partition = element
+        offset = tracker.current_restriction().start
+        consumer = self._consumer(topic, partition, offset)
+        messages = consumer.consume(num_messages=2000, timeout=self._poll)
+        key = (topic, partition)
+        now = time.monotonic()
+        self._last_message.setdefault(key, now)
+        newest = watermark.current_watermark()
+        for msg in messages:
+            if msg.error():
+                _LOG.warning("Kafka error on %s/%s: %s", topic, partition, msg.error())
+                continue
+            if not tracker.try_claim(msg.offset()):
+                return
+            self._last_message[key] = now
+            t = event_time_of(msg.value())
+            stamp = Timestamp(micros=t) if t is not None else (newest or Timestamp(micros=0))
+            if t is not None:
+                candidate = Timestamp(micros=t) - self._bound
+                if newest is None or candidate > newest:
+                    newest = candidate
+            yield TimestampedValue((partition, msg.offset(), msg.value()), stamp)
+            offset = msg.offset() + 1
+        self._consumers[key] = (consumer, offset)
+        if newest is not None:
+            watermark.set_watermark(newest)
+        if self._idle is not None and now - self._last_message[key] > self._idle:
+            tracker.try_claim(END_OF_TIME - 1)
+            return
+        tracker.defer_remainder(Duration(seconds=0.05))
+
+
+class ReadFromKafkaTopic(beam.PTransform):
+    """All partitions of a topic -> (partition, offset, value bytes), stamped with event time."""
+
+    def __init__(self, *, bootstrap: str, topic: str, start: str = "earliest", bound_s: float = 5.0,
+                 stop_after_idle_s: float | None = None) -> None:
+        super().__init__()
+        if start not in {"earliest", "latest"}:
+            raise ValueError("start must be 'earliest' or 'latest'")
+        self._bootstrap, self._topic, self._start = bootstrap, topic, start
+        self._bound, self._idle = bound_s, stop_after_idle_s
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        from confluent_kafka.admin import AdminClient
+
+        meta = AdminClient({"bootstrap.servers": self._bootstrap}).list_topics(self._topic, timeout=10)
+        topic = meta.topics.get(self._topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise ValueError(f"topic {self._topic!r} not found on {self._bootstrap}; create it or produce to it first")
+        partitions = sorted(topic.partitions)
+        fn = ReadKafkaPartitionFn(bootstrap=self._bootstrap, start=self._start, bound_s=self._bound,
+                                  stop_after_idle_s=self._idle)
+        return (pbegin
+                | "ListPartitions" >> beam.Create([(self._topic, p) for p in partitions])
+                | "ReadPartitions" >> beam.ParDo(fn))
