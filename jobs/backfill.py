@@ -44,6 +44,10 @@ class BackfillConfig:
     spec: FeatureSpec = field(default_factory=FeatureSpec.default)
     buckets: int = 8
     labels: list[Path] = field(default_factory=list)
+    #: expectation suite for feature rows (a built-in name or a YAML path); None skips validation
+    feature_suite: str | None = "features"
+    #: stop the run when more than this share of feature rows is quarantined
+    max_quarantine_fraction: float = 0.01
     beam_args: list[str] = field(default_factory=lambda: ["--runner=FnApiRunner"])
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
                         + uuid.uuid4().hex[:8])
@@ -113,6 +117,19 @@ class CommitRunFn(beam.DoFn):
             "finfeat.schema_version": SCHEMA_VERSION, "finfeat.spec_hash": cfg.spec.spec_hash,
             "finfeat.range": f"{cfg.start.isoformat()}..{cfg.end.isoformat()}",
         }
+        outcome = None
+        if cfg.feature_suite:
+            from finfeat.validation.validate import QuarantinePolicy, validate_table
+
+            outcome = validate_table(feature_table, cfg.feature_suite, run_id=cfg.run_id,
+                                     policy=QuarantinePolicy(cfg.max_quarantine_fraction),
+                                     missing_columns="skip")
+            if outcome.failures:
+                failed = {"run_id": cfg.run_id, "status": "failed", "failures": list(outcome.failures),
+                          "suite": cfg.feature_suite, "validation": outcome.summary()}
+                delta.write_run_report(cfg.warehouse, failed)
+                outcome.raise_for_failures()
+            feature_table = outcome.passed
         features_path = delta.table_path(cfg.warehouse, delta.FEATURES)
         dead_path = delta.table_path(cfg.warehouse, delta.DEAD_LETTERS)
         features_version = delta.overwrite_partitions(features_path, feature_table, start=cfg.start, end=cfg.end,
@@ -121,6 +138,12 @@ class CommitRunFn(beam.DoFn):
         labels_path = delta.table_path(cfg.warehouse, delta.LABELS)
         label_table = pa.concat_tables(labels) if labels else LABEL_SCHEMA.empty_table()
         labels_version = delta.upsert_labels(labels_path, label_table, metadata=metadata)
+        quarantine_version = None
+        if outcome is not None and outcome.quarantined.num_rows:
+            from finfeat.validation.quarantine import append_quarantine, quarantine_path
+
+            quarantine_version = append_quarantine(quarantine_path(cfg.warehouse, "features"), outcome.quarantined,
+                                                   metadata)
         by_reason: dict[str, int] = {}
         for stage, reason in zip(dead_table.column("stage").to_pylist(), dead_table.column("reason").to_pylist()):
             if stage != "labels":
@@ -134,9 +157,13 @@ class CommitRunFn(beam.DoFn):
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
             "events_outside_range": stats.get("events_outside_range", 0),
             "features_written": feature_table.num_rows,
+            "status": "succeeded",
+            "validation": outcome.summary() if outcome is not None else None,
             "tables": {"features": {"path": features_path, "version": features_version},
                        "dead_letters": {"path": dead_path, "version": dead_version},
-                       "labels": {"path": labels_path, "version": labels_version}},
+                       "labels": {"path": labels_path, "version": labels_version},
+                       **({"quarantine": {"path": str(Path(cfg.warehouse) / "quarantine" / "features"),
+                                          "version": quarantine_version}} if quarantine_version is not None else {})},
         }
         delta.write_run_report(cfg.warehouse, report)
         yield report
@@ -173,12 +200,28 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
     """Run the backfill to completion and return its report (also saved under ``_runs/``)."""
     for path in cfg.inputs:
         check_columns(path, cfg.mapping)
+    if cfg.feature_suite:
+        from finfeat.validation.suite import Suite
+
+        Suite.load(cfg.feature_suite)  # a broken suite fails here, before any work
     recorded_at_us = int(time.time() * 1_000_000)
     started = time.monotonic()
     options = PipelineOptions(cfg.beam_args)
-    with beam.Pipeline(options=options) as pipeline:
-        build_backfill(pipeline, cfg, recorded_at_us=recorded_at_us)
     report_path = Path(cfg.warehouse) / delta.RUNS / f"{cfg.run_id}.json"
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_backfill(pipeline, cfg, recorded_at_us=recorded_at_us)
+    except Exception:
+        # The runner wraps errors raised in workers; a failed validation left a report saying so.
+        if report_path.is_file():
+            import json
+
+            failed = json.loads(report_path.read_text())
+            if failed.get("status") == "failed":
+                from finfeat.validation.validate import ValidationFailed
+
+                raise ValidationFailed(failed["failures"], suite=failed.get("suite")) from None
+        raise
     if not report_path.is_file():
         raise RuntimeError(f"the pipeline finished without a run report at {report_path}")
     import json

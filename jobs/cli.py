@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
     bf.add_argument("--feature-spec", help="feature spec YAML (default: the built-in v1 set)")
     bf.add_argument("--buckets", type=_positive, default=8, help="key partitions per entity (default 8)")
+    bf.add_argument("--feature-suite", default="features",
+                    help="expectation suite for feature rows: built-in name or YAML (default features)")
+    bf.add_argument("--no-validate", action="store_true", help="land feature rows without running the suite")
+    bf.add_argument("--max-quarantine-fraction", type=float, default=0.01,
+                    help="fail the run when more than this share of rows is quarantined (default 0.01)")
     bf.add_argument("--labels", action="append", default=[],
                     help="a labels feed (txn_id, is_fraud, label_time) as CSV, JSON Lines or Parquet; repeatable")
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
@@ -147,6 +152,12 @@ def _print_report(report: dict[str, object]) -> None:
     lines.append(f"  reconciled         {'yes' if ok else 'NO'}: {report['rows_read']:,} = "
                  f"{report['events_accepted']:,} + {report['dead_letters']:,}")
     lines.append(f"  features written   {report['features_written']:>10,}")
+    validation = report.get("validation")
+    if validation:
+        lines.append(f"  validated          suite {validation['suite']}: {validation['quarantined']:,} quarantined, "
+                     f"{sum(validation['warnings'].values()):,} warnings "
+                     + (f"({', '.join(f'{k} {v}' for k, v in validation['warnings'].items())})"
+                        if validation['warnings'] else ""))
     for name, info in report["tables"].items():
         lines.append(f"  delta {name:<13}{info['path']}  (version {info['version']})")
     lines += [
@@ -183,6 +194,9 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
                          token_key=_token_key(args, demo=demo), spec=spec, buckets=args.buckets,
                          labels=[Path(p) for p in getattr(args, "labels", [])],
+                         feature_suite=None if getattr(args, "no_validate", False) else getattr(
+                             args, "feature_suite", "features"),
+                         max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
                          beam_args=beam_args)
     print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
           f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",
@@ -234,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, MappingError, SpecError, ValueError) as exc:
         print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from finfeat.validation.validate import ValidationFailed
+
+        if isinstance(exc, ValidationFailed):
+            print(f"finfeat {args.command}: data quality check failed, nothing was committed: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
