@@ -46,6 +46,8 @@ class BackfillConfig:
     labels: list[Path] = field(default_factory=list)
     #: expectation suite for feature rows (a built-in name or a YAML path); None skips validation
     feature_suite: str | None = "features"
+    #: expectation suite for parsed events, run per batch; None skips it
+    event_suite: str | None = "events"
     #: stop the run when more than this share of feature rows is quarantined
     max_quarantine_fraction: float = 0.01
     beam_args: list[str] = field(default_factory=lambda: ["--runner=FnApiRunner"])
@@ -96,18 +98,27 @@ class CommitRunFn(beam.DoFn):
         features = [t for kind, t in tagged if kind == "features"]
         dead = [t for kind, t in tagged if kind == "dead"]
         labels = [t for kind, t in tagged if kind == "labels"]
+        quarantined_events = [t for kind, t in tagged if kind == "quarantine"]
+        event_failures = sorted({f for kind, f in tagged if kind == "failure"})
         stats: dict[str, int] = {}
         for kind, kv in tagged:
             if kind == "stat":
                 stats[kv[0]] = stats.get(kv[0], 0) + kv[1]
         feature_table = pa.concat_tables(features).cast(schema) if features else schema.empty_table()
         dead_table = pa.concat_tables(dead).cast(DEAD_LETTER_SCHEMA) if dead else DEAD_LETTER_SCHEMA.empty_table()
+        if event_failures:
+            delta.write_run_report(cfg.warehouse, {"run_id": cfg.run_id, "status": "failed",
+                                                   "failures": event_failures, "suite": cfg.event_suite})
+            from finfeat.validation.validate import ValidationFailed
+
+            raise ValidationFailed(event_failures, suite=cfg.event_suite)
         read, accepted = stats.get("rows_read", 0), stats.get("events_accepted", 0)
+        quarantined_n = stats.get("events_quarantined", 0)
         label_dead = pa.compute.sum(pa.compute.equal(dead_table.column("stage"), "labels")).as_py() or 0
         event_dead = dead_table.num_rows - label_dead
-        if read != accepted + event_dead:
+        if read != accepted + event_dead + quarantined_n:
             raise ReconciliationError(f"rows read {read} != events accepted {accepted} + dead letters "
-                                      f"{event_dead}; nothing was committed")
+                                      f"{event_dead} + quarantined {quarantined_n}; nothing was committed")
         label_read, label_ok = stats.get("label_rows_read", 0), stats.get("labels_accepted", 0)
         if label_read != label_ok + label_dead:
             raise ReconciliationError(f"label rows read {label_read} != labels accepted {label_ok} + dead letters "
@@ -144,6 +155,11 @@ class CommitRunFn(beam.DoFn):
 
             quarantine_version = append_quarantine(quarantine_path(cfg.warehouse, "features"), outcome.quarantined,
                                                    metadata)
+        if quarantined_events:
+            from finfeat.validation.quarantine import append_quarantine, quarantine_path
+
+            append_quarantine(quarantine_path(cfg.warehouse, "events"), pa.concat_tables(quarantined_events),
+                              metadata)
         by_reason: dict[str, int] = {}
         for stage, reason in zip(dead_table.column("stage").to_pylist(), dead_table.column("reason").to_pylist()):
             if stage != "labels":
@@ -152,6 +168,7 @@ class CommitRunFn(beam.DoFn):
             **{k.removeprefix("finfeat."): v for k, v in metadata.items()},
             "inputs": [str(p) for p in cfg.inputs],
             "rows_read": read, "events_accepted": accepted, "dead_letters": event_dead,
+            "events_quarantined": quarantined_n,
             "label_rows_read": label_read, "labels_accepted": label_ok, "label_dead_letters": label_dead,
             "labels_written": label_table.num_rows,
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
@@ -183,12 +200,14 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
                                                                           recorded_at_us=recorded_at_us)))
     out = inputs | "BuildFeatures" >> BuildFeatures(
         mapping=cfg.mapping, spec=cfg.spec, token_key=cfg.token_key, run_id=cfg.run_id,
-        recorded_at_us=recorded_at_us, emit_from_us=_day_us(cfg.start),
+        recorded_at_us=recorded_at_us, emit_from_us=_day_us(cfg.start), event_suite=cfg.event_suite,
         emit_until_us=_day_us(cfg.end + timedelta(days=1)), buckets=cfg.buckets)
     stats = out["stats"] | "SumStats" >> beam.CombinePerKey(sum)
     tagged = ((out["features"] | "TagFeatures" >> beam.Map(lambda t: (0, ("features", t))),
                out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
                out["labels"] | "TagLabels" >> beam.Map(lambda t: (0, ("labels", t))),
+               out["quarantined_events"] | "TagQuarantinedEvents" >> beam.Map(lambda t: (0, ("quarantine", t))),
+               out["event_failures"] | "TagEventFailures" >> beam.Map(lambda f: (0, ("failure", f))),
                stats | "TagStats" >> beam.Map(lambda kv: (0, ("stat", kv))))
               | "FlattenForCommit" >> beam.Flatten())
     (tagged
@@ -204,6 +223,10 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
         from finfeat.validation.suite import Suite
 
         Suite.load(cfg.feature_suite)  # a broken suite fails here, before any work
+    if cfg.event_suite:
+        from finfeat.validation.suite import Suite
+
+        Suite.load(cfg.event_suite)
     recorded_at_us = int(time.time() * 1_000_000)
     started = time.monotonic()
     options = PipelineOptions(cfg.beam_args)

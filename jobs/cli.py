@@ -148,9 +148,11 @@ def _print_report(report: dict[str, object]) -> None:
         lines.append(f"  labels feed        {report['label_rows_read']:>10,} read, {report['labels_accepted']:,} accepted, "
                      f"{report['label_dead_letters']:,} dead letters")
     lines.append(f"  labels written     {report.get('labels_written', 0):>10,}")
-    ok = report["rows_read"] == report["events_accepted"] + report["dead_letters"]
+    quarantined = report.get("events_quarantined", 0)
+    ok = report["rows_read"] == report["events_accepted"] + report["dead_letters"] + quarantined
     lines.append(f"  reconciled         {'yes' if ok else 'NO'}: {report['rows_read']:,} = "
-                 f"{report['events_accepted']:,} + {report['dead_letters']:,}")
+                 f"{report['events_accepted']:,} accepted + {report['dead_letters']:,} dead letters"
+                 + (f" + {quarantined:,} quarantined" if quarantined else ""))
     lines.append(f"  features written   {report['features_written']:>10,}")
     validation = report.get("validation")
     if validation:
@@ -196,6 +198,7 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                          labels=[Path(p) for p in getattr(args, "labels", [])],
                          feature_suite=None if getattr(args, "no_validate", False) else getattr(
                              args, "feature_suite", "features"),
+                         event_suite=None if getattr(args, "no_validate", False) else "events",
                          max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
                          beam_args=beam_args)
     print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "

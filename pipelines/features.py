@@ -32,6 +32,8 @@ Keyed = Tuple[int, pa.Table]  # a bucket number and a table (Beam reads the hint
 DEAD = "dead_letters"
 STATS = "stats"
 LABELS = "labels"
+QUARANTINE = "quarantine"
+FAILURES = "failures"
 
 
 def _stat(name: str, value: int) -> pvalue.TaggedOutput:
@@ -39,10 +41,17 @@ def _stat(name: str, value: int) -> pvalue.TaggedOutput:
 
 
 class ParseBatchFn(beam.DoFn):
-    """Raw source batch -> canonical events; rows that fail go to the dead-letter output."""
+    """Raw source batch -> canonical events; rows that fail go to the dead-letter output.
 
-    def __init__(self, *, mapping: Mapping, token_key: bytes, run_id: str, recorded_at_us: int) -> None:
+    With an ``event_suite``, each parsed batch (a whole bundle, not row by row) is validated:
+    ``drop`` rows go to the ``quarantine`` output, broken ``fail`` expectations to ``failures``
+    (the committer stops the run on them before any commit).
+    """
+
+    def __init__(self, *, mapping: Mapping, token_key: bytes, run_id: str, recorded_at_us: int,
+                 event_suite: str | None = None) -> None:
         self._mapping, self._key, self._run_id, self._recorded = mapping, token_key, run_id, recorded_at_us
+        self._suite = event_suite
 
     def setup(self) -> None:
         self._tokenizer = CardTokenizer(self._key)
@@ -53,6 +62,16 @@ class ParseBatchFn(beam.DoFn):
         source, raw, unreadable = element
         events, dead = parse_batch(raw, mapping=self._mapping, tokenizer=self._tokenizer, source=source,
                                    run_id=self._run_id, recorded_at_us=self._recorded)
+        if self._suite and events.num_rows:
+            from finfeat.validation.validate import validate_table
+
+            outcome = validate_table(events, self._suite, run_id=self._run_id, missing_columns="skip")
+            for failure in outcome.failures:
+                yield pvalue.TaggedOutput(FAILURES, failure)
+            if outcome.quarantined.num_rows:
+                yield pvalue.TaggedOutput(QUARANTINE, outcome.quarantined)
+                yield _stat("events_quarantined", outcome.quarantined.num_rows)
+            events = outcome.passed
         self._parsed.inc(events.num_rows)
         self._dead.inc(dead.num_rows + unreadable.num_rows)
         yield _stat("rows_read", raw.num_rows + unreadable.num_rows)
@@ -234,7 +253,8 @@ class ComputeFeatures(beam.PTransform):
 
 class BuildFeatures(beam.PTransform):
     """Raw ``(source, batch, unreadable dead letters)`` triples (or ``{"raw": ..., "labels": ...}``
-    with a labels feed read the same way) -> ``{"features", "dead_letters", "stats", "labels"}``.
+    with a labels feed read the same way) -> ``{"features", "dead_letters", "stats", "labels",
+    "quarantined_events", "event_failures"}``.
 
     ``stats`` carries ``(name, count)`` pairs from every stage so that a run can reconcile
     ``rows read = events accepted + dead letters`` on any runner.
@@ -242,8 +262,9 @@ class BuildFeatures(beam.PTransform):
 
     def __init__(self, *, mapping: Mapping, spec: FeatureSpec, token_key: bytes, run_id: str,
                  recorded_at_us: int, emit_from_us: int | None = None, emit_until_us: int | None = None,
-                 buckets: int = 8, label_delay_us: int | None = None) -> None:
+                 buckets: int = 8, label_delay_us: int | None = None, event_suite: str | None = None) -> None:
         super().__init__()
+        self._event_suite = event_suite
         delays = [f.delay_us for f in spec.features if f.agg == "fraud_rate"]
         self._label_delay_us = label_delay_us if label_delay_us is not None else (
             max(delays) if delays else window_us(DEFAULT_LABEL_DELAY))
@@ -256,7 +277,8 @@ class BuildFeatures(beam.PTransform):
         raw, label_raw = (inputs["raw"], inputs.get("labels")) if isinstance(inputs, dict) else (inputs, None)
         parsed = raw | "ParseEvents" >> beam.ParDo(
             ParseBatchFn(mapping=self._mapping, token_key=self._key, run_id=self._run_id,
-                         recorded_at_us=self._recorded)).with_outputs(DEAD, STATS, main="events")
+                         recorded_at_us=self._recorded, event_suite=self._event_suite)).with_outputs(
+                DEAD, STATS, QUARANTINE, FAILURES, main="events")
         dedup_in: dict[str, beam.PCollection] = {"events": parsed.events}
         dead_parts = [parsed[DEAD]]
         stat_parts = [parsed[STATS]]
@@ -302,4 +324,5 @@ class BuildFeatures(beam.PTransform):
         stats = ((*stat_parts, events[STATS], features | "CountFeatures" >> beam.Map(count),
                   dead | "CountDeadLetters" >> beam.FlatMap(count_dead))
                  | "FlattenStats" >> beam.Flatten())
-        return {"features": features, "dead_letters": dead, "stats": stats, "labels": events[LABELS]}
+        return {"features": features, "dead_letters": dead, "stats": stats, "labels": events[LABELS],
+                "quarantined_events": parsed[QUARANTINE], "event_failures": parsed[FAILURES]}

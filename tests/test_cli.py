@@ -99,5 +99,5 @@ def test_backfill_command_succeeds_and_prints_the_summary(tmp_path: Path) -> Non
                            f"--runner={RUNNER}", "--direct_num_workers=1"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "reconciled         yes: 5,116 = 5,116 + 0" in proc.stdout
+    assert "reconciled         yes: 5,116 = 5,116 accepted + 0 dead letters" in proc.stdout
     assert read_table(str(tmp_path / "features")).num_rows == 5_116
