@@ -23,7 +23,12 @@ from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.buckets import split_by_bucket
 from finfeat.transforms.dedup import deduplicate
 from finfeat.transforms.labels import attach_labels, label_rows, parse_labels
-from finfeat.transforms.features import compute_calendar_features, compute_entity_features
+from finfeat.transforms.features import (
+    UNBOUNDED_AGGS,
+    compute_calendar_features,
+    compute_entity_features,
+    history_tail,
+)
 from finfeat.transforms.parse import CardTokenizer, parse_batch
 from finfeat.transforms.spec import DEFAULT_LABEL_DELAY, ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec, window_us
 
@@ -296,9 +301,18 @@ class BuildFeatures(beam.PTransform):
         emit_from, until = self._from, self._until
         delay = self._label_delay_us
 
+        unbounded = sorted({f.entity for f in self._spec.features if f.agg in UNBOUNDED_AGGS})
+
         def in_reach(table: pa.Table) -> Iterator[object]:
+            """The range plus the warm-up windows, plus each entity's newest (located) event
+            before them, which features without a window still reach."""
             yield _stat("events_accepted", table.num_rows)
-            kept = table.filter(_emit_mask(table, lo, until)).drop_columns(["_source", "_source_row"])
+            table = table.drop_columns(["_source", "_source_row"])
+            kept = table.filter(_emit_mask(table, lo, until))
+            if lo is not None and unbounded:
+                before = table.filter(pc.less(table.column("event_time").cast(pa.int64()), lo))
+                tails = np.unique(np.concatenate([history_tail(before, e) for e in unbounded]))
+                kept = pa.concat_tables([before.take(pa.array(tails, pa.int64())), kept])
             yield _stat("events_outside_range", table.num_rows - kept.num_rows)
             labelled = label_rows(kept.filter(_emit_mask(kept, emit_from, until)), delay_us=delay)
             if labelled.num_rows:

@@ -46,6 +46,22 @@ def _rows_to_events(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r[k] for k in EVENT_SCHEMA.names} for r in rows], schema=EVENT_SCHEMA)
 
 
+def _trim(rows: list[dict], oldest_us: int) -> list[dict]:
+    """History the windows can still reach (after ``oldest_us``), plus the newest event and the
+    newest located event before that: features without a window reach back to those."""
+    kept = [r for r in rows if r["event_time_us"] > oldest_us]
+    older = [r for r in rows if r["event_time_us"] <= oldest_us]
+    if older:
+        order = lambda r: (r["event_time_us"], r["txn_id"])  # noqa: E731
+        tail = {max(older, key=order)["txn_id"]: max(older, key=order)}
+        located = [r for r in older if r["merchant_lat"] is not None and r["merchant_lon"] is not None]
+        if located:
+            newest = max(located, key=order)
+            tail[newest["txn_id"]] = newest
+        kept = list(tail.values()) + kept
+    return kept
+
+
 class EntityFeaturesFn(beam.DoFn):
     """Exact features of one entity kind, emitted once the watermark has passed each event."""
 
@@ -81,7 +97,7 @@ class EntityFeaturesFn(beam.DoFn):
         waiting = list(pending.read())
         ready = [r for r in waiting if r["event_time_us"] <= cutoff]
         later = [r for r in waiting if r["event_time_us"] > cutoff]
-        kept = [r for r in history.read() if r["event_time_us"] > cutoff - self._reach]
+        kept = _trim(list(history.read()), cutoff - self._reach)
         if ready:
             table = _rows_to_events(kept + ready)
             cols = compute_entity_features(table, self._defs, self._entity)

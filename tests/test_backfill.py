@@ -108,3 +108,35 @@ def test_no_raw_card_number_name_or_street_in_any_output(full_run: tuple[Path, d
     leaked = [s for s in secrets if s and s in text]
     assert leaked == []
     assert "tok_" in text  # tokens are there instead (sanity check that files were read)
+
+
+def test_a_card_idle_longer_than_every_window_keeps_its_last_event(tmp_path: Path) -> None:
+    """seconds_since_last and geo velocity have no window: a one-day backfill must still see the
+    card's last (located) event from long before the warm-up."""
+    import json
+
+    rows = []
+    for i, (day, lat) in enumerate([(1, 40.0), (2, None), (50, 41.0), (50.5, 42.0)]):
+        rows.append({"txn_id": f"t{i}", "card_number": "4000123412341234", "merchant_id": f"m{i}",
+                     "merchant_category": "grocery", "amount_minor": 1000 + i, "currency": "USD",
+                     "event_time": f"2024-{1 + int(day) // 31:02d}-{1 + int(day) % 31:02d}T{int(day % 1 * 24):02d}:00:00Z",
+                     "channel": "pos", "card_lat": 40.0, "card_lon": -73.0, "merchant_lat": lat,
+                     "merchant_lon": -73.0 if lat is not None else None, "is_fraud": False})
+    src = tmp_path / "idle.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    days = sorted({r["event_time"][:10] for r in rows})
+
+    def run(wh: Path, start: str, end: str) -> pa.Table:
+        run_backfill(BackfillConfig(inputs=[src], mapping=Mapping.load("generated"), warehouse=wh,
+                                    start=date.fromisoformat(start), end=date.fromisoformat(end),
+                                    token_key=TOKEN_KEY, beam_args=ARGS, buckets=2))
+        return _content(wh / "features")
+
+    full = run(tmp_path / "full", days[0], days[-1])
+    late_day = days[-1]
+    alone = run(tmp_path / "alone", late_day, late_day)
+    want = full.filter(pc.equal(full.column("event_date"), pa.scalar(date.fromisoformat(late_day), pa.date32())))
+    assert alone.equals(want)
+    first_late = alone.to_pylist()[0]
+    assert first_late["card_seconds_since_last"] is not None and first_late["card_seconds_since_last"] > 30 * 86400
+    assert first_late["card_geo_velocity_kmh"] is not None

@@ -65,3 +65,17 @@ def test_hand_built_ties_are_ordered_by_txn_id() -> None:
     assert out["card_geo_velocity_kmh"] == [None, None, None]
     assert out["card_std_amount_30d"][:2] == [None, None]
     assert out["card_std_amount_30d"][2] == pytest.approx(np.std([300, 100], ddof=1))
+
+
+def test_a_row_elsewhere_never_changes_a_features_last_bit(sparkov_events: pa.Table) -> None:
+    """The same window gives bit-identical floats whatever else the table holds (batch partitions,
+    streaming state and online lookups hold different neighbours)."""
+    from finfeat.schemas.events import TransactionEvent, events_to_table
+
+    base = sparkov_events.slice(0, 3000)
+    huge = events_to_table([TransactionEvent("zz-huge", "other-card", "m", None, 10**12, "USD",
+                                             1_546_300_800_000_000, "pos")])
+    alone = compute_features(base, SPEC)
+    beside = compute_features(pa.concat_tables([base, huge.cast(base.schema)]), SPEC).slice(0, base.num_rows)
+    for name in ("card_std_amount_30d", "card_amount_zscore_30d", "card_avg_amount_30d"):
+        assert alone.column(name).equals(beside.column(name)), name

@@ -247,11 +247,16 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -
         s1, s2, k = p[i[rows]] - p[lo[rows]], q[i[rows]] - q[lo[rows]], count[rows]
         if s2.dtype != object and (k.astype(np.float64) * s2.astype(np.float64)).max(initial=0) < 2.0**62:
             numerator = k * s2 - s1 * s1  # exact in int64
-            ratio = numerator.astype(np.float64) / (k * (k - 1)).astype(np.float64)
+            denominator = k * (k - 1)
+            # float division of two exactly representable integers is correctly rounded, like
+            # Python's int / int below; beyond 2**53 only the latter is, so those rows take it.
+            ratio = numerator.astype(np.float64) / denominator.astype(np.float64)
+            big = np.flatnonzero((np.abs(numerator) >= 2**53) | (denominator >= 2**53))
+            ratio[big] = [int(a) / int(b) for a, b in zip(numerator[big], denominator[big])]
         else:
             s1, s2, k = s1.astype(object), s2.astype(object), k.astype(object)
             numerator = k * s2 - s1 * s1
-            ratio = np.array([float(a / b) for a, b in zip(numerator, k * (k - 1))], dtype=np.float64)
+            ratio = np.array([a / b for a, b in zip(numerator, k * (k - 1))], dtype=np.float64)
         varies[rows[numerator == 0]] = False
         std = np.zeros(n)
         std[rows] = np.sqrt(ratio)
@@ -327,6 +332,32 @@ def _fraud_rate(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndar
     frauds = np.cumsum(diff)[: frame.n]
     rate = frauds / np.maximum(count, 1)
     return rate, count > 0
+
+
+def history_tail(table: pa.Table, entity: str) -> np.ndarray:
+    """Row indices of each entity's newest event and newest located event (merchant coordinates).
+
+    Features without a window (seconds since the last event, geo velocity) reach back to these
+    however old they are, so a job that trims history to the windows keeps them too.
+    """
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    frame = _EntityFrame(table, entity)
+    last = np.ones(frame.n, dtype=bool)
+    last[:-1] = frame.group[1:] != frame.group[:-1]
+    lat = frame.table.column("merchant_lat").take(frame.order).is_valid().to_numpy(zero_copy_only=False)
+    lon = frame.table.column("merchant_lon").take(frame.order).is_valid().to_numpy(zero_copy_only=False)
+    located = np.flatnonzero(lat & lon)
+    if located.size:
+        g = frame.group[located]
+        last_located = located[np.append(g[1:] != g[:-1], True)]
+    else:
+        last_located = located
+    keep = np.union1d(np.flatnonzero(last), last_located)
+    return np.sort(frame.order[keep])
+
+
+UNBOUNDED_AGGS = frozenset({"seconds_since_last", "geo_velocity"})
 
 
 def compute_entity_features(
