@@ -10,14 +10,16 @@ from __future__ import annotations
 from setuptools import setup
 
 _SUBPACKAGES = ("schemas", "transforms", "pipelines", "validation", "jobs")
+_JOB_PACKAGES = ("online", "kafka", "spark")
 
 setup(
     name="finfeat",
     version="0.1.0",
     description="Point-in-time ML features for card fraud and credit risk, batch and streaming on Apache Beam",
     python_requires=">=3.11,<3.12",
-    packages=["finfeat", *(f"finfeat.{name}" for name in _SUBPACKAGES)],
-    package_dir={"finfeat": "finfeat", **{f"finfeat.{name}": name for name in _SUBPACKAGES}},
+    packages=["finfeat", *(f"finfeat.{name}" for name in _SUBPACKAGES), *(f"finfeat.jobs.{n}" for n in _JOB_PACKAGES)],
+    package_dir={"finfeat": "finfeat", **{f"finfeat.{name}": name for name in _SUBPACKAGES},
+                 **{f"finfeat.jobs.{n}": f"jobs/{n}" for n in _JOB_PACKAGES}},
     package_data={"finfeat.jobs": ["mappings/*.yaml"], "finfeat.validation": ["suites/*.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
@@ -32,6 +34,11 @@ setup(
     ],
     extras_require={
         "online": ["redis==8.1.0"],
+        # finfeat training-set --engine spark, finfeat maintain --engine spark; the Delta jars come from
+        # `bash jobs/spark/fetch_jars.sh` (Maven), never from Ivy at run time.
+        "spark": ["pyspark==4.2.0", "delta-spark==4.4.1"],
+        # finfeat train / score (training-set's local engine needs duckdb too).
+        "train": ["xgboost>=3,<4", "scikit-learn>=1.9,<2", "matplotlib>=3.11,<4", "duckdb>=1.1"],
         "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0"],
     },
     entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},

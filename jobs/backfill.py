@@ -20,6 +20,7 @@ from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import feature_schema
+from finfeat.schemas.events import EVENT_SCHEMA
 from finfeat.schemas.labels import LABEL_SCHEMA
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.parse import CardTokenizer
@@ -50,6 +51,9 @@ class BackfillConfig:
     event_suite: str | None = "events"
     #: stop the run when more than this share of feature rows is quarantined
     max_quarantine_fraction: float = 0.01
+    #: also materialize the latest state per card and merchant into this online store
+    #: (``sqlite:PATH`` or ``redis://HOST:PORT/DB``), after the Delta commits
+    online_store: str | None = None
     beam_args: list[str] = field(default_factory=lambda: ["--runner=FnApiRunner"])
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
                         + uuid.uuid4().hex[:8])
@@ -99,6 +103,7 @@ class CommitRunFn(beam.DoFn):
         dead = [t for kind, t in tagged if kind == "dead"]
         labels = [t for kind, t in tagged if kind == "labels"]
         quarantined_events = [t for kind, t in tagged if kind == "quarantine"]
+        events = [t for kind, t in tagged if kind == "events"]
         event_failures = sorted({f for kind, f in tagged if kind == "failure"})
         stats: dict[str, int] = {}
         for kind, kv in tagged:
@@ -160,6 +165,19 @@ class CommitRunFn(beam.DoFn):
 
             append_quarantine(quarantine_path(cfg.warehouse, "events"), pa.concat_tables(quarantined_events),
                               metadata)
+        online = None
+        if cfg.online_store:
+            from finfeat.jobs.online import open_store
+            from finfeat.jobs.online.materialize import materialize
+
+            store = open_store(cfg.online_store, cfg.spec)
+            try:
+                written = materialize(store, pa.concat_tables(events) if events else EVENT_SCHEMA.empty_table(),
+                                      cfg.spec)
+            finally:
+                store.close()
+            online = {"store": cfg.online_store, **{k: v for k, v in vars(written).items()
+                                                    if isinstance(v, (int, float, str))}}
         by_reason: dict[str, int] = {}
         for stage, reason in zip(dead_table.column("stage").to_pylist(), dead_table.column("reason").to_pylist()):
             if stage != "labels":
@@ -175,6 +193,7 @@ class CommitRunFn(beam.DoFn):
             "events_outside_range": stats.get("events_outside_range", 0),
             "features_written": feature_table.num_rows,
             "status": "succeeded",
+            "online_store": online,
             "validation": outcome.summary() if outcome is not None else None,
             "tables": {"features": {"path": features_path, "version": features_version},
                        "dead_letters": {"path": dead_path, "version": dead_version},
@@ -206,6 +225,7 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
     tagged = ((out["features"] | "TagFeatures" >> beam.Map(lambda t: (0, ("features", t))),
                out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
                out["labels"] | "TagLabels" >> beam.Map(lambda t: (0, ("labels", t))),
+               *([out["events"] | "TagEvents" >> beam.Map(lambda t: (0, ("events", t)))] if cfg.online_store else []),
                out["quarantined_events"] | "TagQuarantinedEvents" >> beam.Map(lambda t: (0, ("quarantine", t))),
                out["event_failures"] | "TagEventFailures" >> beam.Map(lambda f: (0, ("failure", f))),
                stats | "TagStats" >> beam.Map(lambda kv: (0, ("stat", kv))))

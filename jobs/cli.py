@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--no-validate", action="store_true", help="land feature rows without running the suite")
     bf.add_argument("--max-quarantine-fraction", type=float, default=0.01,
                     help="fail the run when more than this share of rows is quarantined (default 0.01)")
+    bf.add_argument("--online-store", help="also materialize card and merchant state into sqlite:PATH or "
+                                           "redis://HOST:PORT/DB")
     bf.add_argument("--labels", action="append", default=[],
                     help="a labels feed (txn_id, is_fraud, label_time) as CSV, JSON Lines or Parquet; repeatable")
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
@@ -122,8 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     from finfeat.jobs import produce as produce_cmd
     from finfeat.jobs import stream as stream_cmd
 
+    from finfeat.jobs import serve_lookup as serve_lookup_cmd
+    from finfeat.jobs import validate as validate_cmd
+
     produce_cmd.add_parser(sub)
     stream_cmd.add_parser(sub)
+    serve_lookup_cmd.add_parser(sub)
+    validate_cmd.add_parser(sub)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled public data",
                           allow_abbrev=False)
@@ -154,6 +161,8 @@ def _print_report(report: dict[str, object]) -> None:
                  f"{report['events_accepted']:,} accepted + {report['dead_letters']:,} dead letters"
                  + (f" + {quarantined:,} quarantined" if quarantined else ""))
     lines.append(f"  features written   {report['features_written']:>10,}")
+    if report.get("online_store"):
+        lines.append(f"  online store       {report['online_store']['store']}  (state materialized)")
     validation = report.get("validation")
     if validation:
         lines.append(f"  validated          suite {validation['suite']}: {validation['quarantined']:,} quarantined, "
@@ -200,6 +209,7 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                              args, "feature_suite", "features"),
                          event_suite=None if getattr(args, "no_validate", False) else "events",
                          max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
+                         online_store=getattr(args, "online_store", None),
                          beam_args=beam_args)
     print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
           f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",
@@ -243,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise UsageError(f"unknown flag(s) for produce: {' '.join(rest)}")
             return produce_cmd.run(args)
+        if args.command in {"serve-lookup", "validate"}:
+            if rest:
+                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
+            from finfeat.jobs import serve_lookup as serve_lookup_cmd
+            from finfeat.jobs import validate as validate_cmd
+
+            return (serve_lookup_cmd if args.command == "serve-lookup" else validate_cmd).run(args)
         if args.command == "stream":
             from finfeat.jobs import stream as stream_cmd
 

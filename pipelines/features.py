@@ -339,4 +339,5 @@ class BuildFeatures(beam.PTransform):
                   dead | "CountDeadLetters" >> beam.FlatMap(count_dead))
                  | "FlattenStats" >> beam.Flatten())
         return {"features": features, "dead_letters": dead, "stats": stats, "labels": events[LABELS],
+                "events": events.events,
                 "quarantined_events": parsed[QUARANTINE], "event_failures": parsed[FAILURES]}

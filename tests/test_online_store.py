@@ -117,6 +117,22 @@ def replay_and_compare(store: OnlineStore, spec: FeatureSpec, events: pa.Table,
     return checked
 
 
+def batch_row(events: pa.Table, spec: FeatureSpec, c: Candidate) -> dict[str, object]:
+    """What the backfill computes for the candidate had it been one more event: compute_features
+    over the events plus the candidate's row. Only rows of the candidate's card or merchant can
+    reach its windows (each entity's features read that entity's rows), so the others are left
+    out to keep the test fast."""
+    mine = events.filter(pc.or_(pc.equal(events.column("card_token"), c.card_token),
+                                pc.equal(events.column("merchant_id"), c.merchant_id)))
+    row = events_to_table([TransactionEvent(
+        txn_id=c.txn_id, card_token=c.card_token, merchant_id=c.merchant_id, merchant_category=None,
+        amount_minor=c.amount_minor, currency="USD", event_time_us=c.at_us, channel="pos",
+        merchant_lat=c.merchant_lat, merchant_lon=c.merchant_lon)])
+    out = compute_features(pa.concat_tables([mine, row]), spec).slice(mine.num_rows).to_pylist()[0]
+    out.pop("txn_id")
+    return out
+
+
 def _by_txn(features: pa.Table, spec: FeatureSpec) -> dict[str, dict[str, object]]:
     cols = features.select(["txn_id", *spec.names]).to_pylist()
     return {r.pop("txn_id"): r for r in cols}
@@ -134,7 +150,9 @@ def delta_features(tmp_path_factory: pytest.TempPathFactory, sparkov_test_events
                          beam_args=[f"--runner={RUNNER}"], buckets=2)
     report = run_backfill(cfg)
     table = DeltaTable(str(wh / "features")).to_pyarrow_table()
-    assert report["features_written"] == table.num_rows == sparkov_test_events.num_rows
+    assert report["features_written"] == table.num_rows
+    # rows a validation suite quarantines are not in the table (the policy allows at most 1 %)
+    assert table.num_rows >= 0.99 * sparkov_test_events.num_rows
     return table
 
 
@@ -144,6 +162,10 @@ def test_retention_follows_the_spec() -> None:
     assert r["card"].fields == ("merchant_id", "amount_minor", "merchant_lat", "merchant_lon")
     assert r["merchant"].fields == ()
     assert retention_for(SHORT_SPEC)["merchant"].reach_us == 3_600_000_000
+    labelled = FeatureSpec.from_dict({"features": [{"entity": "card", "agg": "count", "window": "1h"},
+                                                   {"entity": "merchant", "agg": "fraud_rate", "window": "7d"}]})
+    with pytest.raises(ValueError, match="label-aware features yet .merchant_fraud_rate_7d"):
+        retention_for(labelled)
 
 
 # ------------------------------------------------------------------ train/serve consistency
@@ -151,10 +173,13 @@ def test_retention_follows_the_spec() -> None:
 
 def test_online_equals_delta_row_for_every_replayed_transaction(make_store, sparkov_test_events: pa.Table,
                                                                 delta_features: pa.Table) -> None:
-    """All 5,116 transactions: the lookup just before each is written == its Delta row."""
-    expected = _by_txn(delta_features, SPEC)
+    """All 5,116 transactions: the lookup just before each is written == its Delta row (and
+    == compute_features over all events, for any row a validation suite kept out of Delta)."""
+    delta_rows = _by_txn(delta_features, SPEC)
+    batch_rows = _by_txn(compute_features(sparkov_test_events, SPEC), SPEC)
     # the backfill wrote what compute_features computes over all events (oracle-tested elsewhere)
-    assert expected == _by_txn(compute_features(sparkov_test_events, SPEC), SPEC)
+    assert all(batch_rows[txn] == row for txn, row in delta_rows.items())
+    expected = {**batch_rows, **delta_rows}
     store = make_store(SPEC)
     assert replay_and_compare(store, SPEC, sparkov_test_events, expected) == 5_116
     # and the replayed state is the materialized state
@@ -165,14 +190,15 @@ def test_online_equals_delta_row_for_every_replayed_transaction(make_store, spar
 
 def test_online_equals_batch_with_pruned_state(make_store, sparkov_test_events: pa.Table) -> None:
     """Short windows (minutes to hours) over 31 hours: states prune, the newest and newest
-    located events beyond the reach are what seconds_since_last and geo velocity need."""
-    events = with_unlocated(sparkov_test_events)
+    located events beyond the reach are what seconds_since_last and geo velocity need. The
+    first 3,000 transactions (about 17 hours) keep the test fast; pruning starts after 3."""
+    events = with_unlocated(sparkov_test_events).slice(0, 3_000)
     expected = _by_txn(compute_features(events, SHORT_SPEC), SHORT_SPEC)
     store = make_store(SHORT_SPEC)
-    assert replay_and_compare(store, SHORT_SPEC, events, expected) == 5_116
+    assert replay_and_compare(store, SHORT_SPEC, events, expected) == 3_000
     states = store.snapshot()
     reach = retention_for(SHORT_SPEC)
-    assert sum(s.pruned_max_us is not None for s in states.values()) > 500
+    assert sum(s.pruned_max_us is not None for s in states.values()) > 300
     beyond = [s for s in states.values() if s.entity == "card"
               and any(e.time_us <= s.as_of_us - reach["card"].reach_us for e in s.events)]
     assert any(any(e.located for e in s.events if e.time_us <= s.as_of_us - reach["card"].reach_us)
@@ -206,14 +232,9 @@ def test_new_candidates_equal_batch_rows(make_store, sparkov_test_events: pa.Tab
     results = lookup_many(store, SPEC, cands)
     for c, res in zip(cands[:15], results[:15]):
         assert lookup(store, SPEC, c) == res
+    assert all(c.txn_id == CANDIDATE_TXN_ID for c in cands)
     for c, res in zip(cands, results):
-        row = events_to_table([TransactionEvent(
-            txn_id=CANDIDATE_TXN_ID, card_token=c.card_token, merchant_id=c.merchant_id, merchant_category=None,
-            amount_minor=c.amount_minor, currency="USD", event_time_us=c.at_us, channel="pos",
-            merchant_lat=c.merchant_lat, merchant_lon=c.merchant_lon)])
-        batch = compute_features(pa.concat_tables([events, row]), SPEC).slice(events.num_rows).to_pylist()[0]
-        batch.pop("txn_id")
-        assert res.features == batch, c
+        assert res.features == batch_row(events, SPEC, c), c
 
 
 def test_candidate_older_than_pruned_state_is_refused_not_guessed(make_store,
@@ -236,12 +257,7 @@ def test_candidate_older_than_pruned_state_is_refused_not_guessed(make_store,
             assert exc.at_us == at and exc.as_of_us > at
             refused += 1
             continue
-        row = events_to_table([TransactionEvent(CANDIDATE_TXN_ID, c.card_token, c.merchant_id, None, 1234, "USD",
-                                                at, "pos", merchant_lat=40.0, merchant_lon=-75.0)])
-        batch = compute_features(pa.concat_tables([events, row]), SHORT_SPEC).slice(events.num_rows)
-        want = batch.to_pylist()[0]
-        want.pop("txn_id")
-        assert res.features == want
+        assert res.features == batch_row(events, SHORT_SPEC, c)
         exact += 1
     assert exact > 10 and refused > 10, (exact, refused)
 
@@ -308,12 +324,13 @@ def test_shuffled_repeated_and_reversed_writes_end_in_the_in_order_state(make_st
 
     rng = np.random.default_rng(11)
     shuffled = make_store(SHORT_SPEC)
-    order = np.concatenate([rng.permutation(n), rng.permutation(n)])  # every event twice, any order
+    again = rng.permutation(n)[: n // 3]
+    order = np.concatenate([rng.permutation(n), again])  # any order; a third of the events twice
     watched = list(expected)[::40]
     last = {k: -1 for k in watched}
     pos = 0
     while pos < len(order):
-        size = int(rng.integers(1, 400))
+        size = int(rng.integers(1, 20) if rng.random() < 0.3 else rng.integers(200, 1000))
         shuffled.write(events.take(pa.array(order[pos:pos + size])))
         pos += size
         for k, got in zip(watched, shuffled.read_states(watched)):
@@ -323,8 +340,8 @@ def test_shuffled_repeated_and_reversed_writes_end_in_the_in_order_state(make_st
     assert _canonical(shuffled) == expected
 
     reversed_store = make_store(SHORT_SPEC)
-    for end in range(n, 0, -700):
-        reversed_store.write(events.slice(max(0, end - 700), min(700, end)))
+    for end in range(n, 0, -2000):   # newest first
+        reversed_store.write(events.slice(max(0, end - 2000), min(2000, end)))
     assert _canonical(reversed_store) == expected
 
     materialized = make_store(SHORT_SPEC)
@@ -434,10 +451,11 @@ def test_missing_and_expired_keys_are_typed_never_stale(make_store) -> None:
     assert [e.txn_id for e in state.events] == ["a2"] and state.as_of_us == t
 
     # a real TTL running out on the store's own clock
-    short = make_store(SPEC, ttl_s=0.3)
+    short = make_store(SPEC, ttl_s=1.5)
+    written = time.monotonic()
     short.write([_ev("z1", "c-short", t, merchant="m-short")])
     assert short.read_state("card", "c-short").as_of_us == t
-    time.sleep(0.45)
+    time.sleep(max(0.0, written + 1.7 - time.monotonic()))
     with pytest.raises(KeyNotFound):
         short.read_state("card", "c-short")
 
@@ -514,8 +532,12 @@ def test_redis_down_mid_materialize_leaves_whole_batches_only(tmp_path: Path, sp
         assert time.monotonic() - started < 10
         with pytest.raises(StoreUnavailable):   # still frozen: lookups fail loudly too
             lookup(store, SPEC, Candidate(events.column("card_token")[0].as_py(), "m", 1, 0))
+        store.close()
         server.resume()
         fresh = RedisOnlineStore(server.url, SPEC)
+        deadline = time.monotonic() + 10   # let the server finish whatever it had received, then look
+        while fresh._client.info("clients")["connected_clients"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         state = _canonical(fresh)
         assert state in refs
         for (kind, key), (asof, _, kept) in state.items():
@@ -526,7 +548,6 @@ def test_redis_down_mid_materialize_leaves_whole_batches_only(tmp_path: Path, sp
         materialize(full, events, SPEC)
         assert _canonical(fresh) == _canonical(full)
         fresh.close()
-        store.close()
 
 
 def test_redis_killed_gives_clear_errors_and_cli_exit_4(tmp_path: Path, sparkov_test_events: pa.Table,

@@ -21,9 +21,17 @@ lookup whether it can still be exact for a candidate older than the state (see
 :meth:`EntityState.exact_for`).
 
 Writes are monotonic: ``asof`` only moves forward, an event is inserted once per txn id (a
-re-write is a no-op), and an older event never displaces a newer one. Keys expire after
-``ttl_s`` of write inactivity (wall clock); an expired key reads as absent, never as stale
-data, and the next write starts it afresh.
+re-write is a no-op; the first copy written wins, so feed deduplicated events, as the
+backfill and the stream produce), and an older event never displaces a newer one.
+
+Keys expire ``ttl_s`` after their last write, on the writer's wall clock (``now_us`` + TTL,
+never shortened by a later write); an expired key reads as absent (:class:`KeyNotFound`, or
+:class:`KeyExpired` where the backend still knows), never as stale data, and the next write
+starts it afresh. Choose the TTL longer than the longest window: a key idle for longer then
+holds nothing any window could reach, and only ``seconds_since_last`` / geo velocity of its
+next transaction lose their anchor, which the lookup reports as a missing key, not as a guess.
+Materializing history (e.g. the 2019 demo data) keeps it for ``ttl_s`` from the moment it is
+materialized.
 """
 from __future__ import annotations
 
@@ -145,9 +153,13 @@ class Retention:
 def retention_for(spec: FeatureSpec) -> dict[str, Retention]:
     """Per entity kind of ``spec``: the reach (longest window) and the fields to store."""
     out: dict[str, Retention] = {}
+    label_aware = sorted(d.name for d in spec.features if d.agg == "fraud_rate")
+    if label_aware:
+        raise ValueError(f"the online store does not serve label-aware features yet ({', '.join(label_aware)}): "
+                         "their labels arrive after the event and need a label write path; use a spec without them")
     for entity in spec.entities:
         defs = spec.for_entity(entity)
-        reach = max((d.window_us or 0) for d in defs)
+        reach = max(d.reach_us for d in defs)  # window (plus label delay, for features that have one)
         needed: set[str] = set()
         for d in defs:
             if d.field and FIELD_COLUMNS[d.field] != ENTITY_COLUMNS[entity]:
@@ -363,6 +375,9 @@ class OnlineStore(ABC):
         updates = [u for u in updates if u.events]
         if not updates:
             return WriteStats()
+        for u in updates:  # NUL separates fields in the Redis read path; no real id contains it
+            if "\0" in u.key or any("\0" in e.txn_id for e in u.events):
+                raise ValueError(f"{u.entity} {u.key!r}: ids must not contain NUL characters")
         now = wall_clock_us() if now_us is None else now_us
         self._apply(updates, expire_at_us=now + self.ttl_us, now_us=now)
         return WriteStats(updates=len(updates), events=sum(len(u.events) for u in updates), batches=1)

@@ -35,6 +35,7 @@ from finfeat.jobs.online.base import (
     MissingState,
     OnlineStore,
     Retention,
+    retention_for,
     wall_clock_us,
 )
 from finfeat.schemas.events import EVENT_TIME_TYPE
@@ -79,7 +80,8 @@ class LookupResult:
     * ``as_of_us``: the newest event time in the card's state (the spec's first entity kind);
       None when that state is missing and ``on_missing="empty"`` was asked for;
     * ``age_s``: ``(at - as_of) / 1e6``, how long before the candidate that state was last moved
-      by an event (a card idle for a week shows a week);
+      by an event (a card idle for a week shows a week; negative when the state already holds
+      events after the candidate, which the lookup only allows while it is still exact);
     * ``entity_as_of_us``: the as-of time of every entity kind's state (None where missing);
     * ``missing``: entity kind -> ``"not_found"`` / ``"expired"`` for states that were absent and
       computed as empty history (only with ``on_missing="empty"``; empty otherwise).
@@ -94,6 +96,16 @@ class LookupResult:
 
 
 OnMissing = Literal["raise", "empty"]
+
+
+_RETENTION_BY_SPEC: dict[str, dict[str, Retention]] = {}
+
+
+def _retention(spec: FeatureSpec) -> dict[str, Retention]:
+    got = _RETENTION_BY_SPEC.get(spec.spec_hash)
+    if got is None:
+        got = _RETENTION_BY_SPEC[spec.spec_hash] = retention_for(spec)
+    return got
 
 
 def _entity_key(c: Candidate, r: Retention) -> str:
@@ -121,8 +133,9 @@ def lookup_many(store: OnlineStore, spec: FeatureSpec, candidates: Sequence[Cand
     if on_missing not in ("raise", "empty"):
         raise ValueError("on_missing must be 'raise' or 'empty'")
     retention = store.retention
-    if set(retention) != set(spec.entities):
-        raise ValueError(f"the store keeps {sorted(retention)} but the spec has entities {sorted(spec.entities)}")
+    if _retention(spec) != retention:
+        raise ValueError(f"the store was opened for another feature spec (it keeps {retention}); "
+                         f"open it with the spec you look up with")
     if not candidates:
         return []
     now = wall_clock_us() if now_us is None else now_us
@@ -140,17 +153,19 @@ def lookup_many(store: OnlineStore, spec: FeatureSpec, candidates: Sequence[Cand
                 raise CandidateBeforeState(e, s.key, c.at_us, s.as_of_us, s.pruned_max_us)
         per.append(got)
 
-    columns: dict[str, list[Any]] = {}
+    rows: list[dict[str, Any]] = [{} for _ in candidates]
     for e in entities:
         cols, positions = _entity_table(retention[e], candidates, [p[e] for p in per])
-        table = pa.table(cols)
-        computed = compute_entity_features(table, spec.for_entity(e), e)
-        take = pa.array(positions, pa.int64())
-        for name, arr in computed.items():
-            columns[name] = arr.take(take).to_pylist()
+        computed = compute_entity_features(pa.table(cols), spec.for_entity(e), e)
+        if computed:
+            picked = pa.table(computed).take(pa.array(positions, pa.int64())).to_pylist()
+            for row, got in zip(rows, picked):
+                row.update(got)
     at = pa.table({"event_time": pa.array([c.at_us for c in candidates], pa.int64()).cast(EVENT_TIME_TYPE)})
-    for name, arr in compute_calendar_features(at, spec.for_entity("event")).items():
-        columns[name] = arr.to_pylist()
+    calendar = compute_calendar_features(at, spec.for_entity("event"))
+    if calendar:
+        for row, got in zip(rows, pa.table(calendar).to_pylist()):
+            row.update(got)
 
     anchor = entities[0] if entities else None
     out = []
@@ -159,7 +174,7 @@ def lookup_many(store: OnlineStore, spec: FeatureSpec, candidates: Sequence[Cand
         missing = {e: s.reason for e, s in per[i].items() if isinstance(s, MissingState)}
         as_of = as_ofs.get(anchor) if anchor else None
         out.append(LookupResult(
-            features={name: columns[name][i] for name in spec.names},
+            features={name: rows[i][name] for name in spec.names},
             as_of_us=as_of, age_s=None if as_of is None else (c.at_us - as_of) / 1e6, at_us=c.at_us,
             entity_as_of_us=as_ofs, missing=missing))
     return out

@@ -115,6 +115,18 @@ return inserted
 """
 
 
+# Reads: every entity's HASH flattened into one string (fields and values joined by NUL) so the
+# client parses one bulk string per entity instead of two RESP items per stored event.
+_READ_LUA = r"""#!lua flags=no-writes
+local out = {}
+for i = 1, #KEYS do
+  out[i] = table.concat(redis.call('HGETALL', KEYS[i]), '\0')
+end
+return out
+"""
+_READ_CHUNK = 1_000
+
+
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -140,8 +152,9 @@ class RedisOnlineStore(OnlineStore):
         self._client = redis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)), retry_on_timeout=False,
-            health_check_interval=0)
+            health_check_interval=0, protocol=2)
         self._script = self._client.register_script(_WRITE_LUA)
+        self._read_script = self._client.register_script(_READ_LUA)
         self._meta_ok = False
 
     @property
@@ -201,30 +214,37 @@ class RedisOnlineStore(OnlineStore):
     # -- reads ------------------------------------------------------------------------------
 
     def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
+        raw: list[bytes] = []
         try:
             self._ensure_meta(write=False)
-            pipe = self._client.pipeline(transaction=False)
-            for kind, key in keys:
-                pipe.hgetall(self._keys(kind, key)[0])
-            raw = pipe.execute()
+            for start in range(0, len(keys), _READ_CHUNK):
+                chunk = keys[start:start + _READ_CHUNK]
+                raw += self._read_script(keys=[self._keys(kind, key)[0] for kind, key in chunk])
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise self._unavailable(exc) from exc
-        return [self._decode(kind, key, h) for (kind, key), h in zip(keys, raw)]
+        except redis.ResponseError as exc:
+            raise OnlineStoreError(f"{self.location}: read failed: {exc}") from exc
+        return [self._decode(kind, key, blob) for (kind, key), blob in zip(keys, raw)]
 
     @staticmethod
-    def _decode(kind: str, key: str, h: dict[bytes, bytes]) -> EntityState | MissingState:
-        if not h or b"asof" not in h:
+    def _decode(kind: str, key: str, blob: bytes) -> EntityState | MissingState:
+        if not blob:
             return MissingState(kind, key)
+        parts = blob.decode().split("\0")
+        asof = pmax = None
         events = []
-        for f, v in h.items():
-            if f[:1] != b"#":
-                continue
-            s = v.decode()
-            bar = s.index("|", 1)
-            events.append(StoredEvent.from_payload(f[1:].decode(), int(s[1:bar]), s[0] == "1", s[bar + 1:]))
+        for f, v in zip(parts[::2], parts[1::2]):
+            if f[:1] == "#":
+                bar = v.index("|", 1)
+                events.append(StoredEvent.from_payload(f[1:], int(v[1:bar]), v[0] == "1", v[bar + 1:]))
+            elif f == "asof":
+                asof = int(v)
+            elif f == "pmax":
+                pmax = int(v)
+        if asof is None:
+            return MissingState(kind, key)
         events.sort(key=lambda e: (e.time_us, e.txn_id.encode()))
-        pmax = h.get(b"pmax")
-        return EntityState(kind, key, int(h[b"asof"]), int(pmax) if pmax is not None else None, tuple(events))
+        return EntityState(kind, key, asof, pmax, tuple(events))
 
     def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
         prefix = f"{self.namespace}:"

@@ -199,33 +199,26 @@ class SqliteOnlineStore(OnlineStore):
 
     def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
         conn = self._conn()
-        out: list[EntityState | MissingState] = []
         try:
-            conn.execute("BEGIN")  # one snapshot for all keys
-            try:
-                self._ensure_meta(conn, write=False)
-                for kind, key in keys:
-                    out.append(self._read_one(conn, kind, key, now_us))
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
+            self._ensure_meta(conn, write=False)
+            # one statement per entity: a consistent view of that entity (writers commit whole batches)
+            return [self._read_one(conn, kind, key, now_us) for kind, key in keys]
         except sqlite3.Error as exc:
             raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
-        return out
 
     @staticmethod
     def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int) -> EntityState | MissingState:
-        row = conn.execute("SELECT asof_us, pruned_max_us, expires_at_us FROM entity_state "
-                           "WHERE entity_kind = ? AND entity_id = ?", (kind, key)).fetchone()
-        if row is None:
+        rows = conn.execute(
+            "SELECT s.asof_us, s.pruned_max_us, s.expires_at_us, e.txn_id, e.event_time_us, e.located, e.payload "
+            "FROM entity_state AS s LEFT JOIN entity_event AS e "
+            "ON e.entity_kind = s.entity_kind AND e.entity_id = s.entity_id "
+            "WHERE s.entity_kind = ? AND s.entity_id = ? ORDER BY e.event_time_us, e.txn_id", (kind, key)).fetchall()
+        if not rows:
             return MissingState(kind, key)
-        asof, pruned_max, expires = row
+        asof, pruned_max, expires = rows[0][:3]
         if expires <= now_us:
             return MissingState(kind, key, expired_at_us=expires)
-        rows = conn.execute("SELECT txn_id, event_time_us, located, payload FROM entity_event "
-                            "WHERE entity_kind = ? AND entity_id = ? ORDER BY event_time_us, txn_id",
-                            (kind, key)).fetchall()
-        events = tuple(StoredEvent.from_payload(t, us, bool(loc), p) for t, us, loc, p in rows)
+        events = tuple(StoredEvent.from_payload(t, us, bool(loc), p) for *_, t, us, loc, p in rows if t is not None)
         return EntityState(kind, key, asof, pruned_max, events)
 
     def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
