@@ -3,37 +3,76 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+FULL   := $(VENV)/.installed-full
+CACHE  := .cache
+PRISM  := $(CACHE)/prism/bin/prism
+BEAM_VERSION := 2.77.0
 WAREHOUSE ?= warehouse
 
-.PHONY: help setup demo test bench generate clean
+.PHONY: help setup setup-full jars prism demo test dq bench bench-online bench-train bench-stream \
+        kafka generate clean
 
 help:
-	@echo "make demo   - set up, then run the backfill end to end on the bundled public data"
-	@echo "make test   - set up, then run the test suite"
-	@echo "make bench  - backfill of 1M generated events vs DuckDB (prints rates, ratio, peak memory)"
-	@echo "make clean  - remove the virtualenv, caches and demo output"
+	@echo "make demo         - set up, then run the backfill end to end on the bundled public data"
+	@echo "make test         - set up everything the tests need (Spark, Kafka, Prism), then run them"
+	@echo "make dq           - data-quality checks of the demo output (exit 1 on failure)"
+	@echo "make kafka        - a local Kafka broker on 127.0.0.1:19092 (Ctrl-C stops it)"
+	@echo "make bench        - backfill of 1M generated events vs DuckDB"
+	@echo "make clean        - remove the virtualenv, caches and demo output"
 
 setup: $(STAMP)
 
-# The default install is lean (Beam, delta-rs, pyarrow); versions come from constraints.txt.
+# The default install is lean: Beam, delta-rs, pyarrow, GX. Versions come from constraints.txt.
 $(STAMP): setup.py constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==26.3"
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $@
 
+# Heavy parts only for the targets that need them: Spark + xgboost, the JVM jars, Prism.
+setup-full: $(FULL)
+$(FULL): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,online,train,spark,stream]"
+	@touch $@
+
+jars: $(FULL)
+	bash jobs/spark/fetch_jars.sh
+	$(BIN)/python -m finfeat.jobs.kafka.broker fetch
+
+# Prism, Beam's local portable runner, built for the pinned Beam version with `go install`.
+prism: $(PRISM)
+$(PRISM):
+	@command -v go >/dev/null || { echo "Prism needs Go (https://go.dev); install it and retry"; exit 1; }
+	GOBIN=$(CURDIR)/$(CACHE)/prism/bin go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+
 demo: $(STAMP)
 	$(BIN)/finfeat demo --warehouse $(WAREHOUSE)
 
-test: $(STAMP)
+test: $(FULL) jars prism
 	$(BIN)/python -m pytest -q tests
+
+dq: $(STAMP)
+	test -d $(WAREHOUSE)/features || $(MAKE) demo
+	$(BIN)/finfeat validate --table $(WAREHOUSE)/features --suite features --docs out/dq
+
+kafka: jars
+	$(BIN)/python -m finfeat.jobs.kafka.broker run --port 19092 --controller-port 19093
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_backfill.py --events 1000000
+
+bench-online: $(FULL)
+	$(BIN)/python benchmarks/bench_online.py
+
+bench-train: $(FULL) jars
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-stream: $(FULL) jars prism
+	$(BIN)/python benchmarks/bench_stream.py
 
 generate: $(STAMP)
 	$(BIN)/finfeat generate --events 1000000 --out out/generated_1m.parquet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis $(WAREHOUSE) out build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis $(WAREHOUSE) $(WAREHOUSE)-stream out build *.egg-info
