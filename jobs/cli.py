@@ -173,9 +173,11 @@ def _print_report(report: dict[str, object]) -> None:
         lines.append(f"  delta {name:<13}{info['path']}  (version {info['version']})")
     lines += [
         f"  run report         {report['report_path']}",
-        "next: look at the rows with",
+        "next: look at the rows, check them, serve them",
         f"  python -c \"import deltalake; print(deltalake.DeltaTable('{report['tables']['features']['path']}')"
         ".to_pandas().head())\"",
+        f"  finfeat validate --table {report['tables']['features']['path']} --suite features --docs out/dq",
+        f"  finfeat backfill ... --online-store sqlite:online.db   then   finfeat serve-lookup --store sqlite:online.db ...",
         "",
     ]
     print("\n".join(lines))
@@ -230,13 +232,18 @@ def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Beam warns at import that optional Google Cloud clients are absent; they are not used here.
+    # GX sets its own loggers to INFO when imported; its chatter is for -v only.
+    quiet_gx = not verbose
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
+        handler.addFilter(lambda record: not (quiet_gx and record.name.startswith("great_expectations")
+                                              and record.levelno < logging.WARNING))
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
     from finfeat.schemas.mapping import MappingError
     from finfeat.transforms.spec import SpecError
 
