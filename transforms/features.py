@@ -33,18 +33,6 @@ def _sorted_order(table: pa.Table, key: str) -> np.ndarray:
     ).to_numpy()
 
 
-def _group_ids(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Dense group number per row of a sorted key column."""
-    n = len(keys)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    codes = pc.dictionary_encode(keys).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    new = np.empty(n, dtype=bool)
-    new[0] = True
-    np.not_equal(codes[1:], codes[:-1], out=new[1:])
-    return np.cumsum(new) - 1
-
-
 def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.ndarray:
     """For rows sorted by (group, t): the first index in the row's group with t > t_i - window.
 
@@ -129,23 +117,15 @@ def haversine_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(a))
 
 
-def _float_col(table: pa.Table, name: str, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    col = table.column(name).take(order)
-    valid = col.is_valid().to_numpy(zero_copy_only=False)
-    values = col.fill_null(0.0).to_numpy()
-    return values.astype(np.float64), valid
+def _numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return values.to_numpy(zero_copy_only=False) if isinstance(values, pa.Array) else values.to_numpy()
 
 
-def _previous_same(group: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Index of the previous row (in sorted order) with the same group and code, else -1."""
-    n = len(group)
-    pos = np.arange(n)
-    order = np.lexsort((pos, codes, group))
-    prev = np.full(n, -1, dtype=np.int64)
-    if n > 1:
-        same = (group[order[1:]] == group[order[:-1]]) & (codes[order[1:]] == codes[order[:-1]])
-        prev[order[1:][same]] = order[:-1][same]
-    return prev
+def _codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Dictionary codes of a column: equal values, equal codes (within one call)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return pc.dictionary_encode(values).indices.to_numpy(zero_copy_only=False)
 
 
 class _EntityFrame:
@@ -155,9 +135,14 @@ class _EntityFrame:
         self.order = _sorted_order(table, ENTITY_COLUMNS[entity])
         self.table = table
         self.n = len(self.order)
-        keys = table.column(ENTITY_COLUMNS[entity]).take(self.order)
-        self.group = _group_ids(keys)
-        self.t = table.column("event_time").take(self.order).cast(pa.int64()).to_numpy()
+        # columns are read once and put in sorted order with numpy (cheap for the small tables
+        # of online lookups as well as for whole partitions)
+        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[self.order]
+        new_group = np.ones(self.n, dtype=bool)
+        if self.n > 1:
+            np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
+        self.group = np.cumsum(new_group) - 1
+        self.t = _numpy(table.column("event_time").cast(pa.int64()))[self.order]
         self.idx = np.arange(self.n, dtype=np.int64)
         new = np.ones(self.n, dtype=bool)
         if self.n > 1:
@@ -173,14 +158,23 @@ class _EntityFrame:
 
     def ints(self, column: str) -> np.ndarray:
         if column not in self._cache:
-            self._cache[column] = self.table.column(column).take(self.order).to_numpy().astype(np.int64)
+            self._cache[column] = _numpy(self.table.column(column)).astype(np.int64)[self.order]
         return self._cache[column]
+
+    def floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """Values (nulls as 0.0) and validity, in sorted order."""
+        key = f"floats:{column}"
+        if key not in self._cache:
+            col = self.table.column(column)
+            valid = _numpy(col.is_valid())[self.order]
+            values = _numpy(col.fill_null(0.0)).astype(np.float64)[self.order]
+            self._cache[key] = (values, valid)
+        return self._cache[key]
 
     def codes(self, column: str) -> np.ndarray:
         key = f"codes:{column}"
         if key not in self._cache:
-            col = self.table.column(column).take(self.order)
-            self._cache[key] = pc.dictionary_encode(col).combine_chunks().indices.to_numpy(zero_copy_only=False)
+            self._cache[key] = _codes(self.table.column(column))[self.order]
         return self._cache[key]
 
     def prefix(self, column: str) -> np.ndarray:
@@ -286,8 +280,8 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -
         dt[1:] = (frame.t[1:] - frame.t[:-1]) / 1e6
         return dt, has_prev
     if agg == "geo_velocity":
-        lat, lat_ok = _float_col(frame.table, "merchant_lat", frame.order)
-        lon, lon_ok = _float_col(frame.table, "merchant_lon", frame.order)
+        lat, lat_ok = frame.floats("merchant_lat")
+        lon, lon_ok = frame.floats("merchant_lon")
         located = lat_ok & lon_ok
         last = np.maximum.accumulate(np.where(located, i, -1)) if n else i
         prev = np.full(n, -1, dtype=np.int64)

@@ -115,27 +115,27 @@ class FeatureDef(BaseModel):
             raise ValueError(f"{agg} takes no field")
         return self
 
-    @property
+    @cached_property
     def window_us(self) -> int | None:
         return window_us(self.window) if self.window else None
 
-    @property
+    @cached_property
     def delay_us(self) -> int:
         return window_us(self.delay) if self.delay else 0
 
-    @property
+    @cached_property
     def reach_us(self) -> int:
         """How far back in event time this feature looks."""
         return (self.window_us or 0) + self.delay_us
 
-    @property
+    @cached_property
     def name(self) -> str:
         if self.agg in _CALENDAR:
             return self.agg
         template = _NAME_TEMPLATES.get(self.agg, "{e}_{a}_{f}_{w}")
         return template.format(e=self.entity, a=self.agg, f=self.field, w=self.window)
 
-    @property
+    @cached_property
     def arrow_type(self) -> pa.DataType:
         if self.agg in {"count", "sum", "max", "min", "distinct"}:
             return pa.int64()
