@@ -128,6 +128,18 @@ def _codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return pc.dictionary_encode(values).indices.to_numpy(zero_copy_only=False)
 
 
+def _previous_same(group: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Index of the previous row (in sorted order) with the same group and code, else -1."""
+    n = len(group)
+    pos = np.arange(n)
+    order = np.lexsort((pos, codes, group))
+    prev = np.full(n, -1, dtype=np.int64)
+    if n > 1:
+        same = (group[order[1:]] == group[order[:-1]]) & (codes[order[1:]] == codes[order[:-1]])
+        prev[order[1:][same]] = order[:-1][same]
+    return prev
+
+
 class _EntityFrame:
     """One table sorted by (entity, event_time, txn_id), with shared intermediate arrays."""
 
