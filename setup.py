@@ -38,7 +38,7 @@ setup(
         # `bash jobs/spark/fetch_jars.sh` (Maven), never from Ivy at run time.
         "spark": ["pyspark==4.2.0", "delta-spark==4.4.1"],
         # finfeat train / score (training-set's local engine needs duckdb too).
-        "train": ["xgboost>=3,<4", "scikit-learn>=1.9,<2", "matplotlib>=3.11,<4", "duckdb>=1.1"],
+        "train": ["xgboost-cpu>=3,<4", "scikit-learn>=1.9,<2", "matplotlib>=3.11,<4", "duckdb>=1.1"],
         # finfeat produce / stream (the Kafka client; the broker's jars come from Maven)
         "stream": ["confluent-kafka==2.16.1"],
         "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0"],

@@ -1,4 +1,4 @@
-"""``finfeat``: generate | backfill | demo.
+"""``finfeat``: point-in-time fraud features: generate, backfill, validate, serve, stream, train, score.
 
 finfeat's own flags are parsed here; everything else is handed to Beam untouched
 (``--runner``, ``--direct_num_workers``, ``--setup_file``, ...), after a check that Beam
@@ -18,6 +18,11 @@ _LOG = logging.getLogger(__name__)
 DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
 TOKEN_KEY_ENV = "FINFEAT_TOKEN_KEY"
 DEFAULT_RUNNER = "FnApiRunner"
+#: sub-commands whose module holds both the parser and the command
+_LATE_COMMANDS = {
+    "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
+    "train": "finfeat.jobs.train", "score": "finfeat.jobs.score",
+}
 
 
 class UsageError(Exception):
@@ -127,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     from finfeat.jobs import serve_lookup as serve_lookup_cmd
     from finfeat.jobs import validate as validate_cmd
 
+    for module in _LATE_COMMANDS.values():
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
     produce_cmd.add_parser(sub)
     stream_cmd.add_parser(sub)
     serve_lookup_cmd.add_parser(sub)
@@ -260,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise UsageError(f"unknown flag(s) for produce: {' '.join(rest)}")
             return produce_cmd.run(args)
+        if args.command in _LATE_COMMANDS:
+            if rest:
+                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
+            return __import__(_LATE_COMMANDS[args.command], fromlist=["run"]).run(args)
         if args.command in {"serve-lookup", "validate"}:
             if rest:
                 raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")

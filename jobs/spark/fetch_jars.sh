@@ -25,7 +25,10 @@ command -v mvn >/dev/null || { echo "fetch_jars.sh: mvn not found; install Maven
 mkdir -p "$(dirname "$out")"
 tmp="$(mktemp -d "$(dirname "$out")/.jars.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
-mvn -q -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime
+chmod 755 "$tmp"
+copy=(dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime)
+# From ~/.m2 alone when it already holds them (no network); otherwise from Maven Central.
+mvn -q -B -o -f "$pom" "${copy[@]}" >/dev/null 2>&1 || mvn -q -B -f "$pom" "${copy[@]}"
 compgen -G "$tmp/delta-spark_*.jar" >/dev/null || { echo "fetch_jars.sh: Maven copied no delta-spark jar" >&2; exit 1; }
 echo "$want" > "$tmp/.pom.sha256"
 rm -rf "$out"

@@ -1,0 +1,354 @@
+"""``finfeat score``: fraud scores from a model folder, in batch or for one transaction.
+
+* ``--batch``: every feature row of an ``event_date`` range of the Delta features table (a
+  pinned or the latest version) -> predictions as Parquet (one file) or Delta (partitioned by
+  ``event_date``; re-scoring a range replaces exactly that range).
+* ``--json '{...}'``: one transaction. With ``--store`` the request-time features come from the
+  online store (:mod:`finfeat.jobs.online`: the card's and merchant's stored history plus this
+  transaction, through the batch engine): the JSON has ``card_token``, ``merchant_id``,
+  ``amount_minor``, ``at`` (ISO-8601 or ``at_us``) and optionally ``txn_id``, ``currency``,
+  ``merchant_lat``/``merchant_lon``. Without ``--store`` the JSON is the feature row itself
+  (every model input, flat or under ``"features"``).
+
+Both paths go through :class:`Scorer`: a feature dict or an Arrow table -> the same float64
+matrix (:func:`feature_matrix`) -> the same booster call, so a row scores identically either way.
+Output columns (batch): ``txn_id, card_token, event_time, event_date, score, model_id,
+features_version``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# See finfeat.jobs.train: OpenMP threads that spin while waiting crawl on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+MODEL_FILE = "model.json"
+FEATURES_FILE = "features.json"
+#: Model inputs beyond the spec's feature columns: known at request time, from the transaction.
+EXTRA_INPUTS = ("amount_minor",)
+
+EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNAVAILABLE, EXIT_NOT_EXACT = 0, 2, 3, 4, 5
+
+PREDICTION_SCHEMA = pa.schema([
+    pa.field("txn_id", pa.string(), nullable=False),
+    pa.field("card_token", pa.string(), nullable=False),
+    pa.field("event_time", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("event_date", pa.date32(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("features_version", pa.int64()),
+])
+
+
+class ScoringError(ValueError):
+    """The model or the input does not fit; the message says what is missing."""
+
+
+def model_inputs(feature_columns: Sequence[str]) -> list[str]:
+    """The model's input columns: the spec's feature columns, then :data:`EXTRA_INPUTS`."""
+    return [*feature_columns, *(c for c in EXTRA_INPUTS if c not in feature_columns)]
+
+
+def feature_matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """Columns -> a float64 matrix; booleans are 0/1, nulls NaN (xgboost's missing value)."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ScoringError(f"the input lacks model feature(s) {missing}")
+    out = np.empty((table.num_rows, len(columns)), dtype=np.float64)
+    for j, name in enumerate(columns):
+        col = table.column(name)
+        if pa.types.is_null(col.type) or pa.types.is_boolean(col.type) or col.type != pa.float64():
+            col = pc.cast(col, pa.float64())
+        out[:, j] = col.to_numpy(zero_copy_only=False) if table.num_rows else []
+    return out
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Table:
+    """Feature dicts -> a table of the model's columns (values typed by Arrow's inference)."""
+    for i, row in enumerate(rows):
+        absent = [c for c in columns if c not in row]
+        if absent:
+            raise ScoringError(f"row {i} lacks model feature(s) {absent} (give null for an unknown value)")
+    arrays = []
+    for c in columns:
+        values = [row[c] for row in rows]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ScoringError(f"feature {c!r}: values are not numbers or booleans ({exc})") from None
+    return pa.Table.from_arrays(arrays, names=list(columns))
+
+
+@dataclass
+class Scorer:
+    """An xgboost model folder (``finfeat train`` output) as a scoring function."""
+
+    booster: Any
+    features: list[str]
+    spec_hash: str | None
+    model_id: str
+    model_dir: Path
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Scorer:
+        import xgboost as xgb
+
+        folder = Path(model_dir)
+        model_path, meta_path = folder / MODEL_FILE, folder / FEATURES_FILE
+        if not model_path.is_file() or not meta_path.is_file():
+            raise ScoringError(f"{folder} is not a finfeat model folder (needs {MODEL_FILE} and {FEATURES_FILE}; "
+                               "`finfeat train` writes them)")
+        meta = json.loads(meta_path.read_text())
+        booster = xgb.Booster()
+        booster.load_model(str(model_path))
+        booster.set_param({"nthread": 1})
+        model_id = hashlib.sha256(model_path.read_bytes()).hexdigest()[:16]
+        return cls(booster=booster, features=list(meta["features"]), spec_hash=meta.get("spec_hash"),
+                   model_id=model_id, model_dir=folder)
+
+    def score_matrix(self, x: np.ndarray, *, margin: bool = False) -> np.ndarray:
+        """Probabilities of fraud (float64), or with ``margin`` the log-odds (which rank the same
+        way but do not tie at 1.0 where float32 probabilities saturate)."""
+        import xgboost as xgb
+
+        if x.shape[0] == 0:
+            return np.empty(0, dtype=np.float64)
+        dm = xgb.DMatrix(x, missing=np.nan, feature_names=self.features)
+        return self.booster.predict(dm, validate_features=True, output_margin=margin).astype(np.float64)
+
+    def score_table(self, table: pa.Table) -> np.ndarray:
+        """One score (probability of fraud, float64) per row of ``table``."""
+        return self.score_matrix(feature_matrix(table, self.features))
+
+    def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[float]:
+        """One score per feature dict (every model input as a key; None for null)."""
+        return self.score_table(rows_to_table(rows, self.features)).tolist()
+
+
+# ----------------------------------------------------------------------------------- batch
+
+
+def score_batch(scorer: Scorer, features_path: str, *, start: date, end: date, version: int | None = None,
+                check_spec: bool = True) -> tuple[pa.Table, int]:
+    """Predictions for the ``event_date`` range of a features table; returns (table, version read)."""
+    from deltalake import DeltaTable
+
+    from finfeat.jobs.training import read_features, spec_hash_at
+
+    if not DeltaTable.is_deltatable(features_path):
+        raise ScoringError(f"no Delta features table at {features_path}")
+    v = version if version is not None else DeltaTable(features_path).version()
+    table_hash = spec_hash_at(features_path, v)
+    if check_spec and scorer.spec_hash and table_hash and table_hash != scorer.spec_hash:
+        raise ScoringError(f"the model was trained on feature spec {scorer.spec_hash} but {features_path} "
+                           f"(version {v}) was written with spec {table_hash}: re-backfill or retrain")
+    keys = ["txn_id", "card_token", "event_time", "event_date"]
+    table = read_features(features_path, v, start, end, columns=[*keys, *(c for c in scorer.features if c not in keys)])
+    table = table.sort_by([("event_time", "ascending"), ("txn_id", "ascending")])
+    scores = scorer.score_table(table)
+    out = pa.Table.from_arrays(
+        [*(table.column(k).combine_chunks() for k in keys), pa.array(scores, pa.float64()),
+         pa.array([scorer.model_id] * table.num_rows, pa.string()),
+         pa.array([v] * table.num_rows, pa.int64())], schema=PREDICTION_SCHEMA)
+    return out, v
+
+
+def write_predictions(table: pa.Table, out: str | Path, *, fmt: str, start: date, end: date) -> str:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        return str(path)
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+
+    path = str(out)
+    exists = DeltaTable.is_deltatable(path)
+    predicate = f"event_date >= '{start.isoformat()}' AND event_date <= '{end.isoformat()}'"
+    meta = {"finfeat.operation": "score", "finfeat.model_id": table.column("model_id")[0].as_py()
+            if table.num_rows else "", "finfeat.range": f"{start.isoformat()}..{end.isoformat()}"}
+    write_deltalake(path, table, partition_by=["event_date"], mode="overwrite",
+                    predicate=predicate if exists else None, commit_properties=CommitProperties(custom_metadata=meta))
+    return path
+
+
+# ----------------------------------------------------------------------------------- one transaction
+
+
+def _online_available() -> bool:
+    try:
+        import finfeat.jobs.online  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str | None = None,
+                  allow_missing: bool = False, namespace: str | None = None, spec: Any = None) -> dict[str, Any]:
+    """Score one JSON request (see the module docstring); raises the online store's errors."""
+    if store_url is None:
+        row = dict(request.get("features", request))
+        score = scorer.score_rows([row])[0]
+        return {"score": score, "model_id": scorer.model_id, "features": {c: row.get(c) for c in scorer.features}}
+    if not _online_available():
+        raise ScoringError("--store needs the online store (finfeat.jobs.online), which is not installed")
+    from finfeat.jobs.online import CANDIDATE_TXN_ID, Candidate, lookup, open_store
+    from finfeat.jobs.training import iso, parse_time, to_us
+    from finfeat.transforms.spec import FeatureSpec
+
+    need = ["card_token", "merchant_id", "amount_minor"]
+    absent = [k for k in need if request.get(k) in (None, "")]
+    if absent or ("at" not in request and "at_us" not in request):
+        raise ScoringError(f"the request needs {need + ['at (or at_us)']}; missing {absent or ['at']}")
+    at_us = int(request["at_us"]) if "at_us" in request else to_us(parse_time(str(request["at"])))
+    lat = request.get("merchant_lat", request.get("lat"))
+    lon = request.get("merchant_lon", request.get("lon"))
+    cand = Candidate(card_token=str(request["card_token"]), merchant_id=str(request["merchant_id"]),
+                     amount_minor=int(request["amount_minor"]), at_us=at_us, currency=str(request.get("currency", "")),
+                     merchant_lat=None if lat is None else float(lat), merchant_lon=None if lon is None else float(lon),
+                     txn_id=str(request.get("txn_id") or CANDIDATE_TXN_ID))
+    spec = spec or FeatureSpec.default()
+    if scorer.spec_hash and spec.spec_hash != scorer.spec_hash:
+        raise ScoringError(f"the model was trained on feature spec {scorer.spec_hash}, the store serves "
+                           f"{spec.spec_hash}: pass the matching --feature-spec")
+    with open_store(store_url, spec, create=False, namespace=namespace) as store:
+        result = lookup(store, spec, cand, on_missing="empty" if allow_missing else "raise")
+    row = {**result.features, "amount_minor": cand.amount_minor}
+    score = scorer.score_rows([row])[0]
+    from datetime import datetime, timezone
+
+    return {"score": score, "model_id": scorer.model_id, "txn_id": request.get("txn_id"),
+            "at": iso(datetime.fromtimestamp(at_us / 1e6, tz=timezone.utc)), "at_us": at_us,
+            "features": {c: row.get(c) for c in scorer.features},
+            "as_of_us": result.as_of_us, "age_s": result.age_s, "missing": result.missing}
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from finfeat.jobs.training import _date, _version
+
+    p = subparsers.add_parser("score", help="score transactions with a trained model (batch or one JSON)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)
+    p.add_argument("--model", required=True, help="model folder written by `finfeat train`")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--batch", action="store_true", help="score an event-date range of the features table")
+    mode.add_argument("--json", help="one transaction as JSON (see above)")
+    p.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
+    p.add_argument("--start", type=_date, help="batch: first event date, UTC, inclusive")
+    p.add_argument("--end", type=_date, help="batch: last event date, UTC, inclusive")
+    p.add_argument("--features-version", type=_version, help="batch: Delta version of the features table")
+    p.add_argument("--out", help="batch: output path (a .parquet file, or a Delta folder with --format delta)")
+    p.add_argument("--format", choices=["parquet", "delta"], help="batch output format (default: parquet if --out "
+                                                                  "ends in .parquet, else delta)")
+    p.add_argument("--store", help="--json: the online store, sqlite:PATH or redis://HOST:PORT/DB")
+    p.add_argument("--namespace", help="--json: Redis key namespace")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="--json: score a card or merchant without stored state as having no history")
+    p.add_argument("--feature-spec", help="--json: feature spec YAML of the store (default: built-in v1)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        scorer = Scorer.load(args.model)
+    except ScoringError as exc:
+        print(f"finfeat score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.batch:
+        return _run_batch(args, scorer)
+    return _run_json(args, scorer)
+
+
+def _run_batch(args: argparse.Namespace, scorer: Scorer) -> int:
+    from finfeat.jobs import delta
+
+    if args.start is None or args.end is None or not args.out:
+        print("finfeat score: error: --batch needs --start, --end and --out", file=sys.stderr)
+        return EXIT_USAGE
+    if args.end < args.start:
+        print(f"finfeat score: error: --end {args.end} is before --start {args.start}", file=sys.stderr)
+        return EXIT_USAGE
+    fmt = args.format or ("parquet" if str(args.out).endswith(".parquet") else "delta")
+    try:
+        table, version = score_batch(scorer, delta.table_path(args.warehouse, delta.FEATURES), start=args.start,
+                                     end=args.end, version=args.features_version)
+        where = write_predictions(table, args.out, fmt=fmt, start=args.start, end=args.end)
+    except ScoringError as exc:
+        print(f"finfeat score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"scored {table.num_rows:,} transactions {args.start}..{args.end} (features v{version}, model "
+          f"{scorer.model_id}) -> {where} ({fmt})")
+    return EXIT_OK
+
+
+def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
+    try:
+        request = json.loads(args.json)
+        if not isinstance(request, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        print(f"finfeat score: error: --json is not a JSON object: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    spec = None
+    if args.feature_spec:
+        from finfeat.transforms.spec import FeatureSpec, SpecError
+
+        try:
+            spec = FeatureSpec.from_yaml(args.feature_spec)
+        except SpecError as exc:
+            print(f"finfeat score: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.store is None:
+        try:
+            out = score_request(scorer, request)
+        except ScoringError as exc:
+            print(f"finfeat score: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    from finfeat.jobs.online import (
+        CandidateBeforeState,
+        KeyNotFound,
+        OnlineStoreError,
+        StoreSpecMismatch,
+        StoreUnavailable,
+    )
+
+    def fail(code: int, kind: str, exc: Exception) -> int:
+        print(json.dumps({"error": kind, "message": str(exc)}))
+        print(f"finfeat score: {exc}", file=sys.stderr)
+        return code
+
+    try:
+        out = score_request(scorer, request, store_url=args.store, allow_missing=args.allow_missing,
+                            namespace=args.namespace, spec=spec)
+    except (ScoringError, StoreSpecMismatch, ValueError) as exc:
+        print(f"finfeat score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyNotFound as exc:
+        return fail(EXIT_MISSING, exc.reason, exc)
+    except StoreUnavailable as exc:
+        return fail(EXIT_UNAVAILABLE, "store_unavailable", exc)
+    except CandidateBeforeState as exc:
+        return fail(EXIT_NOT_EXACT, "candidate_before_state", exc)
+    except OnlineStoreError as exc:
+        return fail(EXIT_UNAVAILABLE, "store_error", exc)
+    print(json.dumps(out, indent=2))
+    return EXIT_OK
