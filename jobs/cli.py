@@ -13,6 +13,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from finfeat.jobs.argtypes import iso_date as _date, positive_int as _positive
+
 _LOG = logging.getLogger(__name__)
 
 DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
@@ -29,21 +31,8 @@ class UsageError(Exception):
     """A bad flag, file or config; the message says how to fix it."""
 
 
-def _date(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use YYYY-MM-DD") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
 
 
 def _beam_args(rest: list[str]) -> list[str]:

@@ -52,6 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from finfeat.jobs.argtypes import delta_version as _version
+from finfeat.jobs.argtypes import iso_date as _date
 from finfeat.schemas.events import EVENT_TIME_TYPE
 from finfeat.schemas.features import IDENTITY_COLUMNS, IDENTITY_FIELDS, PARTITION_COLUMN
 from finfeat.schemas.labels import LABEL_SCHEMA
@@ -434,21 +436,8 @@ def labels_from_features(features: pa.Table, delay_days: float = DEFAULT_LABEL_D
 # ----------------------------------------------------------------------------------- CLI
 
 
-def _date(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use YYYY-MM-DD") from None
 
 
-def _version(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a Delta version number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("a Delta version is >= 0")
-    return v
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,25 +25,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PARTITION_COLUMN = "event_date"
 
 
+from finfeat.jobs.argtypes import delta_version as _version
+from finfeat.jobs.argtypes import iso_date as _date
+
+
 class _Usage(Exception):
     """A usage or configuration error: exit code 2."""
 
 
-def _date(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use YYYY-MM-DD") from None
 
 
-def _version(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a table version (a whole number)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: table versions start at 0")
-    return value
 
 
 def _fraction(text: str) -> float:
