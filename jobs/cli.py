@@ -245,7 +245,7 @@ def _demo_stream(warehouse: Path, inputs: list[str]) -> int:
     from finfeat.transforms.spec import FeatureSpec
 
     mapping, tok = Mapping.load("sparkov"), CardTokenizer(DEMO_TOKEN_KEY.encode())
-    path = max(expand_inputs(inputs), key=lambda p: p.name)  # the later of the two files
+    path = max(expand_inputs(inputs), key=lambda p: p.stat().st_size)  # the larger file
     parts = [parse_batch(raw, mapping=mapping, tokenizer=tok, source=path.name, run_id="demo",
                          recorded_at_us=0)[0]
              for raw, _ in read_file(path, mapping, tok, run_id="demo", recorded_at_us=0)]
