@@ -95,11 +95,11 @@ class CommitRunFn(beam.DoFn):
     def __init__(self, *, cfg: BackfillConfig, recorded_at_us: int) -> None:
         self._cfg, self._recorded = cfg, recorded_at_us
 
-    def process(self, item: tuple[int, list[tuple[str, object]]]) -> Iterator[dict[str, object]]:
+    def process(self, item: tuple[int, list[tuple[str, object]]], features: list[pa.Table]
+                ) -> Iterator[dict[str, object]]:
         cfg = self._cfg
         _, tagged = item
         schema = feature_schema(cfg.spec)
-        features = [t for kind, t in tagged if kind == "features"]
         dead = [t for kind, t in tagged if kind == "dead"]
         labels = [t for kind, t in tagged if kind == "labels"]
         quarantined_events = [t for kind, t in tagged if kind == "quarantine"]
@@ -222,8 +222,9 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
         recorded_at_us=recorded_at_us, emit_from_us=_day_us(cfg.start), event_suite=cfg.event_suite,
         emit_until_us=_day_us(cfg.end + timedelta(days=1)), buckets=cfg.buckets)
     stats = out["stats"] | "SumStats" >> beam.CombinePerKey(sum)
-    tagged = ((out["features"] | "TagFeatures" >> beam.Map(lambda t: (0, ("features", t))),
-               out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
+    # Feature rows reach the committer as a side input, so Beam moves them with the Arrow coder;
+    # everything else (small) is gathered under one key.
+    tagged = ((out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
                out["labels"] | "TagLabels" >> beam.Map(lambda t: (0, ("labels", t))),
                *([out["events"] | "TagEvents" >> beam.Map(lambda t: (0, ("events", t)))] if cfg.online_store else []),
                out["quarantined_events"] | "TagQuarantinedEvents" >> beam.Map(lambda t: (0, ("quarantine", t))),
@@ -232,7 +233,8 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
               | "FlattenForCommit" >> beam.Flatten())
     (tagged
      | "GatherRun" >> beam.GroupByKey()
-     | "CommitToDelta" >> beam.ParDo(CommitRunFn(cfg=cfg, recorded_at_us=recorded_at_us)))
+     | "CommitToDelta" >> beam.ParDo(CommitRunFn(cfg=cfg, recorded_at_us=recorded_at_us),
+                                     features=beam.pvalue.AsList(out["features"])))
 
 
 def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
