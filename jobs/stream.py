@@ -1,10 +1,14 @@
 """``finfeat stream``: Kafka -> the same parse, dedup and feature code -> Delta, exactly once.
 
-The pipeline is the backfill's, made unbounded: messages are parsed by the batch parser
-(``canonical`` mapping), duplicates dropped by txn id, features computed by
-``ComputeFeatures`` on an unbounded PCollection (per-entity state, event-time timers, the
-same engine), and feature rows committed to the backfill's Delta table layout in micro-
-batches of event time.
+The pipeline is the backfill's, made unbounded: each poll's messages are parsed as one batch
+by the batch parser (``canonical`` mapping), duplicates dropped by txn id (state per bucket
+of txn ids), features computed by the unbounded ``ComputeFeatures``
+(:class:`~finfeat.pipelines.streaming.ComputeFeaturesUnbounded`: bucketed entity state,
+event-time timers, the same engine), and feature rows committed to the backfill's Delta
+table layout in micro-batches: one Delta commit every ``--commit-every-seconds`` of
+processing time (when there is something to commit), and a last one when the input ends.
+Elements are Arrow tables throughout, so the per-event cost is vectorized work, not runner
+overhead.
 
 Exactly once into Delta: one committer (a stateful step on a single key) writes each
 micro-batch as a Delta commit carrying an application transaction ``(app id, version)``,
@@ -23,21 +27,29 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import Tuple
+
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam import pvalue
-from apache_beam.coders import VarIntCoder
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Duration, Timestamp
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from finfeat import __version__
 from finfeat.jobs import delta
-from finfeat.pipelines.features import DEAD, ComputeFeatures, ParseBatchFn
+from finfeat.pipelines.features import DEAD, ParseBatchFn
+from finfeat.pipelines.streaming import DEFAULT_BUCKETS, DEFAULT_EMIT_EVERY_MS, ComputeFeaturesUnbounded
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.schemas.mapping import Mapping
-from finfeat.transforms.parse import SOURCE_ROW, make_dead_letters
+from finfeat.transforms.buckets import split_by_bucket
+from finfeat.transforms.parse import SOURCE, SOURCE_ROW, make_dead_letters
 from finfeat.transforms.spec import FeatureSpec
 
 _LOG = logging.getLogger(__name__)
@@ -53,58 +65,101 @@ def _text(v: object) -> str | None:
     return json.dumps(v)
 
 
-class DecodeMessageFn(beam.DoFn):
-    """A Kafka message -> a one-row raw table for the batch parser, or an ``unparseable`` dead letter."""
+class DecodeMessagesFn(beam.DoFn):
+    """One poll's messages -> one raw table for the batch parser; bad JSON -> ``unparseable``."""
 
     def __init__(self, *, topic: str, run_id: str) -> None:
         self._topic, self._run_id = topic, run_id
 
-    def process(self, msg: tuple[int, int, bytes]) -> Iterator[object]:
+    def process(self, batch: tuple[int, list[tuple[int, bytes]]]) -> Iterator[object]:
         from finfeat.jobs.kafka.messages import SCHEMA
 
-        partition, offset, value = msg
+        partition, messages = batch
         source = f"{self._topic}/{partition}"
-        try:
-            rec = json.loads(value, parse_float=str, parse_int=str)
-            if not isinstance(rec, dict):
-                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-            if rec.get("schema") != SCHEMA:
-                raise ValueError(f"schema {rec.get('schema')!r} is not {SCHEMA}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            text = value.decode("utf-8", "replace")[:4000] if value else ""
+        columns: dict[str, list] = {c: [] for c in MESSAGE_COLUMNS}
+        offsets: list[int] = []
+        bad: list[tuple[int, str, str]] = []
+        for offset, value in messages:
+            try:
+                rec = json.loads(value, parse_float=str, parse_int=str)
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+                if rec.get("schema") != SCHEMA:
+                    raise ValueError(f"schema {rec.get('schema')!r} is not {SCHEMA}")
+            except (ValueError, UnicodeDecodeError, TypeError) as exc:
+                text = value.decode("utf-8", "replace")[:4000] if value else ""
+                bad.append((offset, f"offset {offset}: {exc}", text))
+                continue
+            for c in MESSAGE_COLUMNS:
+                columns[c].append(_text(rec.get(c)))
+            offsets.append(offset)
+        if bad:
             yield pvalue.TaggedOutput(DEAD, make_dead_letters(
-                run_id=self._run_id, stage="read", reasons=["unparseable"], details=[f"offset {offset}: {exc}"],
-                source=source, source_rows=[offset], txn_ids=[None], payloads=[text],
-                recorded_at_us=int(time.time() * 1e6)))
-            return
-        row = {c: [_text(rec.get(c))] for c in MESSAGE_COLUMNS}
-        row[SOURCE_ROW] = [offset]
-        table = pa.table({**{c: pa.array(v, pa.string()) for c, v in row.items() if c != SOURCE_ROW},
-                          SOURCE_ROW: pa.array(row[SOURCE_ROW], pa.int64())})
-        yield source, table, DEAD_LETTER_SCHEMA.empty_table()
+                run_id=self._run_id, stage="read", reasons=["unparseable"] * len(bad), details=[b[1] for b in bad],
+                source=source, source_rows=[b[0] for b in bad], txn_ids=[None] * len(bad),
+                payloads=[b[2] for b in bad], recorded_at_us=int(time.time() * 1e6)))
+        if offsets:
+            table = pa.table({**{c: pa.array(v, pa.string()) for c, v in columns.items()},
+                              SOURCE_ROW: pa.array(offsets, pa.int64())})
+            yield source, table, DEAD_LETTER_SCHEMA.empty_table()
 
 
 class DropRepeatedTxnFn(beam.DoFn):
-    """The first delivery of a txn id passes; repeats become ``duplicate_txn_id`` dead letters."""
+    """Per bucket of txn ids: the first delivery of a txn id passes, repeats become
+    ``duplicate_txn_id`` dead letters.
 
-    SEEN = ReadModifyWriteStateSpec("seen", VarIntCoder())
+    The txn ids seen are kept with their event times, as Arrow pieces appended per batch; when
+    there are many pieces they are compacted, forgetting ids older than ``retention_us`` before
+    the newest event (a copy that old is ``late`` for the features anyway).
+    """
 
-    def __init__(self, *, run_id: str) -> None:
-        self._run_id = run_id
+    SEEN = BagStateSpec("seen", PickleCoder())
+    PIECES = ReadModifyWriteStateSpec("pieces", VarIntCoder())
+    MAX_PIECES = 64
 
-    def process(self, kv: tuple[str, pa.Table], seen=beam.DoFn.StateParam(SEEN)) -> Iterator[object]:
-        txn, table = kv
-        if seen.read() is None:
-            seen.write(1)
-            yield table.drop_columns(["_source", SOURCE_ROW])
-            return
-        yield pvalue.TaggedOutput(DEAD, make_dead_letters(
-            run_id=self._run_id, stage="dedup", reasons=["duplicate_txn_id"],
-            details=["txn id delivered again; the first delivery was kept"],
-            source=table.column("_source").to_pylist(), source_rows=table.column(SOURCE_ROW).to_pylist(),
-            txn_ids=[txn], payloads=[json.dumps(table.drop_columns(["_source", SOURCE_ROW]).to_pylist()[0],
-                                                default=str, sort_keys=True)],
-            recorded_at_us=int(time.time() * 1e6)))
+    def __init__(self, *, run_id: str, retention_us: int) -> None:
+        self._run_id, self._retention = run_id, retention_us
+
+    def process(self, kv: tuple[int, pa.Table], seen=beam.DoFn.StateParam(SEEN),
+                pieces=beam.DoFn.StateParam(PIECES)) -> Iterator[object]:
+        _, table = kv
+        ids = table.column("txn_id").combine_chunks()
+        held = [t for t in seen.read()]
+        repeat = np.zeros(table.num_rows, dtype=bool)
+        if held:
+            known = pa.concat_tables(held).column("txn_id")
+            repeat |= pc.is_in(ids, value_set=known).to_numpy(zero_copy_only=False)
+        codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+        _, first = np.unique(codes, return_index=True)
+        in_batch = np.ones(table.num_rows, dtype=bool)
+        in_batch[first] = False
+        repeat |= in_batch
+        fresh = table.filter(pa.array(~repeat))
+        if fresh.num_rows:
+            yield fresh.drop_columns([SOURCE, SOURCE_ROW])
+            entry = pa.table({"txn_id": fresh.column("txn_id"),
+                              "t": fresh.column("event_time").cast(pa.int64())})
+            n = (pieces.read() or len(held)) + 1
+            if n > self.MAX_PIECES:
+                everything = pa.concat_tables([*held, entry])
+                newest = pc.max(everything.column("t")).as_py()
+                everything = everything.filter(pc.greater(everything.column("t"), newest - self._retention))
+                seen.clear()
+                seen.add(everything)
+                n = 1
+            else:
+                seen.add(entry)
+            pieces.write(n)
+        if repeat.any():
+            dups = table.filter(pa.array(repeat))
+            payload = dups.drop_columns([SOURCE, SOURCE_ROW]).to_pylist()
+            yield pvalue.TaggedOutput(DEAD, make_dead_letters(
+                run_id=self._run_id, stage="dedup", reasons=["duplicate_txn_id"] * dups.num_rows,
+                details=["txn id delivered again; the first delivery was kept"] * dups.num_rows,
+                source=dups.column(SOURCE).to_pylist(), source_rows=dups.column(SOURCE_ROW).to_pylist(),
+                txn_ids=dups.column("txn_id").to_pylist(),
+                payloads=[json.dumps(p, default=str, sort_keys=True) for p in payload],
+                recorded_at_us=int(time.time() * 1e6)))
 
 
 def _late_dead_letter(row: dict, run_id: str) -> pa.Table:
@@ -124,23 +179,62 @@ def _row_key(table: pa.Table, columns: list[str]) -> pa.Array:
 
 
 class CommitMicroBatchFn(beam.DoFn):
-    """The single committer: appends a micro-batch with the next application transaction."""
+    """The single committer: buffers tables and appends them as one Delta commit with the next
+    application transaction, ``every_s`` seconds (processing time) after the first buffered
+    table, and once more when the input ends (the watermark reaches the end of time)."""
 
+    BUFFER = BagStateSpec("buffer", PickleCoder())
     LAST = ReadModifyWriteStateSpec("last", VarIntCoder())
+    ARMED = ReadModifyWriteStateSpec("armed", VarIntCoder())
+    TICK = TimerSpec("tick", TimeDomain.REAL_TIME)
+    END = TimerSpec("end", TimeDomain.WATERMARK)
 
     def __init__(self, *, path: str, app_id: str, kind: str, schema: pa.Schema, key_columns: list[str],
-                 partition_by: str, metadata: dict[str, str]) -> None:
+                 partition_by: str, metadata: dict[str, str], every_s: float,
+                 match_partitions: bool = True) -> None:
         self._path, self._app, self._kind, self._schema = path, app_id, kind, schema
         self._keys, self._partition, self._meta = key_columns, partition_by, metadata
+        self._every, self._match_partitions = every_s, match_partitions
 
-    def process(self, kv: tuple[int, list[pa.Table]], last=beam.DoFn.StateParam(LAST)) -> Iterator[dict]:
-        _, tables = kv
-        batch = pa.concat_tables([t.cast(self._schema) for t in tables])
+    def process(self, kv: tuple[int, pa.Table], buffer=beam.DoFn.StateParam(BUFFER),
+                armed=beam.DoFn.StateParam(ARMED), tick=beam.DoFn.TimerParam(TICK),
+                end=beam.DoFn.TimerParam(END)) -> None:
+        _, table = kv
+        if table.num_rows == 0:
+            return
+        buffer.add(table)
+        if armed.read() is None:
+            armed.write(1)
+            # never re-armed from the timer itself: a timer that keeps itself alive keeps the job alive
+            tick.set(Timestamp.now() + Duration(micros=int(self._every * 1_000_000)))
+            end.set(GlobalWindow().max_timestamp())
+
+    @on_timer(TICK)
+    def on_tick(self, buffer=beam.DoFn.StateParam(BUFFER), last=beam.DoFn.StateParam(LAST),
+                armed=beam.DoFn.StateParam(ARMED)) -> Iterator[dict]:
+        yield from self._commit(buffer, last, armed)
+
+    @on_timer(END)
+    def on_end(self, buffer=beam.DoFn.StateParam(BUFFER), last=beam.DoFn.StateParam(LAST),
+               armed=beam.DoFn.StateParam(ARMED), tick=beam.DoFn.TimerParam(TICK)) -> Iterator[dict]:
+        # the input has ended: commit now, and cancel the pending processing-time timer, which
+        # would otherwise keep the job alive until it fires
+        tick.clear()
+        yield from self._commit(buffer, last, armed)
+
+    def _commit(self, buffer, last, armed) -> Iterator[dict]:  # noqa: ANN001
+        tables = list(buffer.read())
+        buffer.clear()
+        armed.clear()
+        if not tables:
+            return
+        batch = pa.concat_tables([t.select(self._schema.names).cast(self._schema) for t in tables])
         exists = DeltaTable.is_deltatable(self._path)
         if exists and batch.num_rows:
-            parts = pc.unique(batch.column(self._partition))
-            held = delta.read_table(self._path, columns=self._keys,
-                                    filters=pc.field(self._partition).isin(parts))
+            filters = None
+            if self._match_partitions:
+                filters = pc.field(self._partition).isin(pc.unique(batch.column(self._partition)))
+            held = delta.read_table(self._path, columns=self._keys, filters=filters)
             if held.num_rows:
                 seen = pc.is_in(_row_key(batch, self._keys), value_set=_row_key(held, self._keys))
                 batch = batch.filter(pc.invert(seen))
@@ -153,45 +247,48 @@ class CommitMicroBatchFn(beam.DoFn):
                         commit_properties=CommitProperties(custom_metadata=self._meta,
                                                            app_transactions=[Transaction(self._app, version)]))
         last.write(version)
+        _LOG.info("committed %d %s rows as %s version %d", batch.num_rows, self._kind, self._app, version)
         yield {"table": self._kind, "rows": batch.num_rows, "app_version": version}
 
 
 def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Path, spec: FeatureSpec,
                  app_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
-                 stop_after_idle_s: float | None, start: str = "earliest") -> None:
+                 stop_after_idle_s: float | None, start: str = "earliest", buckets: int = DEFAULT_BUCKETS,
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5) -> None:
     from finfeat.jobs.kafka.source import ReadFromKafkaTopic
 
     mapping = Mapping.load("canonical")
     decoded = (p
                | "ReadKafka" >> ReadFromKafkaTopic(bootstrap=bootstrap, topic=topic, start=start, bound_s=bound_s,
-                                                   stop_after_idle_s=stop_after_idle_s)
-               | "DecodeMessages" >> beam.ParDo(DecodeMessageFn(topic=topic, run_id=run_id)).with_outputs(
+                                                   stop_after_idle_s=stop_after_idle_s, poll_s=poll_s)
+               | "DecodeMessages" >> beam.ParDo(DecodeMessagesFn(topic=topic, run_id=run_id)).with_outputs(
                    DEAD, main="raw"))
     parsed = decoded.raw | "ParseEvents" >> beam.ParDo(
         ParseBatchFn(mapping=mapping, token_key=token_key, run_id=run_id, recorded_at_us=0)).with_outputs(
             DEAD, "stats", main="events")
     unique = (parsed.events
-              | "KeyByTxnId" >> beam.Map(lambda t: (t.column("txn_id")[0].as_py(), t))
-              | "DropRepeatedTxn" >> beam.ParDo(DropRepeatedTxnFn(run_id=run_id)).with_outputs(DEAD, main="events"))
-    out = unique.events | "ComputeFeatures" >> ComputeFeatures(spec=spec)
+              | "BucketByTxnId" >> beam.FlatMap(split_by_bucket, "txn_id", buckets
+                                                ).with_output_types(Tuple[int, pa.Table])
+              | "DropRepeatedTxn" >> beam.ParDo(DropRepeatedTxnFn(run_id=run_id, retention_us=spec.max_window_us)
+                                                ).with_outputs(DEAD, main="events"))
+    out = unique.events | "ComputeFeatures" >> ComputeFeaturesUnbounded(
+        spec=spec, buckets=buckets, emit_every_ms=emit_every_ms, bound_us=int(bound_s * 1_000_000))
     late = out["late"] | "LateToDeadLetters" >> beam.Map(_late_dead_letter, run_id)
     dead = (decoded[DEAD], parsed[DEAD], unique[DEAD], late) | "FlattenDeadLetters" >> beam.Flatten()
     meta = {"finfeat.run_id": run_id, "finfeat.code_version": __version__, "finfeat.spec_hash": spec.spec_hash,
             "finfeat.stream.app_id": app_id}
-    window = beam.window.FixedWindows(commit_every_s)
-    for kind, pcoll, schema, keys, part in (
-            ("features", out["features"], feature_schema(spec), ["txn_id"], PARTITION_COLUMN),
+    for kind, pcoll, schema, keys, part, match in (
+            ("features", out["features"], feature_schema(spec), ["txn_id"], PARTITION_COLUMN, True),
+            # a replay records its dead letters on another day: look for them in every partition
             ("dead_letters", dead, DEAD_LETTER_SCHEMA, ["source", "source_row", "reason", "txn_id"],
-             "recorded_date")):
+             "recorded_date", False)):
         label = "".join(w.capitalize() for w in kind.split("_"))
         (pcoll
-         | f"MicroBatch{label}" >> beam.WindowInto(window)
-         | f"Key{label}" >> beam.Map(lambda t: (0, t))
-         | f"Gather{label}" >> beam.GroupByKey()
-         | f"Rewindow{label}" >> beam.WindowInto(beam.window.GlobalWindows())
+         | f"Key{label}" >> beam.Map(lambda t: (0, t)).with_output_types(Tuple[int, pa.Table])
          | f"Commit{label}" >> beam.ParDo(CommitMicroBatchFn(
              path=delta.table_path(warehouse, kind), app_id=f"{app_id}:{kind}", kind=kind, schema=schema,
-             key_columns=keys, partition_by=part, metadata=meta)))
+             key_columns=keys, partition_by=part, metadata=meta, every_s=commit_every_s,
+             match_partitions=match)))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -205,7 +302,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--app-id", default="finfeat-stream", help="one id per job: names its Delta transactions")
     p.add_argument("--bound-seconds", type=float, default=5.0, help="bound on out-of-orderness (watermark lag)")
     p.add_argument("--commit-every-seconds", type=float, default=60.0,
-                   help="event-time length of a Delta micro-batch")
+                   help="seconds (processing time) between Delta commits; the rest is committed when the input ends")
+    p.add_argument("--emit-every-ms", type=int, default=DEFAULT_EMIT_EVERY_MS,
+                   help="features of an event are emitted once the watermark passes the next multiple of this "
+                        "(event time); larger batches more work per timer")
+    p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
+                   help="state keys per entity kind and for txn ids (parallelism of the stateful steps)")
     p.add_argument("--stop-after-idle", type=float, help="finish after this many seconds without messages")
     p.add_argument("--feature-spec")
     p.add_argument("--demo-key", action="store_true")
@@ -236,7 +338,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         build_stream(p, bootstrap=args.bootstrap, topic=args.topic, warehouse=Path(args.warehouse), spec=spec,
                      app_id=args.app_id, run_id=run_id, token_key=_token_key(args, demo=False),
                      bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
-                     stop_after_idle_s=args.stop_after_idle)
+                     stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
+                     emit_every_ms=args.emit_every_ms)
     features = delta.table_path(args.warehouse, delta.FEATURES)
     rows = delta.read_table(features, columns=["txn_id"]).num_rows if DeltaTable.is_deltatable(features) else 0
     print(f"stream {run_id} finished after {time.monotonic() - started:.1f} s: {rows:,} feature rows in {features}")

@@ -1,18 +1,39 @@
-"""The unbounded path of ComputeFeatures: per-entity state, event-time timers, one engine.
+"""The unbounded path of ComputeFeatures: bucketed entity state, event-time timers, one engine.
 
-Each entity (card, merchant) keeps, in Beam state, the events its longest window can still
-reach plus the events waiting for the watermark. When the watermark passes an event's time,
-no on-time event can still come before it, so its features are final: the DoFn calls the
-very function the batch path calls (:func:`compute_entity_features`) on history + ready
-events and emits the ready rows. Events that arrive behind what was already emitted are
-``late`` and go to their own output (the next backfill repairs their days).
+Each entity kind (card, merchant) is cut into a few buckets by a stable hash of the entity
+key. A bucket keeps, in Beam state, the events its entities' longest window can still reach
+(plus, however old, each entity's newest and newest located event: the unwindowed features
+reach back to them) and the events waiting for the watermark. When the watermark passes
+the end of an emit tick, no on-time event can still come before it, so the features of the
+tick's events are final: the DoFn calls the very function the batch path calls
+(:func:`compute_entity_features`) on history + ready events, all entities of the bucket at
+once, and emits the ready rows as one table. Events that arrive behind what was already
+emitted are ``late`` and go to their own output (the next backfill repairs their days).
+
+Timers are set on whole milliseconds: the portable Fn API (Prism, Flink, Dataflow) carries
+element and timer timestamps in milliseconds, so a timer set at ``t + 1 µs`` comes back as
+``t``'s millisecond, below ``t``: such a timer never makes ``t`` final and re-arms itself
+forever. A flush at the tick boundary ``b`` (a multiple of ``emit_every_ms``) makes every
+event before ``b`` final, which is exact on every runner.
+
+Every stage keeps whole Arrow tables per bucket, so the per-event cost is a few vectorized
+calls, not a Python call, a state read and a timer per event and per entity.
+
+The per-entity parts of a transaction meet in a join keyed by a bucket of the txn id. Each
+entity stage sends, for every event it received, exactly one part: its features, or a late
+marker; the join emits a row once every entity has answered, and reports the event ``late``
+(once) if any entity found it late. Nothing there depends on lateness, so no part is ever
+silently dropped.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, Tuple
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
@@ -22,172 +43,309 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from finfeat.schemas.events import EVENT_SCHEMA
 from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
-from finfeat.transforms.features import compute_calendar_features, compute_entity_features
+from finfeat.transforms.buckets import split_by_bucket
+from finfeat.transforms.features import compute_calendar_features, compute_entity_features, history_tail
 from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
 
 LATE = "late"
+FEATURES = "features"
+DEFAULT_BUCKETS = 4
+DEFAULT_EMIT_EVERY_MS = 1000
 _US_PER_DAY = 86_400_000_000
+_US_PER_MS = 1000
+_MAX_HISTORY_CHUNKS = 64  # history is appended per flush and compacted past this many pieces
+
+Part = Tuple[str, str, pa.Table]  # (entity, FEATURES | LATE, table)
 
 
-def explode_with_event_time(table: pa.Table) -> Iterator[TimestampedValue]:
-    """One element per event, stamped with its event time (the watermark's clock)."""
-    for row in table.select(EVENT_SCHEMA.names).to_pylist():
-        t = row["event_time"]
-        row["event_time_us"] = int(t.timestamp()) * 1_000_000 + t.microsecond
-        yield TimestampedValue(row, Timestamp(micros=row["event_time_us"]))
+def flush_time_us(t_us: int, tick_us: int = _US_PER_MS) -> int:
+    """The first tick boundary after ``t_us``: once the watermark reaches it, ``t_us`` is final."""
+    return (t_us // tick_us + 1) * tick_us
 
 
-def _rows_to_events(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{k: r[k] for k in EVENT_SCHEMA.names} for r in rows], schema=EVENT_SCHEMA)
+def event_times_us(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("event_time").cast(pa.int64()).to_numpy(), dtype=np.int64)
 
 
-def _trim(rows: list[dict], oldest_us: int) -> list[dict]:
-    """History the windows can still reach (after ``oldest_us``), plus the newest event and the
-    newest located event before that: features without a window reach back to those."""
-    kept = [r for r in rows if r["event_time_us"] > oldest_us]
-    older = [r for r in rows if r["event_time_us"] <= oldest_us]
-    if older:
-        order = lambda r: (r["event_time_us"], r["txn_id"])  # noqa: E731
-        tail = {max(older, key=order)["txn_id"]: max(older, key=order)}
-        located = [r for r in older if r["merchant_lat"] is not None and r["merchant_lon"] is not None]
-        if located:
-            newest = max(located, key=order)
-            tail[newest["txn_id"]] = newest
-        kept = list(tail.values()) + kept
-    return kept
+def as_events(table: pa.Table) -> pa.Table:
+    """The canonical event columns only, in the canonical schema (every piece concatenates)."""
+    return table.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+
+
+def late_rows(table: pa.Table) -> list[dict]:
+    """Late events as the late output carries them: the event's columns plus ``event_time_us``."""
+    rows = table.to_pylist()
+    for row, t in zip(rows, event_times_us(table).tolist()):
+        row["event_time_us"] = t
+    return rows
+
+
+def _concat(tables: Iterable[pa.Table]) -> pa.Table | None:
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return None
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def identity_columns(events: pa.Table, spec: FeatureSpec) -> dict[str, pa.Array]:
+    """The identity part of the feature row and the calendar features, for every event."""
+    cols: dict[str, Any] = {}
+    days = event_times_us(events) // _US_PER_DAY
+    for name in IDENTITY_COLUMNS:
+        cols[name] = (pa.array(days.astype(np.int32)).cast(pa.date32()) if name == "event_date"
+                      else events.column(name))
+    cols.update(compute_calendar_features(events, spec.for_entity("event")))
+    return cols
 
 
 class EntityFeaturesFn(beam.DoFn):
-    """Exact features of one entity kind, emitted once the watermark has passed each event."""
+    """Exact features of one entity kind, per bucket of entities, once the watermark passes a tick.
+
+    Input ``(bucket, events)``; output ``(txn bucket, (entity, FEATURES | LATE, table))``.
+    """
 
     PENDING = BagStateSpec("pending", PickleCoder())
     HISTORY = BagStateSpec("history", PickleCoder())
+    SHAPE = ReadModifyWriteStateSpec("shape", PickleCoder())        # (pieces in HISTORY, prune due at)
     HORIZON = ReadModifyWriteStateSpec("horizon", VarIntCoder())   # every event <= this is emitted
     NEXT = ReadModifyWriteStateSpec("next", VarIntCoder())         # the timer currently set
+    NEWEST = ReadModifyWriteStateSpec("newest", VarIntCoder())     # the latest event time received
     FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
 
-    def __init__(self, *, spec: FeatureSpec, entity: str) -> None:
-        self._defs, self._entity, self._reach = spec.for_entity(entity), entity, spec.max_window_us
+    def __init__(self, *, spec: FeatureSpec, entity: str, anchor: bool, join_buckets: int,
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, bound_us: int | None = None) -> None:
+        if emit_every_ms < 1:
+            raise ValueError("emit_every_ms must be at least 1")
+        self._spec, self._entity, self._anchor = spec, entity, anchor
+        self._defs, self._reach = spec.for_entity(entity), spec.max_window_us
+        self._column, self._join_buckets = ENTITY_COLUMNS[entity], join_buckets
+        self._tick = emit_every_ms * _US_PER_MS
+        self._bound = bound_us
 
-    def process(self, kv: tuple[str, dict], pending=beam.DoFn.StateParam(PENDING),
+    def _next_flush(self, later_t: np.ndarray, newest: int | None) -> int:
+        """When to flush the events still waiting after a flush.
+
+        With the source's bound known: the earliest waiting event's tick or, when the bound
+        says the watermark is probably past more waiting events, the tick of the last of those,
+        so that one timer releases them all (a replay of old events would otherwise take one
+        timer round per tick). Without it: the last waiting event's tick (fewest rounds; an
+        event may wait up to the spread of the waiting events). Only the timer's time is
+        guessed: what a flush releases is decided by the time it fires at, so a wrong guess
+        costs latency, never exactness. New events still pull the timer earlier."""
+        if self._bound is None:
+            return flush_time_us(int(later_t.max()), self._tick)
+        due = flush_time_us(int(later_t.min()), self._tick)
+        if newest is not None:
+            behind = later_t[later_t < newest - self._bound]
+            if behind.size:
+                due = max(due, flush_time_us(int(behind.max()), self._tick))
+        return due
+
+    def _to_join(self, kind: str, table: pa.Table) -> Iterator[tuple[int, Part]]:
+        for bucket, piece in split_by_bucket(table, "txn_id", self._join_buckets):
+            yield bucket, (self._entity, kind, piece)
+
+    def process(self, kv: tuple[int, pa.Table], pending=beam.DoFn.StateParam(PENDING),
                 horizon=beam.DoFn.StateParam(HORIZON), nxt=beam.DoFn.StateParam(NEXT),
-                flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator[object]:
-        _, row = kv
-        t = row["event_time_us"]
+                newest=beam.DoFn.StateParam(NEWEST), flush=beam.DoFn.TimerParam(FLUSH)
+                ) -> Iterator[tuple[int, Part]]:
+        _, table = kv
+        t = event_times_us(table)
+        if self._bound is not None and t.size:
+            seen = newest.read()
+            if seen is None or int(t.max()) > seen:
+                newest.write(int(t.max()))
         done = horizon.read()
-        if done is not None and t <= done:
-            yield pvalue.TaggedOutput(LATE, row)
+        if done is not None:
+            late = t <= done
+            if late.any():
+                yield from self._to_join(LATE, table.filter(pa.array(late)))
+                table, t = table.filter(pa.array(~late)), t[~late]
+        if table.num_rows == 0:
             return
-        pending.add(row)
+        pending.add(table)
+        due = flush_time_us(int(t.min()), self._tick)
         current = nxt.read()
-        if current is None or t + 1 < current:
-            nxt.write(t + 1)
-            flush.set(Timestamp(micros=t + 1))
+        if current is None or due < current:
+            nxt.write(due)
+            flush.set(Timestamp(micros=due))
 
     @on_timer(FLUSH)
     def on_flush(self, fired=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
-                 history=beam.DoFn.StateParam(HISTORY), horizon=beam.DoFn.StateParam(HORIZON),
-                 nxt=beam.DoFn.StateParam(NEXT), flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator[object]:
-        cutoff = fired.micros - 1  # the watermark has passed every event at or before this
-        waiting = list(pending.read())
-        ready = [r for r in waiting if r["event_time_us"] <= cutoff]
-        later = [r for r in waiting if r["event_time_us"] > cutoff]
-        kept = _trim(list(history.read()), cutoff - self._reach)
-        if ready:
-            table = _rows_to_events(kept + ready)
+                 history=beam.DoFn.StateParam(HISTORY), shape=beam.DoFn.StateParam(SHAPE),
+                 horizon=beam.DoFn.StateParam(HORIZON), nxt=beam.DoFn.StateParam(NEXT),
+                 newest=beam.DoFn.StateParam(NEWEST), flush=beam.DoFn.TimerParam(FLUSH)
+                 ) -> Iterator[tuple[int, Part]]:
+        # the watermark has passed every event at or before this (timers come back in whole ms)
+        cutoff = fired.micros // _US_PER_MS * _US_PER_MS - 1
+        waiting = _concat(pending.read())
+        if waiting is None:
+            nxt.clear()
+            return
+        t = event_times_us(waiting)
+        is_ready = t <= cutoff
+        ready, later = waiting.filter(pa.array(is_ready)), waiting.filter(pa.array(~is_ready))
+        pieces, prune_at = shape.read() or (0, None)
+        if ready.num_rows:
+            held = _concat(history.read()) if pieces else None
+            if held is not None:  # only the ready events' entities matter to their features
+                mine = held.filter(pc.is_in(held.column(self._column), value_set=ready.column(self._column)))
+                table = pa.concat_tables([mine, ready])
+                first = mine.num_rows
+            else:
+                table, first = ready, 0
             cols = compute_entity_features(table, self._defs, self._entity)
-            first = len(kept)
-            for i, r in enumerate(ready):
-                yield r["txn_id"], (self._entity, {name: arr[first + i].as_py() for name, arr in cols.items()})
-        history.clear()
-        for r in kept + ready:
-            history.add(r)
+            part = identity_columns(ready, self._spec) if self._anchor else {}
+            part["txn_id"] = ready.column("txn_id")
+            for name, arr in cols.items():
+                part[name] = arr.slice(first)
+            yield from self._to_join(FEATURES, pa.table(part))
+            # history: append the ready events; prune (a rewrite) only when events fall out of reach
+            t_ready = t[is_ready]
+            floor = cutoff - self._reach
+            oldest = int(t_ready.min())
+            if (prune_at is not None and prune_at <= floor) or pieces + 1 > _MAX_HISTORY_CHUNKS:
+                everything = pa.concat_tables([held, ready]) if held is not None else ready
+                keep, prune_at = self._prune(everything, floor)
+                history.clear()
+                history.add(keep)
+                pieces = 1
+            else:
+                history.add(ready)
+                pieces += 1
+                prune_at = oldest if prune_at is None else min(prune_at, oldest)
+            shape.write((pieces, prune_at))
+        done = horizon.read()
+        horizon.write(cutoff if done is None else max(done, cutoff))
         pending.clear()
-        for r in later:
-            pending.add(r)
-        horizon.write(cutoff)
-        if later:
-            t = min(r["event_time_us"] for r in later) + 1
-            nxt.write(t)
-            flush.set(Timestamp(micros=t))
+        if later.num_rows:
+            pending.add(later)
+            due = self._next_flush(t[~is_ready], None if self._bound is None else newest.read())
+            nxt.write(due)
+            flush.set(Timestamp(micros=due))
         else:
             nxt.clear()
 
+    def _prune(self, table: pa.Table, floor: int) -> tuple[pa.Table, int | None]:
+        """Events a later event can still reach: newer than ``floor``, plus each entity's tail."""
+        t = event_times_us(table)
+        keep = t > floor
+        keep[history_tail(table, self._entity)] = True
+        kept = table.filter(pa.array(keep))
+        windowed = t[t > floor]
+        return kept, (int(windowed.min()) if windowed.size else None)
 
-class JoinFeatureRowFn(beam.DoFn):
-    """Waits for the identity part and every entity's part of a txn, then emits the row."""
+
+class JoinPartsFn(beam.DoFn):
+    """Waits until every entity answered for a txn; emits feature rows, reports late events once.
+
+    Input ``(txn bucket, (entity, FEATURES | LATE, table))``; output feature-row tables and,
+    tagged ``late``, one row dict per late event.
+    """
 
     PARTS = BagStateSpec("parts", PickleCoder())
 
     def __init__(self, *, spec: FeatureSpec) -> None:
         self._spec = spec
-        self._needed = 1 + len(spec.entities)
+        self._entities = list(spec.entities)
 
     def setup(self) -> None:
         self._schema = feature_schema(self._spec)
 
-    def process(self, kv: tuple[str, tuple[str, dict]], parts=beam.DoFn.StateParam(PARTS)) -> Iterator[pa.Table]:
-        _, part = kv
-        got = [*parts.read(), part]
-        if len(got) < self._needed:
-            parts.add(part)
+    def process(self, kv: tuple[int, Part], parts=beam.DoFn.StateParam(PARTS)) -> Iterator[object]:
+        _, new = kv
+        held = list(parts.read())
+        by_kind: dict[tuple[str, str], list[pa.Table]] = {}
+        for entity, kind, table in [*held, new]:
+            by_kind.setdefault((entity, kind), []).append(table)
+        tables = {k: pa.concat_tables(v) if len(v) > 1 else v[0] for k, v in by_kind.items()}
+        ids = {k: set(t.column("txn_id").to_pylist()) for k, t in tables.items()}
+        answered = None
+        for entity in self._entities:
+            got = ids.get((entity, FEATURES), set()) | ids.get((entity, LATE), set())
+            answered = got if answered is None else answered & got
+        if not answered:  # nothing complete: keep the new part with the others
+            parts.add(new)
             return
+        late = set()
+        for entity in self._entities:
+            late |= ids.get((entity, LATE), set()) & answered
+        good = answered - late
+        if good:  # every entity's part of these txns, each sorted by txn id, side by side
+            wanted = pa.array(sorted(good), pa.string())
+            cols: dict[str, pa.ChunkedArray] = {}
+            for entity in self._entities:
+                part = tables[(entity, FEATURES)]
+                part = part.filter(pc.is_in(part.column("txn_id"), value_set=wanted))
+                part = part.take(pc.sort_indices(part, sort_keys=[("txn_id", "ascending")]))
+                for name in part.column_names:
+                    cols.setdefault(name, part.column(name))
+            yield pa.table(cols).select(self._schema.names).cast(self._schema)
+        if late:
+            reported: set[str] = set()
+            for entity in self._entities:
+                table = tables.get((entity, LATE))
+                if table is None:
+                    continue
+                for row in late_rows(table):
+                    if row["txn_id"] in late and row["txn_id"] not in reported:
+                        reported.add(row["txn_id"])
+                        yield pvalue.TaggedOutput(LATE, row)
         parts.clear()
-        row: dict[str, object] = {}
-        for _, values in got:
-            row.update(values)
-        yield pa.Table.from_pylist([row], schema=self._schema)
-
-
-class FirstPerKeyFn(beam.DoFn):
-    """Passes the first element of each key, drops the rest (an event late for two entities)."""
-
-    SEEN = ReadModifyWriteStateSpec("seen", VarIntCoder())
-
-    def process(self, kv: tuple[str, object], seen=beam.DoFn.StateParam(SEEN)) -> Iterator[object]:
-        if seen.read() is None:
-            seen.write(1)
-            yield kv[1]
+        done = pa.array(sorted(answered), pa.string())
+        for (entity, kind), table in tables.items():
+            rest = table.filter(pc.invert(pc.is_in(table.column("txn_id"), value_set=done)))
+            if rest.num_rows:
+                parts.add((entity, kind, rest))
 
 
 class ComputeFeaturesUnbounded(beam.PTransform):
-    """The unbounded counterpart of ComputeFeatures; outputs ``{"features", "late"}``."""
+    """The unbounded counterpart of ComputeFeatures; outputs ``{"features", "late"}``.
 
-    def __init__(self, *, spec: FeatureSpec) -> None:
+    Input: tables of canonical events (any number of rows each). ``features``: feature-row
+    tables; ``late``: one dict per late event (its columns and ``event_time_us``).
+    ``emit_every_ms``: an event's features are emitted once the watermark passes the next
+    multiple of this after it (1 = as soon as the watermark passes the event's millisecond;
+    larger values batch more work per timer). ``bound_us``: the source's bound on
+    out-of-orderness (its watermark is the newest event time minus this), when known; it only
+    helps schedule timers (see :meth:`EntityFeaturesFn._next_flush`).
+    """
+
+    def __init__(self, *, spec: FeatureSpec, buckets: int = DEFAULT_BUCKETS,
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, bound_us: int | None = None) -> None:
         super().__init__()
-        self._spec = spec
+        if buckets < 1:
+            raise ValueError("buckets must be at least 1")
+        self._spec, self._buckets, self._every, self._bound = spec, buckets, emit_every_ms, bound_us
 
     def expand(self, events: beam.PCollection) -> dict[str, beam.PCollection]:
-        spec = self._spec
-        rows = events | "StampEventTime" >> beam.FlatMap(explode_with_event_time)
+        spec, buckets = self._spec, self._buckets
+        entities = list(spec.entities)
+        rows = events | "CanonicalColumns" >> beam.Map(as_events).with_output_types(pa.Table)
+        if not entities:
+            def calendar_only(table: pa.Table) -> pa.Table:
+                schema = feature_schema(spec)
+                return pa.table(identity_columns(table, spec)).select(schema.names).cast(schema)
 
-        def identity(row: dict) -> tuple[str, tuple[str, dict]]:
-            table = _rows_to_events([row])
-            values = {name: row[name] for name in IDENTITY_COLUMNS if name != "event_date"}
-            values["event_date"] = pa.scalar(row["event_time_us"] // _US_PER_DAY, pa.int32()).cast(pa.date32()).as_py()
-            for name, arr in compute_calendar_features(table, spec.for_entity("event")).items():
-                values[name] = arr[0].as_py()
-            return row["txn_id"], ("base", values)
-
-        parts = [rows | "IdentityAndCalendar" >> beam.Map(identity)]
-        lates = []
-        for entity in spec.entities:
+            features = rows | "IdentityAndCalendar" >> beam.Map(calendar_only)
+            late = events.pipeline | "NothingLate" >> beam.Create([])
+            return {"features": features, "late": late}
+        parts = []
+        for i, entity in enumerate(entities):
             label = entity.capitalize()
-            out = (rows
-                   | f"KeyBy{label}" >> beam.Map(lambda r, c=ENTITY_COLUMNS[entity]: (r[c], r))
-                   | f"Accumulate{label}InEventTime" >> beam.ParDo(
-                       EntityFeaturesFn(spec=spec, entity=entity)).with_outputs(LATE, main="features"))
-            parts.append(out.features)
-            lates.append(out[LATE])
-        features = (parts
-                    | "FlattenParts" >> beam.Flatten()
-                    | "JoinOnTxnId" >> beam.ParDo(JoinFeatureRowFn(spec=spec)))
-        late = (lates | "FlattenLate" >> beam.Flatten()
-                | "KeyLateByTxnId" >> beam.Map(lambda r: (r["txn_id"], r))
-                | "ReportLateOnce" >> beam.ParDo(FirstPerKeyFn()))
-        return {"features": features, "late": late}
+            parts.append(
+                rows
+                | f"BucketBy{label}" >> beam.FlatMap(split_by_bucket, ENTITY_COLUMNS[entity], buckets
+                                                    ).with_output_types(Tuple[int, pa.Table])
+                | f"Accumulate{label}InEventTime" >> beam.ParDo(EntityFeaturesFn(
+                    spec=spec, entity=entity, anchor=i == 0, join_buckets=buckets, emit_every_ms=self._every,
+                    bound_us=self._bound)
+                ).with_output_types(Tuple[int, Any]))
+        joined = (parts
+                  | "FlattenParts" >> beam.Flatten()
+                  | "JoinOnTxnId" >> beam.ParDo(JoinPartsFn(spec=spec)).with_outputs(LATE, main="features"))
+        return {"features": joined.features, "late": joined[LATE]}
