@@ -44,7 +44,12 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from finfeat import __version__
 from finfeat.jobs import delta
 from finfeat.pipelines.features import DEAD, ParseBatchFn
-from finfeat.pipelines.streaming import DEFAULT_BUCKETS, DEFAULT_EMIT_EVERY_MS, ComputeFeaturesUnbounded
+from finfeat.pipelines.streaming import (
+    DEFAULT_BUCKETS,
+    DEFAULT_EMIT_EVERY_MS,
+    ComputeFeaturesUnbounded,
+    refuse_runner_splits,
+)
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.schemas.mapping import Mapping
@@ -119,6 +124,9 @@ class DropRepeatedTxnFn(beam.DoFn):
 
     def __init__(self, *, run_id: str, retention_us: int) -> None:
         self._run_id, self._retention = run_id, retention_us
+
+    def setup(self) -> None:
+        refuse_runner_splits()
 
     def process(self, kv: tuple[int, pa.Table], seen=beam.DoFn.StateParam(SEEN),
                 pieces=beam.DoFn.StateParam(PIECES)) -> Iterator[object]:
@@ -195,6 +203,9 @@ class CommitMicroBatchFn(beam.DoFn):
         self._path, self._app, self._kind, self._schema = path, app_id, kind, schema
         self._keys, self._partition, self._meta = key_columns, partition_by, metadata
         self._every, self._match_partitions = every_s, match_partitions
+
+    def setup(self) -> None:
+        refuse_runner_splits()
 
     def process(self, kv: tuple[int, pa.Table], buffer=beam.DoFn.StateParam(BUFFER),
                 armed=beam.DoFn.StateParam(ARMED), tick=beam.DoFn.TimerParam(TICK),

@@ -62,6 +62,55 @@ _MAX_HISTORY_CHUNKS = 64  # history is appended per flush and compacted past thi
 Part = Tuple[str, str, pa.Table]  # (entity, FEATURES | LATE, table)
 
 
+
+def refuse_runner_splits() -> None:
+    """Make this worker decline runner-initiated splits of bundles of stateful steps.
+
+    Prism (up to at least Beam 2.77) splits any bundle that shows no progress for ~100 ms,
+    and mishandles the split of a stateful bundle that also carries timers: it logs
+    "Unexpected split on a bundle with timers" (apache/beam#35771) and then loses or
+    duplicates some of the bundle's elements and timers, silently. A loaded machine (or a
+    slow flush) makes such splits routine. Declining a split is always allowed by the Fn
+    API (the bundle just runs to its end), so the worker answers every split request for a
+    bundle with a stateful ParDo with an empty split. Other bundles split as before; the
+    Kafka source's own checkpoints are not runner-initiated splits and are unaffected.
+    Idempotent; called from the stateful DoFns' ``setup`` so that it runs in every worker.
+    """
+    from apache_beam.runners.worker import bundle_processor
+
+    cls = bundle_processor.BundleProcessor
+    if getattr(cls.try_split, "_finfeat_refuses_stateful", False):
+        return
+    original = cls.try_split
+
+    def try_split(self, bundle_split_request):  # noqa: ANN001, ANN202
+        from apache_beam.portability.api import beam_fn_api_pb2
+
+        if _is_stateful(self):
+            return beam_fn_api_pb2.ProcessBundleSplitResponse()
+        return original(self, bundle_split_request)
+
+    try_split._finfeat_refuses_stateful = True
+    cls.try_split = try_split
+
+
+def _is_stateful(processor: object) -> bool:
+    cached = getattr(processor, "_finfeat_stateful", None)
+    if cached is None:
+        from apache_beam.portability import common_urns
+        from apache_beam.portability.api import beam_runner_api_pb2
+
+        cached = False
+        for transform in processor.process_bundle_descriptor.transforms.values():
+            if transform.spec.urn == common_urns.primitives.PAR_DO.urn:
+                payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+                if payload.state_specs or payload.timer_family_specs:
+                    cached = True
+                    break
+        processor._finfeat_stateful = cached
+    return cached
+
+
 def flush_time_us(t_us: int, tick_us: int = _US_PER_MS) -> int:
     """The first tick boundary after ``t_us``: once the watermark reaches it, ``t_us`` is final."""
     return (t_us // tick_us + 1) * tick_us
@@ -144,6 +193,9 @@ class EntityFeaturesFn(beam.DoFn):
             if behind.size:
                 due = max(due, flush_time_us(int(behind.max()), self._tick))
         return due
+
+    def setup(self) -> None:
+        refuse_runner_splits()
 
     def _to_join(self, kind: str, table: pa.Table) -> Iterator[tuple[int, Part]]:
         for bucket, piece in split_by_bucket(table, "txn_id", self._join_buckets):
@@ -254,6 +306,7 @@ class JoinPartsFn(beam.DoFn):
         self._entities = list(spec.entities)
 
     def setup(self) -> None:
+        refuse_runner_splits()
         self._schema = feature_schema(self._spec)
 
     def process(self, kv: tuple[int, Part], parts=beam.DoFn.StateParam(PARTS)) -> Iterator[object]:
