@@ -282,8 +282,8 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
                                                 ).with_output_types(Tuple[int, pa.Table])
               | "DropRepeatedTxn" >> beam.ParDo(DropRepeatedTxnFn(run_id=run_id, retention_us=spec.max_window_us)
                                                 ).with_outputs(DEAD, main="events"))
-    out = unique.events | "ComputeFeatures" >> ComputeFeaturesUnbounded(
-        spec=spec, buckets=buckets, emit_every_ms=emit_every_ms, bound_us=int(bound_s * 1_000_000))
+    out = unique.events | "ComputeFeatures" >> ComputeFeaturesUnbounded(spec=spec, buckets=buckets,
+                                                                        emit_every_ms=emit_every_ms)
     late = out["late"] | "LateToDeadLetters" >> beam.Map(_late_dead_letter, run_id)
     dead = (decoded[DEAD], parsed[DEAD], unique[DEAD], late) | "FlattenDeadLetters" >> beam.Flatten()
     meta = {"finfeat.run_id": run_id, "finfeat.code_version": __version__, "finfeat.spec_hash": spec.spec_hash,

@@ -1,7 +1,7 @@
 """The unbounded path of ComputeFeatures: bucketed entity state, event-time timers, one engine.
 
-Each entity kind (card, merchant) is cut into a few buckets by a stable hash of the entity
-key. A bucket keeps, in Beam state, the events its entities' longest window can still reach
+Each entity kind (card, merchant) is cut into buckets by a stable hash of the entity key
+(one by default). A bucket keeps, in Beam state, the events its entities' longest window can still reach
 (plus, however old, each entity's newest and newest located event: the unwindowed features
 reach back to them) and the events waiting for the watermark. When the watermark passes
 the end of an emit tick, no on-time event can still come before it, so the features of the
@@ -17,7 +17,10 @@ forever. A flush at the tick boundary ``b`` (a multiple of ``emit_every_ms``) ma
 event before ``b`` final, which is exact on every runner.
 
 Every stage keeps whole Arrow tables per bucket, so the per-event cost is a few vectorized
-calls, not a Python call, a state read and a timer per event and per entity.
+calls, not a Python call, a state read and a timer per event and per entity. A bucket sets
+one timer per tick its waiting events need (dynamic timer tags), so when the watermark jumps
+ahead (a backlog, a replay) every passed tick fires in the same round instead of one tick
+per round.
 
 The per-entity parts of a transaction meet in a join keyed by a bucket of the txn id. Each
 entity stage sends, for every event it received, exactly one part: its features, or a late
@@ -53,14 +56,17 @@ from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
 
 LATE = "late"
 FEATURES = "features"
-DEFAULT_BUCKETS = 4
+#: State keys per entity kind (and for the txn-id join). Every key costs the runner scheduling
+#: work per batch; on a local runner one key per kind is fastest (measured on Prism, 2 cores:
+#: 4 keys fell behind at 1,000 events/s, 1 key kept up at 5,000/s). Raise it on a cluster.
+DEFAULT_BUCKETS = 1
 DEFAULT_EMIT_EVERY_MS = 1000
 _US_PER_DAY = 86_400_000_000
 _US_PER_MS = 1000
 _MAX_HISTORY_CHUNKS = 64  # history is appended per flush and compacted past this many pieces
+_DENSE_TIMERS = 16        # up to this many tick timers per batch of new events, else a ladder
 
 Part = Tuple[str, str, pa.Table]  # (entity, FEATURES | LATE, table)
-
 
 
 def refuse_runner_splits() -> None:
@@ -116,6 +122,27 @@ def flush_time_us(t_us: int, tick_us: int = _US_PER_MS) -> int:
     return (t_us // tick_us + 1) * tick_us
 
 
+def flush_times_us(t_us: np.ndarray, tick_us: int, dense: int = _DENSE_TIMERS) -> list[int]:
+    """The timers to set for newly waiting events: every tick boundary they need when there are
+    at most ``dense`` of them (each event released as soon as its tick is final); otherwise
+    (a replay, a backlog) the first and the last, and between them the first multiple of
+    ``tick * 2**k`` after the earliest event for each k: however far the watermark has moved,
+    the timers it passed fire in one round and the latest of them releases nearly all."""
+    ticks = np.unique((t_us // tick_us + 1) * tick_us)
+    if len(ticks) <= dense:
+        return [int(x) for x in ticks]
+    first, last = int(ticks[0]), int(ticks[-1])
+    times = {first, last}
+    step = tick_us * 2
+    while True:
+        boundary = flush_time_us(int(t_us.min()), step)
+        if boundary >= last:
+            break
+        times.add(boundary)
+        step *= 2
+    return sorted(times)
+
+
 def event_times_us(table: pa.Table) -> np.ndarray:
     return np.asarray(table.column("event_time").cast(pa.int64()).to_numpy(), dtype=np.int64)
 
@@ -155,44 +182,27 @@ class EntityFeaturesFn(beam.DoFn):
     """Exact features of one entity kind, per bucket of entities, once the watermark passes a tick.
 
     Input ``(bucket, events)``; output ``(txn bucket, (entity, FEATURES | LATE, table))``.
+
+    Timers: one per tick boundary that waiting events need (dynamic timer tags, see
+    :func:`flush_times_us`), so that when the watermark moves by many ticks at once, every
+    timer it passed fires in the same round; a flush at ``b`` releases every waiting event
+    before ``b``, so which timers fire, and in which bundles, changes only how the work is cut.
     """
 
     PENDING = BagStateSpec("pending", PickleCoder())
     HISTORY = BagStateSpec("history", PickleCoder())
     SHAPE = ReadModifyWriteStateSpec("shape", PickleCoder())        # (pieces in HISTORY, prune due at)
     HORIZON = ReadModifyWriteStateSpec("horizon", VarIntCoder())   # every event <= this is emitted
-    NEXT = ReadModifyWriteStateSpec("next", VarIntCoder())         # the timer currently set
-    NEWEST = ReadModifyWriteStateSpec("newest", VarIntCoder())     # the latest event time received
     FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
 
     def __init__(self, *, spec: FeatureSpec, entity: str, anchor: bool, join_buckets: int,
-                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, bound_us: int | None = None) -> None:
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS) -> None:
         if emit_every_ms < 1:
             raise ValueError("emit_every_ms must be at least 1")
         self._spec, self._entity, self._anchor = spec, entity, anchor
         self._defs, self._reach = spec.for_entity(entity), spec.max_window_us
         self._column, self._join_buckets = ENTITY_COLUMNS[entity], join_buckets
         self._tick = emit_every_ms * _US_PER_MS
-        self._bound = bound_us
-
-    def _next_flush(self, later_t: np.ndarray, newest: int | None) -> int:
-        """When to flush the events still waiting after a flush.
-
-        With the source's bound known: the earliest waiting event's tick or, when the bound
-        says the watermark is probably past more waiting events, the tick of the last of those,
-        so that one timer releases them all (a replay of old events would otherwise take one
-        timer round per tick). Without it: the last waiting event's tick (fewest rounds; an
-        event may wait up to the spread of the waiting events). Only the timer's time is
-        guessed: what a flush releases is decided by the time it fires at, so a wrong guess
-        costs latency, never exactness. New events still pull the timer earlier."""
-        if self._bound is None:
-            return flush_time_us(int(later_t.max()), self._tick)
-        due = flush_time_us(int(later_t.min()), self._tick)
-        if newest is not None:
-            behind = later_t[later_t < newest - self._bound]
-            if behind.size:
-                due = max(due, flush_time_us(int(behind.max()), self._tick))
-        return due
 
     def setup(self) -> None:
         refuse_runner_splits()
@@ -202,15 +212,10 @@ class EntityFeaturesFn(beam.DoFn):
             yield bucket, (self._entity, kind, piece)
 
     def process(self, kv: tuple[int, pa.Table], pending=beam.DoFn.StateParam(PENDING),
-                horizon=beam.DoFn.StateParam(HORIZON), nxt=beam.DoFn.StateParam(NEXT),
-                newest=beam.DoFn.StateParam(NEWEST), flush=beam.DoFn.TimerParam(FLUSH)
+                horizon=beam.DoFn.StateParam(HORIZON), flush=beam.DoFn.TimerParam(FLUSH)
                 ) -> Iterator[tuple[int, Part]]:
         _, table = kv
         t = event_times_us(table)
-        if self._bound is not None and t.size:
-            seen = newest.read()
-            if seen is None or int(t.max()) > seen:
-                newest.write(int(t.max()))
         done = horizon.read()
         if done is not None:
             late = t <= done
@@ -220,67 +225,56 @@ class EntityFeaturesFn(beam.DoFn):
         if table.num_rows == 0:
             return
         pending.add(table)
-        due = flush_time_us(int(t.min()), self._tick)
-        current = nxt.read()
-        if current is None or due < current:
-            nxt.write(due)
-            flush.set(Timestamp(micros=due))
+        for due in flush_times_us(t, self._tick):
+            flush.set(Timestamp(micros=due), dynamic_timer_tag=str(due))
 
     @on_timer(FLUSH)
     def on_flush(self, fired=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
                  history=beam.DoFn.StateParam(HISTORY), shape=beam.DoFn.StateParam(SHAPE),
-                 horizon=beam.DoFn.StateParam(HORIZON), nxt=beam.DoFn.StateParam(NEXT),
-                 newest=beam.DoFn.StateParam(NEWEST), flush=beam.DoFn.TimerParam(FLUSH)
-                 ) -> Iterator[tuple[int, Part]]:
+                 horizon=beam.DoFn.StateParam(HORIZON)) -> Iterator[tuple[int, Part]]:
         # the watermark has passed every event at or before this (timers come back in whole ms)
         cutoff = fired.micros // _US_PER_MS * _US_PER_MS - 1
         waiting = _concat(pending.read())
         if waiting is None:
-            nxt.clear()
             return
         t = event_times_us(waiting)
         is_ready = t <= cutoff
+        if not is_ready.any():  # an earlier timer of the same round released them already
+            return
         ready, later = waiting.filter(pa.array(is_ready)), waiting.filter(pa.array(~is_ready))
         pieces, prune_at = shape.read() or (0, None)
-        if ready.num_rows:
-            held = _concat(history.read()) if pieces else None
-            if held is not None:  # only the ready events' entities matter to their features
-                mine = held.filter(pc.is_in(held.column(self._column), value_set=ready.column(self._column)))
-                table = pa.concat_tables([mine, ready])
-                first = mine.num_rows
-            else:
-                table, first = ready, 0
-            cols = compute_entity_features(table, self._defs, self._entity)
-            part = identity_columns(ready, self._spec) if self._anchor else {}
-            part["txn_id"] = ready.column("txn_id")
-            for name, arr in cols.items():
-                part[name] = arr.slice(first)
-            yield from self._to_join(FEATURES, pa.table(part))
-            # history: append the ready events; prune (a rewrite) only when events fall out of reach
-            t_ready = t[is_ready]
-            floor = cutoff - self._reach
-            oldest = int(t_ready.min())
-            if (prune_at is not None and prune_at <= floor) or pieces + 1 > _MAX_HISTORY_CHUNKS:
-                everything = pa.concat_tables([held, ready]) if held is not None else ready
-                keep, prune_at = self._prune(everything, floor)
-                history.clear()
-                history.add(keep)
-                pieces = 1
-            else:
-                history.add(ready)
-                pieces += 1
-                prune_at = oldest if prune_at is None else min(prune_at, oldest)
-            shape.write((pieces, prune_at))
+        held = _concat(history.read()) if pieces else None
+        if held is not None:  # only the ready events' entities matter to their features
+            mine = held.filter(pc.is_in(held.column(self._column), value_set=ready.column(self._column)))
+            table = pa.concat_tables([mine, ready])
+            first = mine.num_rows
+        else:
+            table, first = ready, 0
+        cols = compute_entity_features(table, self._defs, self._entity)
+        part = identity_columns(ready, self._spec) if self._anchor else {}
+        part["txn_id"] = ready.column("txn_id")
+        for name, arr in cols.items():
+            part[name] = arr.slice(first)
+        yield from self._to_join(FEATURES, pa.table(part))
+        # history: append the ready events; prune (a rewrite) only when events fall out of reach
+        floor = cutoff - self._reach
+        oldest = int(t[is_ready].min())
+        if (prune_at is not None and prune_at <= floor) or pieces + 1 > _MAX_HISTORY_CHUNKS:
+            everything = pa.concat_tables([held, ready]) if held is not None else ready
+            keep, prune_at = self._prune(everything, floor)
+            history.clear()
+            history.add(keep)
+            pieces = 1
+        else:
+            history.add(ready)
+            pieces += 1
+            prune_at = oldest if prune_at is None else min(prune_at, oldest)
+        shape.write((pieces, prune_at))
         done = horizon.read()
         horizon.write(cutoff if done is None else max(done, cutoff))
         pending.clear()
-        if later.num_rows:
+        if later.num_rows:  # their timers were set when they arrived
             pending.add(later)
-            due = self._next_flush(t[~is_ready], None if self._bound is None else newest.read())
-            nxt.write(due)
-            flush.set(Timestamp(micros=due))
-        else:
-            nxt.clear()
 
     def _prune(self, table: pa.Table, floor: int) -> tuple[pa.Table, int | None]:
         """Events a later event can still reach: newer than ``floor``, plus each entity's tail."""
@@ -363,17 +357,15 @@ class ComputeFeaturesUnbounded(beam.PTransform):
     tables; ``late``: one dict per late event (its columns and ``event_time_us``).
     ``emit_every_ms``: an event's features are emitted once the watermark passes the next
     multiple of this after it (1 = as soon as the watermark passes the event's millisecond;
-    larger values batch more work per timer). ``bound_us``: the source's bound on
-    out-of-orderness (its watermark is the newest event time minus this), when known; it only
-    helps schedule timers (see :meth:`EntityFeaturesFn._next_flush`).
+    larger values batch more work per timer).
     """
 
     def __init__(self, *, spec: FeatureSpec, buckets: int = DEFAULT_BUCKETS,
-                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, bound_us: int | None = None) -> None:
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS) -> None:
         super().__init__()
         if buckets < 1:
             raise ValueError("buckets must be at least 1")
-        self._spec, self._buckets, self._every, self._bound = spec, buckets, emit_every_ms, bound_us
+        self._spec, self._buckets, self._every = spec, buckets, emit_every_ms
 
     def expand(self, events: beam.PCollection) -> dict[str, beam.PCollection]:
         spec, buckets = self._spec, self._buckets
@@ -395,8 +387,7 @@ class ComputeFeaturesUnbounded(beam.PTransform):
                 | f"BucketBy{label}" >> beam.FlatMap(split_by_bucket, ENTITY_COLUMNS[entity], buckets
                                                     ).with_output_types(Tuple[int, pa.Table])
                 | f"Accumulate{label}InEventTime" >> beam.ParDo(EntityFeaturesFn(
-                    spec=spec, entity=entity, anchor=i == 0, join_buckets=buckets, emit_every_ms=self._every,
-                    bound_us=self._bound)
+                    spec=spec, entity=entity, anchor=i == 0, join_buckets=buckets, emit_every_ms=self._every)
                 ).with_output_types(Tuple[int, Any]))
         joined = (parts
                   | "FlattenParts" >> beam.Flatten()
