@@ -40,9 +40,9 @@ def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.nda
     chunks small enough that the key cannot overflow int64.
     """
     n = len(t)
+    if n == 0 or group[-1] == group[0]:  # one group (an online lookup): no composite key needed
+        return np.searchsorted(t, t - window, side="right").astype(np.int64, copy=False)
     lo = np.empty(n, dtype=np.int64)
-    if n == 0:
-        return lo
     t0 = int(t.min())
     span = int(t.max()) - t0 + window + 1
     per_chunk = max(1, (_INT64_MAX // 2) // span)
@@ -141,53 +141,129 @@ def _previous_same(group: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 class _EntityFrame:
-    """One table sorted by (entity, event_time, txn_id), with shared intermediate arrays."""
+    """Events sorted by (entity, event_time, txn_id), with shared intermediate arrays.
 
-    def __init__(self, table: pa.Table, entity: str) -> None:
-        self.order = _sorted_order(table, ENTITY_COLUMNS[entity])
-        self.table = table
-        self.n = len(self.order)
-        # columns are read once and put in sorted order with numpy (cheap for the small tables
-        # of online lookups as well as for whole partitions)
-        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[self.order]
-        new_group = np.ones(self.n, dtype=bool)
-        if self.n > 1:
-            np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
-        self.group = np.cumsum(new_group) - 1
-        self.t = _numpy(table.column("event_time").cast(pa.int64()))[self.order]
+    Built from an Arrow table (:meth:`from_table`, the batch and streaming paths) or from
+    numpy columns already in that order (:meth:`from_sorted`, the online lookup, whose few
+    dozen rows make Arrow's per-call cost dominate). Both give the same arrays to
+    :func:`_compute_one`, so every path runs the same arithmetic.
+    """
+
+    def __init__(self, group: np.ndarray, t: np.ndarray) -> None:
+        self.group = group
+        self.t = t
+        self.n = len(t)
         self.idx = np.arange(self.n, dtype=np.int64)
         new = np.ones(self.n, dtype=bool)
         if self.n > 1:
-            new[1:] = self.group[1:] != self.group[:-1]
+            np.not_equal(group[1:], group[:-1], out=new[1:])
         self.gstart = np.maximum.accumulate(np.where(new, self.idx, 0)) if self.n else self.idx
+        self.everywhere = np.ones(self.n, dtype=bool)  # shared validity of always-valid features (read-only)
         self._lo: dict[int, np.ndarray] = {}
         self._cache: dict[str, np.ndarray] = {}
+        self._table: pa.Table | None = None
+        self.order: np.ndarray | None = None
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    @classmethod
+    def from_table(cls, table: pa.Table, entity: str) -> _EntityFrame:
+        order = _sorted_order(table, ENTITY_COLUMNS[entity])
+        n = len(order)
+        # columns are read once and put in sorted order with numpy
+        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[order]
+        new_group = np.ones(n, dtype=bool)
+        if n > 1:
+            np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
+        frame = cls(np.cumsum(new_group) - 1, _numpy(table.column("event_time").cast(pa.int64()))[order])
+        frame._table, frame.order = table, order
+        return frame
+
+    @classmethod
+    def from_sorted(cls, group: np.ndarray, t: np.ndarray,
+                    columns: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> _EntityFrame:
+        """Rows already sorted by (group, t, txn_id); ``group`` int64 from 0 without gaps.
+
+        ``columns``: name -> (values, validity or None when all valid), in that row order;
+        integers as int64, coordinates as float64 (any value where invalid), booleans as bool,
+        and text columns as integer codes (equal text, equal code).
+        """
+        frame = cls(group, t)
+        frame._columns = columns
+        return frame
+
+    def _column(self, column: str) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._table is None:
+            return self._columns[column]
+        raise KeyError(column)
 
     def lo(self, window: int) -> np.ndarray:
         if window not in self._lo:
             self._lo[window] = window_lower_bounds(self.t, self.group, window)
         return self._lo[window]
 
+    def count(self, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """Events in each row's window, and whether there are any (shared: read-only)."""
+        key = f"count:{window}"
+        if key not in self._cache:
+            count = self.idx - self.lo(window)
+            self._cache[key] = (count, count > 0)
+        return self._cache[key]
+
     def ints(self, column: str) -> np.ndarray:
         if column not in self._cache:
-            self._cache[column] = _numpy(self.table.column(column)).astype(np.int64)[self.order]
+            if self._table is None:
+                self._cache[column] = self._column(column)[0]
+            else:
+                self._cache[column] = _numpy(self._table.column(column)).astype(np.int64)[self.order]
         return self._cache[column]
 
     def floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """Values (nulls as 0.0) and validity, in sorted order."""
         key = f"floats:{column}"
         if key not in self._cache:
-            col = self.table.column(column)
-            valid = _numpy(col.is_valid())[self.order]
-            values = _numpy(col.fill_null(0.0)).astype(np.float64)[self.order]
-            self._cache[key] = (values, valid)
+            if self._table is None:
+                values, valid = self._column(column)
+                valid = np.ones(self.n, dtype=bool) if valid is None else valid
+                self._cache[key] = (np.where(valid, values, 0.0), valid)
+            else:
+                col = self._table.column(column)
+                valid = _numpy(col.is_valid())[self.order]
+                values = _numpy(col.fill_null(0.0)).astype(np.float64)[self.order]
+                self._cache[key] = (values, valid)
         return self._cache[key]
 
     def codes(self, column: str) -> np.ndarray:
         key = f"codes:{column}"
         if key not in self._cache:
-            self._cache[key] = _codes(self.table.column(column))[self.order]
+            if self._table is None:
+                self._cache[key] = self._column(column)[0]
+            else:
+                self._cache[key] = _codes(self._table.column(column))[self.order]
         return self._cache[key]
+
+    def flags(self, column: str) -> np.ndarray:
+        """A boolean column with nulls as False, in sorted order."""
+        key = f"flags:{column}"
+        if key not in self._cache:
+            if self._table is None:
+                values, valid = self._column(column)
+                self._cache[key] = values if valid is None else values & valid
+            else:
+                self._cache[key] = (self._table.column(column).take(self.order).fill_null(False)
+                                    .to_numpy(zero_copy_only=False))
+        return self._cache[key]
+
+    def optional_times(self, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A timestamp column as int64 microseconds and its validity, or None when absent."""
+        if self._table is None:
+            if column not in self._columns:
+                return None
+            values, valid = self._columns[column]
+            return values, np.ones(self.n, dtype=bool) if valid is None else valid
+        if column not in self._table.column_names:
+            return None
+        given = self._table.column(column).take(self.order).cast(pa.int64())
+        return given.fill_null(0).to_numpy(zero_copy_only=False), given.is_valid().to_numpy(zero_copy_only=False)
 
     def prefix(self, column: str) -> np.ndarray:
         key = f"prefix:{column}"
@@ -219,16 +295,49 @@ def _masked(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array
     return pa.array(values, type=typ, mask=~valid)
 
 
+def _window_std(frame: _EntityFrame, col: str, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample standard deviation of ``col`` over each row's window, and where it is defined
+    (two or more values that are not all equal); shared by std and zscore (read-only)."""
+    key = f"std:{col}:{window}"
+    if key in frame._cache:
+        return frame._cache[key]
+    i, n = frame.idx, frame.n
+    lo = frame.lo(window)
+    count, _ = frame.count(window)
+    # Exact integer sums of the window, then n*S2 - S1^2 in Python integers (exact, and a
+    # function of the window's values alone, so every run and every path agrees bit for bit).
+    p, q = frame.prefix(col), frame.square_prefix(col)
+    varies = count >= 2
+    rows = np.flatnonzero(varies)
+    s1, s2, k = p[i[rows]] - p[lo[rows]], q[i[rows]] - q[lo[rows]], count[rows]
+    if s2.dtype != object and (k.astype(np.float64) * s2.astype(np.float64)).max(initial=0) < 2.0**62:
+        numerator = k * s2 - s1 * s1  # exact in int64
+        denominator = k * (k - 1)
+        # float division of two exactly representable integers is correctly rounded, like
+        # Python's int / int below; beyond 2**53 only the latter is, so those rows take it.
+        ratio = numerator.astype(np.float64) / denominator.astype(np.float64)
+        big = np.flatnonzero((np.abs(numerator) >= 2**53) | (denominator >= 2**53))
+        ratio[big] = [int(a) / int(b) for a, b in zip(numerator[big], denominator[big])]
+    else:
+        s1, s2, k = s1.astype(object), s2.astype(object), k.astype(object)
+        numerator = k * s2 - s1 * s1
+        ratio = np.array([a / b for a, b in zip(numerator, k * (k - 1))], dtype=np.float64)
+    varies[rows[numerator == 0]] = False
+    std = np.zeros(n)
+    std[rows] = np.sqrt(ratio)
+    frame._cache[key] = (std, varies)
+    return std, varies
+
+
 def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray]:
     """Values and validity of one feature, in sorted order."""
     i = frame.idx
     n = frame.n
-    everywhere = np.ones(n, dtype=bool)
+    everywhere = frame.everywhere
     agg = f.agg
     if agg in {"count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new"}:
         lo = frame.lo(f.window_us)
-        count = i - lo
-        nonempty = count > 0
+        count, nonempty = frame.count(f.window_us)
     if agg == "count":
         return count, everywhere
     if agg in {"sum", "avg"}:
@@ -243,31 +352,11 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -
             return _range_max(x, lo, i), nonempty
         return -_range_max(-x, lo, i), nonempty
     if agg in {"std", "zscore"}:
-        # Exact integer sums of the window, then n*S2 - S1^2 in Python integers (exact, and a
-        # function of the window's values alone, so every run and every path agrees bit for bit).
         col = FIELD_COLUMNS[f.field]
-        x = frame.ints(col)
-        p, q = frame.prefix(col), frame.square_prefix(col)
-        varies = count >= 2
-        rows = np.flatnonzero(varies)
-        s1, s2, k = p[i[rows]] - p[lo[rows]], q[i[rows]] - q[lo[rows]], count[rows]
-        if s2.dtype != object and (k.astype(np.float64) * s2.astype(np.float64)).max(initial=0) < 2.0**62:
-            numerator = k * s2 - s1 * s1  # exact in int64
-            denominator = k * (k - 1)
-            # float division of two exactly representable integers is correctly rounded, like
-            # Python's int / int below; beyond 2**53 only the latter is, so those rows take it.
-            ratio = numerator.astype(np.float64) / denominator.astype(np.float64)
-            big = np.flatnonzero((np.abs(numerator) >= 2**53) | (denominator >= 2**53))
-            ratio[big] = [int(a) / int(b) for a, b in zip(numerator[big], denominator[big])]
-        else:
-            s1, s2, k = s1.astype(object), s2.astype(object), k.astype(object)
-            numerator = k * s2 - s1 * s1
-            ratio = np.array([a / b for a, b in zip(numerator, k * (k - 1))], dtype=np.float64)
-        varies[rows[numerator == 0]] = False
-        std = np.zeros(n)
-        std[rows] = np.sqrt(ratio)
+        std, varies = _window_std(frame, col, f.window_us)
         if agg == "std":
             return std, varies
+        x, p = frame.ints(col), frame.prefix(col)
         avg = (p[i] - p[lo]) / np.maximum(count, 1)
         z = np.zeros(n)
         z[varies] = (x[varies] - avg[varies]) / std[varies]
@@ -321,12 +410,11 @@ def _fraud_rate(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndar
     first = frame.lo(delay + window)
     after = frame.lo(delay)
     count = after - first
-    fraud = frame.table.column("is_fraud").take(frame.order).fill_null(False).to_numpy(zero_copy_only=False)
+    fraud = frame.flags("is_fraud")
     label_time = frame.t + delay
-    if "label_time" in frame.table.column_names:
-        given = frame.table.column("label_time").take(frame.order).cast(pa.int64())
-        known = given.is_valid().to_numpy(zero_copy_only=False)
-        label_time = np.where(known, given.fill_null(0).to_numpy(zero_copy_only=False), label_time)
+    given = frame.optional_times("label_time")
+    if given is not None:
+        label_time = np.where(given[1], given[0], label_time)
     j = np.flatnonzero(fraud)
     # fraud j counts for rows whose t lies in [max(t_j + delay, label_j + 1), t_j + delay + W)
     start = group_searchsorted(frame.t, frame.group, frame.group[j], np.maximum(frame.t[j] + delay, label_time[j] + 1))
@@ -348,12 +436,10 @@ def history_tail(table: pa.Table, entity: str) -> np.ndarray:
     """
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
-    frame = _EntityFrame(table, entity)
+    frame = _EntityFrame.from_table(table, entity)
     last = np.ones(frame.n, dtype=bool)
     last[:-1] = frame.group[1:] != frame.group[:-1]
-    lat = frame.table.column("merchant_lat").take(frame.order).is_valid().to_numpy(zero_copy_only=False)
-    lon = frame.table.column("merchant_lon").take(frame.order).is_valid().to_numpy(zero_copy_only=False)
-    located = np.flatnonzero(lat & lon)
+    located = np.flatnonzero(frame.floats("merchant_lat")[1] & frame.floats("merchant_lon")[1])
     if located.size:
         g = frame.group[located]
         last_located = located[np.append(g[1:] != g[:-1], True)]
@@ -375,7 +461,7 @@ def compute_entity_features(
     fields the definitions read) for any number of entities: the whole history that the
     windows may reach. Rows are not required to be sorted.
     """
-    frame = _EntityFrame(table, entity)
+    frame = _EntityFrame.from_table(table, entity)
     inverse = np.empty(frame.n, dtype=np.int64)
     inverse[frame.order] = np.arange(frame.n)
     result: dict[str, pa.Array] = {}
@@ -386,17 +472,40 @@ def compute_entity_features(
     return result
 
 
-def compute_calendar_features(table: pa.Table, defs: Sequence[FeatureDef]) -> dict[str, pa.Array]:
-    """hour_of_day, day_of_week (Monday = 0) and is_weekend of each row's UTC event time."""
-    t = table.column("event_time").cast(pa.int64()).to_numpy()
-    days = t // _US_PER_DAY
+def calendar_values(t_us: np.ndarray) -> dict[str, np.ndarray]:
+    """hour_of_day, day_of_week (Monday = 0) and is_weekend of UTC event times in microseconds."""
+    days = t_us // _US_PER_DAY
     dow = (days + 3) % 7  # 1970-01-01 was a Thursday
-    values = {
-        "hour_of_day": ((t // _US_PER_HOUR) % 24).astype(np.int32),
+    return {
+        "hour_of_day": ((t_us // _US_PER_HOUR) % 24).astype(np.int32),
         "day_of_week": dow.astype(np.int32),
         "is_weekend": dow >= 5,
     }
+
+
+def compute_calendar_features(table: pa.Table, defs: Sequence[FeatureDef]) -> dict[str, pa.Array]:
+    """hour_of_day, day_of_week (Monday = 0) and is_weekend of each row's UTC event time."""
+    values = calendar_values(table.column("event_time").cast(pa.int64()).to_numpy())
     return {f.name: pa.array(values[f.agg], type=f.arrow_type) for f in defs}
+
+
+def compute_sorted_entity_features(
+    group: np.ndarray, t: np.ndarray, columns: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    defs: Sequence[FeatureDef], rows: np.ndarray,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features of one entity kind at ``rows``, for events given as numpy columns already
+    sorted by (entity, event_time, txn_id): ``group`` numbers the entities 0, 1, ... in that
+    order, ``t`` is event time in microseconds, ``columns`` as :meth:`_EntityFrame.from_sorted`.
+
+    The same arithmetic as :func:`compute_entity_features` without Arrow's per-call cost, for
+    the small tables of online lookups. Returns name -> (values, validity) at ``rows``.
+    """
+    frame = _EntityFrame.from_sorted(group, t, columns)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for f in defs:
+        values, valid = _compute_one(frame, f, {})
+        out[f.name] = (values[rows], valid[rows])
+    return out
 
 
 def compute_features(table: pa.Table, spec: FeatureSpec) -> pa.Table:

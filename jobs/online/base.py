@@ -192,7 +192,7 @@ class StoredEvent(NamedTuple):
 
     @staticmethod
     def from_payload(txn_id: str, time_us: int, located: bool, payload: str) -> StoredEvent:
-        return StoredEvent(txn_id, time_us, located, tuple(json.loads(payload)))
+        return StoredEvent(txn_id, time_us, located, () if payload == "[]" else tuple(json.loads(payload)))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """Online lookup: stored history + the candidate -> the batch engine -> the candidate's row.
 
 For a candidate transaction (card, merchant, amount, merchant location, time ``at``) the lookup
-reads each entity's state, builds per entity kind a small table of that entity's retained
-events plus the candidate, and calls :func:`finfeat.transforms.features.compute_entity_features`
-(and :func:`compute_calendar_features` for the candidate) -- the functions the backfill's
-``ComputeFeatures`` and the streaming job call. Windows therefore slide to ``at``, and the
-z-score, new-merchant flag and velocity use the candidate's own amount, merchant and location:
-the result is the row the backfill would write for that transaction, bit for bit.
+reads each entity's state, puts per entity kind that entity's retained events plus the
+candidate in the engine's sort order, and runs the feature engine's arithmetic on them
+(:func:`finfeat.transforms.features.compute_sorted_entity_features`, which feeds the same
+per-feature code as the ``compute_entity_features`` that the backfill's ``ComputeFeatures`` and
+the streaming job call, from numpy columns instead of an Arrow table: a lookup's few dozen rows
+would otherwise spend most of their time in Arrow's per-call overhead), and
+:func:`calendar_values` for the candidate. Windows therefore slide to ``at``, and the z-score,
+new-merchant flag and velocity use the candidate's own amount, merchant and location: the
+result is the row the backfill would write for that transaction, bit for bit.
 
 Each entity kind gets its own table (card history + candidate; merchant history + candidate)
 rather than one union table: with a union, card events at the candidate's merchant that the
@@ -23,10 +26,12 @@ own row).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from finfeat.jobs.online.base import (
@@ -38,9 +43,8 @@ from finfeat.jobs.online.base import (
     retention_for,
     wall_clock_us,
 )
-from finfeat.schemas.events import EVENT_TIME_TYPE
-from finfeat.transforms.features import compute_calendar_features, compute_entity_features
-from finfeat.transforms.spec import FeatureSpec
+from finfeat.transforms.features import calendar_values, compute_sorted_entity_features
+from finfeat.transforms.spec import FeatureDef, FeatureSpec
 
 #: Default candidate id: sorts after any real id at the same instant (see the module docstring).
 CANDIDATE_TXN_ID = "\uffff"
@@ -98,13 +102,26 @@ class LookupResult:
 OnMissing = Literal["raise", "empty"]
 
 
-_RETENTION_BY_SPEC: dict[str, dict[str, Retention]] = {}
+@dataclass(frozen=True)
+class _Plan:
+    """What a lookup needs from a spec, derived once per spec (lookups are hot)."""
+
+    retention: dict[str, Retention]
+    entities: tuple[str, ...]
+    defs: dict[str, tuple[FeatureDef, ...]]   # entity kind -> its features; "event" -> calendar
+    names: tuple[str, ...]
 
 
-def _retention(spec: FeatureSpec) -> dict[str, Retention]:
-    got = _RETENTION_BY_SPEC.get(spec.spec_hash)
+_PLANS: dict[str, _Plan] = {}
+
+
+def _plan(spec: FeatureSpec) -> _Plan:
+    got = _PLANS.get(spec.spec_hash)
     if got is None:
-        got = _RETENTION_BY_SPEC[spec.spec_hash] = retention_for(spec)
+        entities = tuple(spec.entities)
+        got = _PLANS[spec.spec_hash] = _Plan(
+            retention=retention_for(spec), entities=entities,
+            defs={e: spec.for_entity(e) for e in (*entities, "event")}, names=tuple(spec.names))
     return got
 
 
@@ -133,13 +150,14 @@ def lookup_many(store: OnlineStore, spec: FeatureSpec, candidates: Sequence[Cand
     if on_missing not in ("raise", "empty"):
         raise ValueError("on_missing must be 'raise' or 'empty'")
     retention = store.retention
-    if _retention(spec) != retention:
+    plan = _plan(spec)
+    if plan.retention != retention:
         raise ValueError(f"the store was opened for another feature spec (it keeps {retention}); "
                          f"open it with the spec you look up with")
     if not candidates:
         return []
     now = wall_clock_us() if now_us is None else now_us
-    entities = list(spec.entities)
+    entities = plan.entities
     keys = [(e, _entity_key(c, retention[e])) for c in candidates for e in entities]
     states = store.read_states(keys, now_us=now)
     per: list[dict[str, EntityState | MissingState]] = []
@@ -155,17 +173,14 @@ def lookup_many(store: OnlineStore, spec: FeatureSpec, candidates: Sequence[Cand
 
     rows: list[dict[str, Any]] = [{} for _ in candidates]
     for e in entities:
-        cols, positions = _entity_table(retention[e], candidates, [p[e] for p in per])
-        computed = compute_entity_features(pa.table(cols), spec.for_entity(e), e)
-        if computed:
-            picked = pa.table(computed).take(pa.array(positions, pa.int64())).to_pylist()
-            for row, got in zip(rows, picked):
-                row.update(got)
-    at = pa.table({"event_time": pa.array([c.at_us for c in candidates], pa.int64()).cast(EVENT_TIME_TYPE)})
-    calendar = compute_calendar_features(at, spec.for_entity("event"))
-    if calendar:
-        for row, got in zip(rows, pa.table(calendar).to_pylist()):
-            row.update(got)
+        group, t, columns, positions = _entity_arrays(retention[e], candidates, [p[e] for p in per])
+        computed = compute_sorted_entity_features(group, t, columns, plan.defs[e], positions)
+        _scatter(rows, computed, plan.defs[e])
+    calendar_defs = plan.defs["event"]
+    if calendar_defs:
+        values = calendar_values(np.fromiter((c.at_us for c in candidates), np.int64, len(candidates)))
+        everywhere = np.ones(len(candidates), dtype=bool)
+        _scatter(rows, {f.name: (values[f.agg], everywhere) for f in calendar_defs}, calendar_defs)
 
     anchor = entities[0] if entities else None
     out = []
@@ -174,46 +189,73 @@ def lookup_many(store: OnlineStore, spec: FeatureSpec, candidates: Sequence[Cand
         missing = {e: s.reason for e, s in per[i].items() if isinstance(s, MissingState)}
         as_of = as_ofs.get(anchor) if anchor else None
         out.append(LookupResult(
-            features={name: rows[i][name] for name in spec.names},
+            features={name: rows[i][name] for name in plan.names},
             as_of_us=as_of, age_s=None if as_of is None else (c.at_us - as_of) / 1e6, at_us=c.at_us,
             entity_as_of_us=as_ofs, missing=missing))
     return out
 
 
-def _entity_table(r: Retention, candidates: Sequence[Candidate], states: Sequence[EntityState | MissingState]
-                  ) -> tuple[dict[str, pa.Array], list[int]]:
-    """Columns of one entity kind's lookup table and the row of each candidate in it.
+@functools.lru_cache(maxsize=None)
+def _python(typ: pa.DataType) -> type:
+    if pa.types.is_boolean(typ):
+        return bool
+    if pa.types.is_integer(typ):
+        return int
+    if pa.types.is_floating(typ):
+        return float
+    raise TypeError(f"no Python scalar for feature type {typ}")
 
-    Candidate i's rows (its retained history, then itself) share the group key ``str(i)`` in
-    the entity's own column, so the engine keeps every candidate's windows apart.
+
+def _scatter(rows: list[dict[str, Any]], computed: dict[str, tuple[np.ndarray, np.ndarray]],
+             defs: Sequence[FeatureDef]) -> None:
+    """Computed (values, validity) per feature -> each candidate's row, as the Python values
+    the feature's Arrow type gives (None where the batch row has null)."""
+    for f in defs:
+        values, valid = computed[f.name]
+        cast = _python(f.arrow_type)
+        for row, v, ok in zip(rows, values.tolist(), valid.tolist()):
+            row[f.name] = cast(v) if ok else None
+
+
+def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequence[EntityState | MissingState]
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]], np.ndarray]:
+    """Numpy columns of one entity kind's lookup rows, in the engine's order, and each
+    candidate's row.
+
+    Candidate i's rows (its retained history and itself, sorted by (time, txn id bytes)) form
+    group i, so the engine keeps every candidate's windows apart. Text fields become integer
+    codes, as the engine compares them only for equality.
     """
-    txn: list[str] = []
     times: list[int] = []
-    group: list[str] = []
+    group: list[int] = []
     values: list[list[Any]] = [[] for _ in r.fields]
     positions: list[int] = []
     for i, (c, s) in enumerate(zip(candidates, states)):
-        g = str(i)
+        own = (c.at_us, c.txn_id.encode(), tuple(c.value(name) for name in r.fields))
         if isinstance(s, EntityState):
-            for ev in s.events:
-                if ev.txn_id == c.txn_id:
-                    continue
-                txn.append(ev.txn_id)
-                times.append(ev.time_us)
-                group.append(g)
-                for col, v in zip(values, ev.values):
-                    col.append(v)
-        positions.append(len(txn))
-        txn.append(c.txn_id)
-        times.append(c.at_us)
-        group.append(g)
-        for col, name in zip(values, r.fields):
-            col.append(c.value(name))
-    cols: dict[str, pa.Array] = {
-        "txn_id": pa.array(txn, pa.string()),
-        "event_time": pa.array(times, pa.int64()).cast(EVENT_TIME_TYPE),
-        r.key_column: pa.array(group, pa.string()),
-    }
+            rows = [(ev.time_us, ev.txn_id.encode(), ev.values) for ev in s.events if ev.txn_id != c.txn_id]
+            rows.append(own)
+            rows.sort(key=lambda row: (row[0], row[1]))
+        else:
+            rows = [own]
+        base = len(times)
+        for k, row in enumerate(rows):
+            if row is own:
+                positions.append(base + k)
+            times.append(row[0])
+            for col, v in zip(values, row[2]):
+                col.append(v)
+        group.extend([i] * len(rows))
+    columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, col in zip(r.fields, values):
-        cols[name] = pa.array(col, _FIELD_TYPES.get(name))
-    return cols, positions
+        typ = _FIELD_TYPES.get(name)
+        if typ == pa.string():
+            codes: dict[Any, int] = {}
+            columns[name] = (np.array([codes.setdefault(v, len(codes)) for v in col], dtype=np.int64), None)
+        elif typ == pa.float64():
+            valid = np.array([v is not None for v in col], dtype=bool)
+            columns[name] = (np.array([0.0 if v is None else v for v in col], dtype=np.float64), valid)
+        else:
+            columns[name] = (np.array(col, dtype=np.int64), None)
+    return (np.array(group, dtype=np.int64), np.array(times, dtype=np.int64), columns,
+            np.array(positions, dtype=np.int64))
