@@ -10,8 +10,11 @@
   ``merchant_lat``/``merchant_lon``. Without ``--store`` the JSON is the feature row itself
   (every model input, flat or under ``"features"``).
 
-Both paths go through :class:`Scorer`: a feature dict or an Arrow table -> the same float64
-matrix (:func:`feature_matrix`) -> the same booster call, so a row scores identically either way.
+Both paths go through :class:`Scorer`: an Arrow table (:func:`feature_matrix`) or a feature dict
+(:func:`feature_vector`) -> the same float64 matrix (booleans 0/1, nulls NaN) -> the same booster
+call (``inplace_predict``, no DMatrix per call), so a row scores identically either way. A
+serving process keeps one :class:`Scorer` and one open store and passes the store to
+:func:`score_request`; the CLI opens the store per call.
 Output columns (batch): ``txn_id, card_token, event_time, event_date, score, model_id,
 features_version``.
 """
@@ -76,20 +79,24 @@ def feature_matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
     return out
 
 
-def rows_to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Table:
-    """Feature dicts -> a table of the model's columns (values typed by Arrow's inference)."""
+def feature_vector(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> np.ndarray:
+    """Feature dicts -> the float64 matrix :func:`feature_matrix` gives for the same values
+    (booleans 0/1, None NaN), without building an Arrow table (the online path scores one row)."""
+    out = np.empty((len(rows), len(columns)), dtype=np.float64)
     for i, row in enumerate(rows):
-        absent = [c for c in columns if c not in row]
-        if absent:
-            raise ScoringError(f"row {i} lacks model feature(s) {absent} (give null for an unknown value)")
-    arrays = []
-    for c in columns:
-        values = [row[c] for row in rows]
-        try:
-            arrays.append(pa.array(values))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ScoringError(f"feature {c!r}: values are not numbers or booleans ({exc})") from None
-    return pa.Table.from_arrays(arrays, names=list(columns))
+        for j, c in enumerate(columns):
+            try:
+                v = row[c]
+            except KeyError:
+                absent = [c for c in columns if c not in row]
+                raise ScoringError(f"row {i} lacks model feature(s) {absent} (give null for an unknown value)") from None
+            if v is None:
+                out[i, j] = np.nan
+            elif isinstance(v, (bool, int, float, np.number, np.bool_)):
+                out[i, j] = float(v)
+            else:
+                raise ScoringError(f"feature {c!r}: {v!r} is not a number or a boolean")
+    return out
 
 
 @dataclass
@@ -122,12 +129,12 @@ class Scorer:
     def score_matrix(self, x: np.ndarray, *, margin: bool = False) -> np.ndarray:
         """Probabilities of fraud (float64), or with ``margin`` the log-odds (which rank the same
         way but do not tie at 1.0 where float32 probabilities saturate)."""
-        import xgboost as xgb
-
         if x.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
-        dm = xgb.DMatrix(x, missing=np.nan, feature_names=self.features)
-        return self.booster.predict(dm, validate_features=True, output_margin=margin).astype(np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.features):
+            raise ScoringError(f"expected {len(self.features)} model inputs per row, got shape {x.shape}")
+        got = self.booster.inplace_predict(x, missing=np.nan, predict_type="margin" if margin else "value")
+        return np.asarray(got, dtype=np.float64)
 
     def score_table(self, table: pa.Table) -> np.ndarray:
         """One score (probability of fraud, float64) per row of ``table``."""
@@ -135,7 +142,7 @@ class Scorer:
 
     def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[float]:
         """One score per feature dict (every model input as a key; None for null)."""
-        return self.score_table(rows_to_table(rows, self.features)).tolist()
+        return self.score_matrix(feature_vector(rows, self.features)).tolist()
 
 
 # ----------------------------------------------------------------------------------- batch
@@ -198,9 +205,14 @@ def _online_available() -> bool:
 
 
 def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str | None = None,
-                  allow_missing: bool = False, namespace: str | None = None, spec: Any = None) -> dict[str, Any]:
-    """Score one JSON request (see the module docstring); raises the online store's errors."""
-    if store_url is None:
+                  allow_missing: bool = False, namespace: str | None = None, spec: Any = None,
+                  store: Any = None) -> dict[str, Any]:
+    """Score one JSON request (see the module docstring); raises the online store's errors.
+
+    ``store``: an open online store to look features up in (a serving process opens it once);
+    else ``store_url`` is opened for this call; with neither, the request is the feature row.
+    """
+    if store_url is None and store is None:
         row = dict(request.get("features", request))
         score = scorer.score_rows([row])[0]
         return {"score": score, "model_id": scorer.model_id, "features": {c: row.get(c) for c in scorer.features}}
@@ -225,8 +237,12 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
     if scorer.spec_hash and spec.spec_hash != scorer.spec_hash:
         raise ScoringError(f"the model was trained on feature spec {scorer.spec_hash}, the store serves "
                            f"{spec.spec_hash}: pass the matching --feature-spec")
-    with open_store(store_url, spec, create=False, namespace=namespace) as store:
-        result = lookup(store, spec, cand, on_missing="empty" if allow_missing else "raise")
+    on_missing = "empty" if allow_missing else "raise"
+    if store is not None:
+        result = lookup(store, spec, cand, on_missing=on_missing)
+    else:
+        with open_store(store_url, spec, create=False, namespace=namespace) as opened:
+            result = lookup(opened, spec, cand, on_missing=on_missing)
     row = {**result.features, "amount_minor": cand.amount_minor}
     score = scorer.score_rows([row])[0]
     from datetime import datetime, timezone
