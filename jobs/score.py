@@ -266,6 +266,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--batch", action="store_true", help="score an event-date range of the features table")
     mode.add_argument("--json", help="one transaction as JSON (see above)")
+    mode.add_argument("--jsonl", metavar="PATH",
+                      help="many transactions, one JSON object per line ('-' for stdin): one JSON result per "
+                           "line on stdout, in order, the model and the store opened once (a scoring loop); a "
+                           "line that fails gets an {\"error\": ...} result and the rest go on (exit 1 if any did)")
     p.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
     p.add_argument("--start", type=_date, help="batch: first event date, UTC, inclusive")
     p.add_argument("--end", type=_date, help="batch: last event date, UTC, inclusive")
@@ -289,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.batch:
         return _run_batch(args, scorer)
+    if args.jsonl:
+        return _run_jsonl(args, scorer)
     return _run_json(args, scorer)
 
 
@@ -314,6 +320,29 @@ def _run_batch(args: argparse.Namespace, scorer: Scorer) -> int:
     return EXIT_OK
 
 
+def _load_spec(args: argparse.Namespace) -> Any:
+    if not args.feature_spec:
+        return None
+    from finfeat.transforms.spec import FeatureSpec
+
+    return FeatureSpec.from_yaml(args.feature_spec)
+
+
+def _classify(exc: Exception) -> tuple[int, str] | None:
+    """Exit code and error kind of a failed online request (None: not an online-store error)."""
+    from finfeat.jobs.online import CandidateBeforeState, KeyNotFound, OnlineStoreError, StoreSpecMismatch
+
+    if isinstance(exc, (ScoringError, StoreSpecMismatch, ValueError)):
+        return EXIT_USAGE, "bad_request"
+    if isinstance(exc, KeyNotFound):
+        return EXIT_MISSING, exc.reason
+    if isinstance(exc, CandidateBeforeState):
+        return EXIT_NOT_EXACT, "candidate_before_state"
+    if isinstance(exc, OnlineStoreError):  # StoreUnavailable and the rest
+        return EXIT_UNAVAILABLE, "store_unavailable" if type(exc).__name__ == "StoreUnavailable" else "store_error"
+    return None
+
+
 def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
     try:
         request = json.loads(args.json)
@@ -322,15 +351,11 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
     except ValueError as exc:
         print(f"finfeat score: error: --json is not a JSON object: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    spec = None
-    if args.feature_spec:
-        from finfeat.transforms.spec import FeatureSpec, SpecError
-
-        try:
-            spec = FeatureSpec.from_yaml(args.feature_spec)
-        except SpecError as exc:
-            print(f"finfeat score: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    try:
+        spec = _load_spec(args)
+    except ValueError as exc:
+        print(f"finfeat score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.store is None:
         try:
             out = score_request(scorer, request)
@@ -339,32 +364,68 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
             return EXIT_USAGE
         print(json.dumps(out, indent=2))
         return EXIT_OK
-    from finfeat.jobs.online import (
-        CandidateBeforeState,
-        KeyNotFound,
-        OnlineStoreError,
-        StoreSpecMismatch,
-        StoreUnavailable,
-    )
-
-    def fail(code: int, kind: str, exc: Exception) -> int:
-        print(json.dumps({"error": kind, "message": str(exc)}))
-        print(f"finfeat score: {exc}", file=sys.stderr)
-        return code
-
     try:
         out = score_request(scorer, request, store_url=args.store, allow_missing=args.allow_missing,
                             namespace=args.namespace, spec=spec)
-    except (ScoringError, StoreSpecMismatch, ValueError) as exc:
-        print(f"finfeat score: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyNotFound as exc:
-        return fail(EXIT_MISSING, exc.reason, exc)
-    except StoreUnavailable as exc:
-        return fail(EXIT_UNAVAILABLE, "store_unavailable", exc)
-    except CandidateBeforeState as exc:
-        return fail(EXIT_NOT_EXACT, "candidate_before_state", exc)
-    except OnlineStoreError as exc:
-        return fail(EXIT_UNAVAILABLE, "store_error", exc)
+    except Exception as exc:  # noqa: BLE001 - mapped to exit codes below, anything else re-raised
+        got = _classify(exc)
+        if got is None:
+            raise
+        code, kind = got
+        if code == EXIT_USAGE:
+            print(f"finfeat score: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps({"error": kind, "message": str(exc)}))
+        print(f"finfeat score: {exc}", file=sys.stderr)
+        return code
     print(json.dumps(out, indent=2))
     return EXIT_OK
+
+
+def _run_jsonl(args: argparse.Namespace, scorer: Scorer) -> int:
+    try:
+        spec = _load_spec(args)
+        source = sys.stdin if args.jsonl == "-" else open(args.jsonl, encoding="utf-8")  # noqa: SIM115
+    except (ValueError, OSError) as exc:
+        print(f"finfeat score: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = None
+    if args.store is not None:
+        from finfeat.jobs.online import open_store
+        from finfeat.transforms.spec import FeatureSpec
+
+        spec = spec or FeatureSpec.default()
+        try:
+            store = open_store(args.store, spec, create=False, namespace=args.namespace)
+        except Exception as exc:  # noqa: BLE001
+            if _classify(exc) is None:
+                raise
+            print(f"finfeat score: error: {exc}", file=sys.stderr)
+            return _classify(exc)[0]
+    lines = failed = 0
+    try:
+        for n, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ScoringError("not a JSON object")
+                out = score_request(scorer, request, store=store, allow_missing=args.allow_missing, spec=spec)
+            except json.JSONDecodeError as exc:
+                out, failed = {"line": n, "error": "bad_request", "message": f"not JSON: {exc}"}, failed + 1
+            except Exception as exc:  # noqa: BLE001 - reported in the line's result, anything unknown re-raised
+                got = _classify(exc)
+                if got is None:
+                    raise
+                out, failed = {"line": n, "error": got[1], "message": str(exc)}, failed + 1
+            sys.stdout.write(json.dumps(out) + "\n")
+            sys.stdout.flush()
+    finally:
+        if store is not None:
+            store.close()
+        if source is not sys.stdin:
+            source.close()
+    print(f"finfeat score: {lines:,} requests, {lines - failed:,} scored, {failed:,} failed", file=sys.stderr)
+    return EXIT_OK if failed == 0 else 1

@@ -298,6 +298,20 @@ def test_score_json_feature_dict_and_online_store(model_dir: Path, sparkov_wareh
     assert online["score"] == target["score"]
     unknown = {**request, "card_token": "tok_never_seen"}
     assert _cli(score_cli, ["score", "--model", str(model_dir), "--json", json.dumps(unknown), "--store", url]) == 3
+    assert json.loads(capsys.readouterr().out)["error"] == "not_found"
+
+    # the scoring loop: one result line per request line, in order; failures stay in their line
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([json.dumps(request), json.dumps(unknown), "{not json", json.dumps(request)]) + "\n")
+    rc = _cli(score_cli, ["score", "--model", str(model_dir), "--jsonl", str(requests), "--store", url])
+    captured = capsys.readouterr()
+    results = [json.loads(line) for line in captured.out.splitlines()]
+    assert rc == 1 and len(results) == 4
+    assert [r.get("error") for r in results] == [None, "not_found", "bad_request", None]
+    assert results[0]["score"] == results[3]["score"] == target["score"]
+    assert results[0]["features"] == feature_dict
+    assert results[2]["line"] == 3
+    assert "4 requests, 2 scored, 2 failed" in captured.err
 
 
 # ----------------------------------------------------------------------------------- maintenance
