@@ -17,14 +17,22 @@ the committer reads ``transaction_version(app_id)`` first, and drops rows whose 
 table already holds. A restarted job replays the topic from the start of its retention
 (rebuilding the windows' state), so a kill at any point loses nothing and duplicates
 nothing; the dead-letter table is written the same way, keyed by source position.
+
+Online store (``--online-store sqlite:PATH`` or ``redis://HOST:PORT/DB``, as for the backfill):
+the valid, de-duplicated events are written as soon as they are parsed, per bundle, without
+waiting for the watermark (:class:`WriteOnlineStoreFn`). The store keeps events, not feature
+rows, and its writes are idempotent per txn id and monotonic, so the order, a replay after a
+restart, or a concurrent backfill never move a state backwards.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from typing import Tuple
@@ -48,6 +56,7 @@ from finfeat.pipelines.streaming import (
     DEFAULT_BUCKETS,
     DEFAULT_EMIT_EVERY_MS,
     ComputeFeaturesUnbounded,
+    as_events,
     refuse_runner_splits,
 )
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
@@ -170,6 +179,103 @@ class DropRepeatedTxnFn(beam.DoFn):
                 recorded_at_us=int(time.time() * 1e6)))
 
 
+class WriteOnlineStoreFn(beam.DoFn):
+    """Valid, de-duplicated events -> the online store, in small batches per bundle.
+
+    Events are written as soon as they are parsed and de-duplicated, without waiting for the
+    watermark: the store keeps each entity's recent events (not feature rows) and computes
+    features at lookup time, and its writes are idempotent per txn id and order-independent
+    (monotonic), so an early write is never wrong, and a write repeated after a restart (the
+    job replays the topic) changes nothing. Late events are written too: they are real
+    transactions, a lookup after them must see them, and the next backfill repairs the feature
+    rows of their days in Delta (the stream reports them as ``late`` dead letters).
+
+    One store per DoFn instance, opened in ``setup`` and closed in ``teardown``. The SDK may
+    call a DoFn from different threads over its life, and the SQLite store keeps a connection
+    per thread, so every store call runs on one thread owned by this instance: one connection
+    per instance, whichever thread runs the bundle. A bundle's events are buffered and written
+    every ``batch_events`` events and at the end of the bundle; the bundle completes only after
+    its writes did. A store error is raised, never swallowed: the bundle fails and so does the
+    job (a write may have been partly applied; re-running is the recovery, writes are idempotent).
+    """
+
+    def __init__(self, *, url: str, spec: FeatureSpec, batch_events: int = 2000) -> None:
+        if batch_events < 1:
+            raise ValueError("batch_events must be at least 1")
+        self._url, self._spec, self._batch = url, spec, batch_events
+        self._store = self._thread = None
+
+    def setup(self) -> None:
+        from finfeat.jobs.online import open_store
+
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online-store")
+        self._store = self._thread.submit(open_store, self._url, self._spec).result()
+        self._written = beam.metrics.Metrics.counter("finfeat", "online_events_written")
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+
+    def start_bundle(self) -> None:
+        self._pending, self._rows = [], 0
+
+    def process(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._pending.append(as_events(table))
+        self._rows += table.num_rows
+        if self._rows >= self._batch:
+            self._flush()
+
+    def finish_bundle(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        events = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._rows = [], 0
+        for start in range(0, events.num_rows, self._batch):
+            chunk = events.slice(start, self._batch)
+            self._thread.submit(self._store.write, chunk).result()  # raises the store's error here
+            self._written.inc(chunk.num_rows)
+
+    def teardown(self) -> None:
+        if self._thread is None:
+            return
+        try:
+            if self._store is not None:
+                self._thread.submit(self._store.close).result()
+        finally:
+            self._thread.shutdown(wait=True)
+            self._store = self._thread = None
+
+
+def online_store_url(url: str) -> str:
+    """``--online-store`` as the workers open it: a relative SQLite path made absolute (workers
+    may run in another directory); Redis URLs unchanged."""
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:"):]
+        if path.startswith("//"):  # sqlite:///abs/path
+            path = path[2:]
+        if not path:
+            raise ValueError("sqlite: needs a path, e.g. sqlite:online.db")
+        return f"sqlite:{Path(path).resolve()}"
+    return url
+
+
+def check_online_store(url: str, spec: FeatureSpec) -> str:
+    """Open the store once before the job starts (creating a SQLite file and its tables), so a
+    wrong URL, an unreachable server or a store of another spec fail at once; its location."""
+    from finfeat.jobs.online import open_store
+
+    store = open_store(url, spec)
+    try:
+        first = next(iter(store.retention))
+        store.read_states([(first, "finfeat-stream-probe")])  # reaches the server, checks the spec
+        return store.location
+    finally:
+        store.close()
+
+
 def _late_dead_letter(row: dict, run_id: str) -> pa.Table:
     return make_dead_letters(
         run_id=run_id, stage="late", reasons=["late"],
@@ -265,7 +371,10 @@ class CommitMicroBatchFn(beam.DoFn):
 def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Path, spec: FeatureSpec,
                  app_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
                  stop_after_idle_s: float | None, start: str = "earliest", buckets: int = DEFAULT_BUCKETS,
-                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5) -> None:
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5,
+                 online_store: str | None = None) -> None:
+    """The stream job's pipeline on ``p``; ``online_store``: also write the events to this store
+    (a URL as :func:`finfeat.jobs.online.open_store` takes it, e.g. from :func:`online_store_url`)."""
     from finfeat.jobs.kafka.source import ReadFromKafkaTopic
 
     mapping = Mapping.load("canonical")
@@ -282,6 +391,9 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
                                                 ).with_output_types(Tuple[int, pa.Table])
               | "DropRepeatedTxn" >> beam.ParDo(DropRepeatedTxnFn(run_id=run_id, retention_us=spec.max_window_us)
                                                 ).with_outputs(DEAD, main="events"))
+    if online_store:
+        # valid, de-duplicated events, late ones included, without waiting for the watermark
+        unique.events | "WriteOnlineStore" >> beam.ParDo(WriteOnlineStoreFn(url=online_store, spec=spec))
     out = unique.events | "ComputeFeatures" >> ComputeFeaturesUnbounded(spec=spec, buckets=buckets,
                                                                         emit_every_ms=emit_every_ms)
     late = out["late"] | "LateToDeadLetters" >> beam.Map(_late_dead_letter, run_id)
@@ -320,6 +432,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
                    help="state keys per entity kind and for txn ids (parallelism of the stateful steps)")
     p.add_argument("--stop-after-idle", type=float, help="finish after this many seconds without messages")
+    p.add_argument("--online-store", help="also write every valid, de-duplicated event to the online store as it "
+                                          "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
     p.add_argument("--feature-spec")
     p.add_argument("--demo-key", action="store_true")
 
@@ -343,14 +457,35 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).streaming = True
+    store = None
+    if args.online_store:
+        from finfeat.jobs.online import OnlineStoreError
+
+        store = online_store_url(args.online_store)
+        try:
+            where = check_online_store(store, spec)
+        except OnlineStoreError as exc:
+            print(f"finfeat stream: error: {exc}", file=sys.stderr)
+            return 4
+        print(f"stream: online store {where}", file=sys.stderr)
     run_id = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
     started = time.monotonic()
-    with beam.Pipeline(options=options) as p:
-        build_stream(p, bootstrap=args.bootstrap, topic=args.topic, warehouse=Path(args.warehouse), spec=spec,
-                     app_id=args.app_id, run_id=run_id, token_key=_token_key(args, demo=False),
-                     bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
-                     stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
-                     emit_every_ms=args.emit_every_ms)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_stream(p, bootstrap=args.bootstrap, topic=args.topic, warehouse=Path(args.warehouse), spec=spec,
+                         app_id=args.app_id, run_id=run_id, token_key=_token_key(args, demo=False),
+                         bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
+                         stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
+                         emit_every_ms=args.emit_every_ms, online_store=store)
+    except RuntimeError as exc:
+        # the runner's message holds the worker's traceback (logged above); name the cause in one line
+        cause = next((line.strip() for line in str(exc).splitlines()
+                      if "finfeat.jobs.online" in line and "online store" in line), None)
+        if cause is None:
+            raise
+        print(f"finfeat stream: error: the online store failed and the job stopped ({cause}); Delta commits "
+              "made so far stand, and a restart replays the topic (store writes are idempotent)", file=sys.stderr)
+        return 1
     features = delta.table_path(args.warehouse, delta.FEATURES)
     rows = delta.read_table(features, columns=["txn_id"]).num_rows if DeltaTable.is_deltatable(features) else 0
     print(f"stream {run_id} finished after {time.monotonic() - started:.1f} s: {rows:,} feature rows in {features}")
