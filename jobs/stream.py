@@ -371,7 +371,7 @@ class CommitMicroBatchFn(beam.DoFn):
 def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Path, spec: FeatureSpec,
                  app_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
                  stop_after_idle_s: float | None, start: str = "earliest", buckets: int = DEFAULT_BUCKETS,
-                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5,
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5, batch_wait_s: float = 0.5,
                  online_store: str | None = None) -> None:
     """The stream job's pipeline on ``p``; ``online_store``: also write the events to this store
     (a URL as :func:`finfeat.jobs.online.open_store` takes it, e.g. from :func:`online_store_url`)."""
@@ -380,7 +380,8 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
     mapping = Mapping.load("canonical")
     decoded = (p
                | "ReadKafka" >> ReadFromKafkaTopic(bootstrap=bootstrap, topic=topic, start=start, bound_s=bound_s,
-                                                   stop_after_idle_s=stop_after_idle_s, poll_s=poll_s)
+                                                   stop_after_idle_s=stop_after_idle_s, poll_s=poll_s,
+                                                   batch_wait_s=batch_wait_s)
                | "DecodeMessages" >> beam.ParDo(DecodeMessagesFn(topic=topic, run_id=run_id)).with_outputs(
                    DEAD, main="raw"))
     parsed = decoded.raw | "ParseEvents" >> beam.ParDo(
@@ -432,6 +433,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
                    help="state keys per entity kind and for txn ids (parallelism of the stateful steps)")
     p.add_argument("--stop-after-idle", type=float, help="finish after this many seconds without messages")
+    p.add_argument("--batch-wait-ms", type=int, default=500,
+                   help="after a poll's first message, wait this long for more (default 500): lower values make "
+                        "the online store fresher, higher ones cost less per event")
     p.add_argument("--online-store", help="also write every valid, de-duplicated event to the online store as it "
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
     p.add_argument("--feature-spec")
@@ -476,7 +480,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
                          app_id=args.app_id, run_id=run_id, token_key=_token_key(args, demo=False),
                          bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
                          stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
-                         emit_every_ms=args.emit_every_ms, online_store=store)
+                         emit_every_ms=args.emit_every_ms, batch_wait_s=args.batch_wait_ms / 1000,
+                         online_store=store)
     except RuntimeError as exc:
         # the runner's message holds the worker's traceback (logged above); name the cause in one line
         cause = next((line.strip() for line in str(exc).splitlines()

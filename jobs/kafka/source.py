@@ -5,10 +5,12 @@ emits messages and sets the watermark to the largest event time seen minus the b
 out-of-orderness. One poll's messages travel as one element, ``(partition, [(offset,
 value), ...])``, stamped with the earliest event time in it (never behind the watermark
 already set): downstream steps work on whole batches, and a per-message element would cost
-more in the runner than the message itself. Between polls it defers the rest of the
-restriction, so the runner can checkpoint it. ``stop_after_idle_s`` ends a partition after
-that long without messages (for demos, tests and catch-up runs); without it the source is
-unbounded.
+more in the runner than the message itself. A poll waits up to ``poll_s`` for a first
+message, then up to ``batch_wait_s`` for more (or ``max_batch``): the batch wait trades the
+latency of every message (it waits for its batch) for fewer, larger batches. Between polls
+it defers the rest of the restriction, so the runner can checkpoint it.
+``stop_after_idle_s`` ends a partition after that long without messages (for demos, tests
+and catch-up runs); without it the source is unbounded.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 _LOG = logging.getLogger(__name__)
 END_OF_TIME = (1 << 62)
+#: How long a poll waits for more messages after the first one (see the module docstring).
+DEFAULT_BATCH_WAIT_S = 0.5
 
 
 class _CheckpointOnlyTracker(OffsetRestrictionTracker):
@@ -57,10 +61,14 @@ class ReadKafkaPartitionFn(beam.DoFn, RestrictionProvider):
     """
 
     def __init__(self, *, bootstrap: str, start: str = "earliest", bound_s: float = 5.0,
-                 stop_after_idle_s: float | None = None, poll_s: float = 0.5, max_batch: int = 5000) -> None:
+                 stop_after_idle_s: float | None = None, poll_s: float = 0.5, max_batch: int = 5000,
+                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
+        if batch_wait_s < 0:
+            raise ValueError("batch_wait_s must not be negative")
         self._bootstrap, self._start = bootstrap, start
         self._bound = Duration(micros=int(bound_s * 1_000_000))
         self._idle, self._poll, self._max_batch = stop_after_idle_s, poll_s, max_batch
+        self._batch_wait = batch_wait_s
         self._consumers: dict[tuple[str, int], object] = {}
         self._last_message: dict[tuple[str, int], float] = {}
 
@@ -113,7 +121,11 @@ class ReadKafkaPartitionFn(beam.DoFn, RestrictionProvider):
         topic, partition = element
         offset = tracker.current_restriction().start
         consumer = self._consumer(topic, partition, offset)
-        messages = consumer.consume(num_messages=self._max_batch, timeout=self._poll)
+        # wait (up to the poll time) for a first message, then up to the batch wait for more:
+        # ``consume(n, timeout)`` returns only when it has n messages or the timeout has passed
+        messages = consumer.consume(num_messages=1, timeout=self._poll)
+        if messages and self._max_batch > 1:
+            messages += consumer.consume(num_messages=self._max_batch - 1, timeout=self._batch_wait)
         key = (topic, partition)
         now = time.monotonic()
         self._last_message.setdefault(key, now)
@@ -157,12 +169,13 @@ class ReadFromKafkaTopic(beam.PTransform):
     """All partitions of a topic -> ``(partition, [(offset, value bytes), ...])``, one per poll."""
 
     def __init__(self, *, bootstrap: str, topic: str, start: str = "earliest", bound_s: float = 5.0,
-                 stop_after_idle_s: float | None = None, poll_s: float = 0.5) -> None:
+                 stop_after_idle_s: float | None = None, poll_s: float = 0.5,
+                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
         super().__init__()
         if start not in {"earliest", "latest"}:
             raise ValueError("start must be 'earliest' or 'latest'")
         self._bootstrap, self._topic, self._start = bootstrap, topic, start
-        self._bound, self._idle, self._poll = bound_s, stop_after_idle_s, poll_s
+        self._bound, self._idle, self._poll, self._batch_wait = bound_s, stop_after_idle_s, poll_s, batch_wait_s
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         from confluent_kafka.admin import AdminClient
@@ -173,7 +186,7 @@ class ReadFromKafkaTopic(beam.PTransform):
             raise ValueError(f"topic {self._topic!r} not found on {self._bootstrap}; create it or produce to it first")
         partitions = sorted(topic.partitions)
         fn = ReadKafkaPartitionFn(bootstrap=self._bootstrap, start=self._start, bound_s=self._bound,
-                                  stop_after_idle_s=self._idle, poll_s=self._poll)
+                                  stop_after_idle_s=self._idle, poll_s=self._poll, batch_wait_s=self._batch_wait)
         return (pbegin
                 | "ListPartitions" >> beam.Create([(self._topic, p) for p in partitions])
                 | "ReadPartitions" >> beam.ParDo(fn))
