@@ -1,24 +1,42 @@
-"""Freshness of ``finfeat stream`` on Prism: produce -> Delta commit, at steady rates, and capacity.
+"""Freshness of ``finfeat stream`` on Prism: produce -> online store and -> Delta commit, at
+steady rates, and capacity.
 
     python benchmarks/bench_stream.py [--rates 1000,5000] [--seconds 20] [--bound-seconds 1]
                                       [--emit-every-ms 200] [--commit-every-seconds 1] [--backlog 60000]
+                                      [--batch-wait-ms 500] [--online-store redis|none] [--sample-every 10]
+                                      [--feature-spec spec.yaml]
 
-For each rate: a throwaway Kafka broker topic, the stream job (``finfeat stream`` on Prism,
+Runner: Prism (Beam's portable local runner), on this machine. Beam's Flink job server is not
+served by the package mirror here, so the Flink runner could not be measured.
+
+For each rate: a throwaway Kafka broker topic, a database of a ``redis-server`` on 127.0.0.1
+(no persistence), the stream job (``finfeat stream --online-store redis://...`` on Prism,
 ``--stop-after-idle``) started first and warmed up, then synthetic transactions published at
 that steady rate for ``--seconds``, each stamped with its wall-clock send time as event time
-(so the watermark moves with the clock). Freshness of a transaction = the commit timestamp of
-the Delta commit that made its feature row visible (``commitInfo.timestamp``) minus the time
-it was handed to the Kafka producer. It includes the bound on out-of-orderness (the watermark
-lags the newest event by it), the emit tick, the commit interval and the Delta write.
-Transactions of the last ``bound + 2`` seconds are left out: at the end of a run the watermark
-only moves again at the idle stop.
+(so the watermark moves with the clock).
+
+* Online visibility of a transaction = the first time a poller (its own process, so that it
+  does not share the publisher's interpreter) reads the card's state and finds the txn id
+  among its events, minus the time it was handed to the Kafka producer. The poller follows
+  every ``--sample-every``-th transaction sent after the warm-up, from its scheduled send time
+  on, reading the cards of all followed, not yet visible transactions in one round trip per
+  loop (at most one loop every 5 ms, so it does not starve the job of CPU); the time is taken
+  when the read returns.
+  The stream writes events to the store as soon as they are parsed and de-duplicated, so
+  this does not include the bound on out-of-orderness or the commit interval.
+* Delta freshness = the commit timestamp of the Delta commit that made its feature row visible
+  (``commitInfo.timestamp``) minus the send time. It includes the bound (the watermark lags the
+  newest event by it), the emit tick, the commit interval and the Delta write. Transactions of
+  the last ``bound + 2`` seconds are left out: at the end of a run the watermark only moves
+  again at the idle stop.
 
 "lag" compares the median freshness of the first and the last fifth of the run: a job that
 keeps up has flat freshness; one that falls behind has freshness growing with time.
 
 Then the capacity: ``--backlog`` transactions published before the job starts, and the rate at
 which the job commits them (rows / time between its first and last commit): the sustained
-throughput before lag would grow, on this machine.
+throughput before lag would grow, on this machine (with the online store writes, unless
+``--online-store none``).
 
 Everything runs on 127.0.0.1 and is stopped at the end. Nothing is asserted; it prints a table.
 """
@@ -26,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -87,12 +107,16 @@ def producer(bootstrap: str):  # noqa: ANN201
 
 
 def publish(bootstrap: str, topic: str, data: Synthetic, rate: float, *, start: int = 0,
-            count: int | None = None, event_time_of=None) -> np.ndarray:  # noqa: ANN001
-    """Send ``count`` messages at ``rate``/s (0: as fast as possible); returns the send times."""
+            count: int | None = None, event_time_of=None, t0: float | None = None) -> np.ndarray:  # noqa: ANN001
+    """Send ``count`` messages at ``rate``/s (0: as fast as possible), message ``j`` due at
+    ``t0 + j / rate`` (``t0``: now unless given); returns the send times."""
     p = producer(bootstrap)
     count = len(data.prefixes) - start if count is None else count
     sent = np.zeros(count)
-    t0 = time.time()
+    if t0 is None:
+        t0 = time.time()
+    elif t0 > time.time():
+        time.sleep(t0 - time.time())
     for j in range(count):
         if rate:
             due = t0 + j / rate
@@ -116,11 +140,75 @@ def publish(bootstrap: str, topic: str, data: Synthetic, rate: float, *, start: 
     return sent
 
 
-def start_job(bootstrap: str, topic: str, warehouse: Path, log: Path, args: argparse.Namespace) -> subprocess.Popen:
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server on 127.0.0.1 without persistence; (process, URL without a database)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH (apt-get install -y redis-server), or pass --online-store none")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"redis://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def poll_visibility(url: str, spec_path: str | None, samples: list[tuple[float, str, str]], out: str,
+                    stop, period_s: float = 0.005) -> None:  # noqa: ANN001
+    """In its own process: for each ``(due time, txn id, card token)``, from its due time on,
+    read the card's state until the txn id is in it; writes ``{txn id: first time seen}`` to
+    ``out`` (JSON) when ``stop`` is set or everything was seen."""
+    from finfeat.jobs.online.base import EntityState
+    from finfeat.jobs.online.redis_store import RedisOnlineStore
+    from finfeat.transforms.spec import FeatureSpec
+
+    store = RedisOnlineStore(url, FeatureSpec.from_yaml(spec_path) if spec_path else FeatureSpec.default())
+    seen: dict[str, float] = {}
+    following: dict[str, str] = {}  # txn id -> card, due and not yet seen
+    nxt = 0
+    try:
+        while not stop.is_set() and len(seen) < len(samples):
+            started = time.time()
+            while nxt < len(samples) and samples[nxt][0] <= started:
+                following[samples[nxt][1]] = samples[nxt][2]
+                nxt += 1
+            if following:
+                cards = sorted(set(following.values()))
+                states = store.read_states([("card", c) for c in cards])
+                now = time.time()
+                held = {s.key: {e.txn_id for e in s.events} for s in states if isinstance(s, EntityState)}
+                for txn, card in list(following.items()):
+                    if txn in held.get(card, ()):
+                        seen[txn] = now
+                        del following[txn]
+            rest = period_s - (time.time() - started)
+            if rest > 0:
+                time.sleep(rest)
+    finally:
+        store.close()
+        Path(out).write_text(json.dumps(seen))
+
+
+def start_job(bootstrap: str, topic: str, warehouse: Path, log: Path, args: argparse.Namespace,
+              online_store: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "finfeat.jobs.cli", "stream", "--bootstrap", bootstrap, "--topic", topic,
            "--warehouse", str(warehouse), "--bound-seconds", str(args.bound_seconds),
            "--emit-every-ms", str(args.emit_every_ms), "--commit-every-seconds", str(args.commit_every_seconds),
-           "--stop-after-idle", str(args.idle_seconds), f"--prism_location={PRISM}"]
+           "--stop-after-idle", str(args.idle_seconds), "--batch-wait-ms", str(args.batch_wait_ms),
+           f"--prism_location={PRISM}", *(["--online-store", online_store] if online_store else []),
+           *(["--feature-spec", args.feature_spec] if args.feature_spec else [])]
     env = {**os.environ, "FINFEAT_TOKEN_KEY": TOKEN_KEY}
     with log.open("ab") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -165,49 +253,86 @@ def wait_for_rows(table: Path, n: int, timeout_s: float, proc: subprocess.Popen)
         time.sleep(0.2)
 
 
-def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path) -> dict:
+def _stats(fresh: np.ndarray) -> dict:
+    """p50 / p99 / max and the lag (median of the last fifth minus median of the first) of
+    freshness values in send order."""
+    fifth = max(1, len(fresh) // 5)
+    return {"p50": float(np.percentile(fresh, 50)), "p99": float(np.percentile(fresh, 99)),
+            "max": float(fresh.max()), "lag": float(np.median(fresh[-fifth:]) - np.median(fresh[:fifth]))}
+
+
+def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, redis_url: str | None) -> dict:
     topic, wh, log = f"steady-{rate}", work / f"wh-{rate}", work / f"stream-{rate}.log"
     n = int(rate * (args.warmup_seconds + args.seconds))
-    data = Synthetic(n, prefix=f"s{rate}-", seed=rate)
+    prefix = f"s{rate}-"
+    data = Synthetic(n, prefix=prefix, seed=rate)
+    ids = [f"{prefix}{i:08d}" for i in range(n)]
     publish(kafka.bootstrap, topic, Synthetic(1, prefix=f"w{rate}-"), 0,
             event_time_of=lambda j: time.time() - 60)  # the topic exists before the job lists its partitions
-    proc = start_job(kafka.bootstrap, topic, wh, log, args)
+    proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)
+    poller = stop = None
+    seen_file = work / f"online-{rate}.json"
+    # followed in the store: every n-th transaction due after the warm-up (Prism start, catching up)
+    followed = np.arange(int(np.ceil(rate * args.warmup_seconds)), n, args.sample_every)
     try:
-        t0 = time.time()
-        sent = publish(kafka.bootstrap, topic, data, rate)
+        t0 = time.time() + 1.0  # the poller follows the schedule t0 + j / rate
+        if redis_url:
+            ctx = multiprocessing.get_context("spawn")
+            stop = ctx.Event()
+            samples = [(t0 + j / rate, ids[j], data.prefixes[j][0].decode()) for j in followed]
+            poller = ctx.Process(target=poll_visibility, daemon=True,
+                                 args=(redis_url, args.feature_spec, samples, str(seen_file), stop))
+            poller.start()
+        sent = publish(kafka.bootstrap, topic, data, rate, t0=t0)
         produce_s = time.time() - t0
+        if poller is not None:  # the events still in flight become visible within the idle stop
+            poller.join(args.idle_seconds + 30)
+            stop.set()
+            poller.join(30)
         rc = stop_job(proc, args.seconds * 10 + 120)
     finally:
+        if stop is not None:
+            stop.set()
+        if poller is not None and poller.is_alive():
+            poller.join(30)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     visible: dict[str, float] = {}
-    for ts, ids in commits(wh / "features"):
-        for txn in ids:
+    for ts, committed in commits(wh / "features"):
+        for txn in committed:
             visible.setdefault(txn, ts)
-    ids = [f"s{rate}-{i:08d}" for i in range(n)]
     missing = sum(1 for txn in ids if txn not in visible)
-    # measured: sends after the warm-up (Prism start, catching up), before the end's watermark stall
-    keep = (sent >= t0 + args.warmup_seconds) & (sent < sent[-1] - args.bound_seconds - 2)
+    after_warmup = sent >= t0 + args.warmup_seconds  # Prism start, catching up
+    # Delta: before the end's watermark stall
+    keep = after_warmup & (sent < sent[-1] - args.bound_seconds - 2)
     fresh = np.array([visible.get(txn, np.nan) for txn in ids]) - sent
     measured = fresh[keep & ~np.isnan(fresh)]
+    out = {"case": f"steady {rate:,}/s", "events": n, "produced/s": n / produce_s, "missing": missing, "rc": rc,
+           "log": str(log)}
     if measured.size == 0:
-        return {"case": f"steady {rate:,}/s", "events": n, "error": "nothing committed", "log": str(log), "rc": rc}
-    fifth = max(1, len(measured) // 5)
-    return {"case": f"steady {rate:,}/s", "events": n, "measured": int(measured.size), "produced/s": n / produce_s,
-            "p50": float(np.percentile(measured, 50)), "p99": float(np.percentile(measured, 99)),
-            "max": float(measured.max()), "lag": float(np.median(measured[-fifth:]) - np.median(measured[:fifth])),
-            "missing": missing, "rc": rc, "log": str(log)}
+        out["error"] = "nothing committed"
+        return out
+    out.update({"measured": int(measured.size), **_stats(measured)})
+    if redis_url:
+        online = json.loads(seen_file.read_text()) if seen_file.exists() else {}
+        on = np.array([online.get(ids[j], np.nan) for j in followed]) - sent[followed]
+        measured_on = on[~np.isnan(on)]
+        out["online_followed"] = int(followed.size)
+        out["online_missing"] = int(np.isnan(on).sum())
+        if measured_on.size:
+            out["online"] = _stats(measured_on)
+    return out
 
 
-def backlog(kafka: LocalKafka, n: int, args: argparse.Namespace, work: Path) -> dict:
+def backlog(kafka: LocalKafka, n: int, args: argparse.Namespace, work: Path, redis_url: str | None) -> dict:
     topic, wh, log = "backlog", work / "wh-backlog", work / "stream-backlog.log"
     data = Synthetic(n, prefix="k", seed=99)
     now = time.time()
     step = 1 / 5000  # event times 5,000/s apart, ending now
     publish(kafka.bootstrap, topic, data, 0, event_time_of=lambda j: now - (n - j) * step)
     t0 = time.time()
-    proc = start_job(kafka.bootstrap, topic, wh, log, args)
+    proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)
     rc = stop_job(proc, 600)
     wall = time.time() - t0
     done = commits(wh / "features")
@@ -227,8 +352,14 @@ def main() -> int:
     ap.add_argument("--bound-seconds", type=float, default=1.0)
     ap.add_argument("--emit-every-ms", type=int, default=200)
     ap.add_argument("--commit-every-seconds", type=float, default=1.0)
+    ap.add_argument("--batch-wait-ms", type=int, default=500,
+                    help="the job's --batch-wait-ms: how long a Kafka poll waits for more after its first message")
     ap.add_argument("--idle-seconds", type=float, default=4.0)
     ap.add_argument("--backlog", type=int, default=60_000, help="0 skips the capacity run")
+    ap.add_argument("--online-store", choices=["redis", "none"], default="redis",
+                    help="run the job with --online-store on a local redis-server and measure visibility there")
+    ap.add_argument("--sample-every", type=int, default=10, help="follow every n-th transaction in the store")
+    ap.add_argument("--feature-spec", help="the job's feature spec YAML (default: the built-in v1 set)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, tables)")
     args = ap.parse_args()
     if not PRISM.exists():
@@ -236,26 +367,47 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="finfeat-bench-stream-"))
     results = []
+    redis = None
     try:
+        redis_url = None
+        if args.online_store == "redis":
+            redis, redis_url = start_redis(work)
         with LocalKafka() as kafka:
-            for rate in [int(r) for r in args.rates.split(",") if r]:
-                results.append(steady(kafka, rate, args, work))
+            rates = [int(r) for r in args.rates.split(",") if r]
+            for i, rate in enumerate(rates):  # each case in a Redis database of its own
+                results.append(steady(kafka, rate, args, work, redis_url and f"{redis_url}/{i}"))
                 print(json.dumps(results[-1]), flush=True)
             if args.backlog:
-                results.append(backlog(kafka, args.backlog, args, work))
+                results.append(backlog(kafka, args.backlog, args, work, redis_url and f"{redis_url}/{len(rates)}"))
                 print(json.dumps(results[-1]), flush=True)
     finally:
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nfinfeat stream on Prism, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
-          f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s")
-    print(f"{'case':<18}{'events':>9}{'sent/s':>9}{'p50 s':>8}{'p99 s':>8}{'max s':>8}{'lag s':>8}{'missing':>9}")
+          f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s, "
+          f"batch wait {args.batch_wait_ms} ms"
+          + (f"; online store Redis on 127.0.0.1, every {args.sample_every}th transaction followed"
+             if args.online_store == "redis" else "; no online store"))
+    print(f"{'case':<18}{'events':>9}{'sent/s':>9}  {'to':<8}{'p50 s':>8}{'p99 s':>8}{'max s':>8}{'lag s':>8}"
+          f"{'missing':>9}")
     for r in results:
         if r["case"].startswith("steady") and "error" in r:
             print(f"{r['case']:<18}{r['events']:>9,}  {r['error']} (see {r['log']})")
         elif r["case"].startswith("steady"):
-            print(f"{r['case']:<18}{r['events']:>9,}{r['produced/s']:>9,.0f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
-                  f"{r['max']:>8.2f}{r['lag']:>8.2f}{r['missing']:>9,}")
+            head = f"{r['case']:<18}{r['events']:>9,}{r['produced/s']:>9,.0f}"
+            if "online" in r:
+                o = r["online"]
+                print(f"{head}  {'online':<8}{o['p50']:>8.3f}{o['p99']:>8.3f}{o['max']:>8.3f}{o['lag']:>8.3f}"
+                      f"{r['online_missing']:>9,} of {r['online_followed']:,} followed")
+                head = f"{'':<36}"
+            elif "online_followed" in r:
+                print(f"{head}  {'online':<8}  none of {r['online_followed']:,} followed transactions seen")
+                head = f"{'':<36}"
+            print(f"{head}  {'Delta':<8}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['max']:>8.2f}{r['lag']:>8.2f}"
+                  f"{r['missing']:>9,}")
     for r in results:
         if r["case"].startswith("backlog"):
             print(f"capacity: {r['rows']:,} of {r['events']:,} backlog events in {r['commits']} commits, "
