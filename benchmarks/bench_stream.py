@@ -22,7 +22,8 @@ that steady rate for ``--seconds``, each stamped with its wall-clock send time a
   on, reading the cards of all followed, not yet visible transactions in one round trip per
   loop (at most one loop every 5 ms, so it does not starve the job of CPU); the time is taken
   when the read returns.
-  The stream writes events to the store as soon as they are parsed and de-duplicated, so
+  The stream writes events to the store as soon as they are parsed (in the stage that reads
+  Kafka), so
   this does not include the bound on out-of-orderness or the commit interval.
 * Delta freshness = the commit timestamp of the Delta commit that made its feature row visible
   (``commitInfo.timestamp``) minus the send time. It includes the bound (the watermark lags the

@@ -19,10 +19,12 @@ table already holds. A restarted job replays the topic from the start of its ret
 nothing; the dead-letter table is written the same way, keyed by source position.
 
 Online store (``--online-store sqlite:PATH`` or ``redis://HOST:PORT/DB``, as for the backfill):
-the valid, de-duplicated events are written as soon as they are parsed, per bundle, without
-waiting for the watermark (:class:`WriteOnlineStoreFn`). The store keeps events, not feature
-rows, and its writes are idempotent per txn id and monotonic, so the order, a replay after a
-restart, or a concurrent backfill never move a state backwards.
+the valid events are written as soon as they are parsed, in the bundle that read them from
+Kafka, without waiting for the watermark or for the job's own de-duplication, which would cost
+a shuffle and a stateful step (:class:`WriteOnlineStoreFn`). The store keeps events, not
+feature rows, and its writes are idempotent per txn id (the first copy written wins) and
+monotonic, so the order, repeated deliveries, a replay after a restart, or a concurrent
+backfill never move a state backwards.
 """
 from __future__ import annotations
 
@@ -180,13 +182,16 @@ class DropRepeatedTxnFn(beam.DoFn):
 
 
 class WriteOnlineStoreFn(beam.DoFn):
-    """Valid, de-duplicated events -> the online store, in small batches per bundle.
+    """Valid events -> the online store, in small batches per bundle, as soon as they are parsed.
 
-    Events are written as soon as they are parsed and de-duplicated, without waiting for the
-    watermark: the store keeps each entity's recent events (not feature rows) and computes
-    features at lookup time, and its writes are idempotent per txn id and order-independent
-    (monotonic), so an early write is never wrong, and a write repeated after a restart (the
-    job replays the topic) changes nothing. Late events are written too: they are real
+    The write sits in the stage that reads Kafka (no shuffle before it), without waiting for the
+    watermark or for :class:`DropRepeatedTxnFn`: the store keeps each entity's recent events
+    (not feature rows) and computes features at lookup time, and its writes are idempotent per
+    txn id and order-independent (monotonic), so an early write is never wrong, and a repeated
+    delivery or a write repeated after a restart (the job replays the topic) changes nothing.
+    The store keeps the first copy of a txn id written, the stream's de-duplication the first
+    delivered: the same copy, as `finfeat produce` keys messages by card, so every copy of a
+    transaction travels in one partition, in order. Late events are written too: they are real
     transactions, a lookup after them must see them, and the next backfill repairs the feature
     rows of their days in Delta (the stream reports them as ``late`` dead letters).
 
@@ -393,8 +398,9 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
               | "DropRepeatedTxn" >> beam.ParDo(DropRepeatedTxnFn(run_id=run_id, retention_us=spec.max_window_us)
                                                 ).with_outputs(DEAD, main="events"))
     if online_store:
-        # valid, de-duplicated events, late ones included, without waiting for the watermark
-        unique.events | "WriteOnlineStore" >> beam.ParDo(WriteOnlineStoreFn(url=online_store, spec=spec))
+        # valid events as parsed, late and repeated ones included (the store keeps the first copy of a
+        # txn id), in the stage that reads Kafka: no shuffle, no wait for the watermark
+        parsed.events | "WriteOnlineStore" >> beam.ParDo(WriteOnlineStoreFn(url=online_store, spec=spec))
     out = unique.events | "ComputeFeatures" >> ComputeFeaturesUnbounded(spec=spec, buckets=buckets,
                                                                         emit_every_ms=emit_every_ms)
     late = out["late"] | "LateToDeadLetters" >> beam.Map(_late_dead_letter, run_id)
@@ -436,7 +442,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=int, default=500,
                    help="after a poll's first message, wait this long for more (default 500): lower values make "
                         "the online store fresher, higher ones cost less per event")
-    p.add_argument("--online-store", help="also write every valid, de-duplicated event to the online store as it "
+    p.add_argument("--online-store", help="also write every valid event to the online store as it "
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
     p.add_argument("--feature-spec")
     p.add_argument("--demo-key", action="store_true")

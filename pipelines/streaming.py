@@ -30,6 +30,8 @@ silently dropped.
 """
 from __future__ import annotations
 
+import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, Tuple
 
@@ -178,6 +180,74 @@ def identity_columns(events: pa.Table, spec: FeatureSpec) -> dict[str, pa.Array]
     return cols
 
 
+def _shape(value: tuple | None) -> tuple[int, int | None, str | None]:
+    if value is None:
+        return 0, None, None
+    if len(value) == 2:  # written before history tokens existed
+        return value[0], value[1], None
+    return value
+
+
+class _Held:
+    """A bucket's history with its entity keys as integer codes, to pick an entity's rows fast."""
+
+    _COMBINE_AT = 16  # chunks: appends add one each; past this the table is made contiguous
+
+    def __init__(self, table: pa.Table, column: str) -> None:
+        self.column = column
+        self.table = table.combine_chunks()
+        encoded = pc.dictionary_encode(self.table.column(column).combine_chunks())
+        self.codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
+
+    def rows_of(self, keys: pa.Array | pa.ChunkedArray) -> pa.Table:
+        """The history rows of these entity keys."""
+        wanted = [self.code_of[k] for k in set(keys.to_pylist()) if k in self.code_of]
+        if not wanted:
+            return self.table.slice(0, 0)
+        return self.table.take(pa.array(np.flatnonzero(np.isin(self.codes, wanted))))
+
+    def append(self, ready: pa.Table) -> _Held:
+        code_of = self.code_of
+        new = np.fromiter((code_of.setdefault(k, len(code_of)) for k in ready.column(self.column).to_pylist()),
+                          dtype=np.int64, count=ready.num_rows)
+        self.codes = np.concatenate([self.codes, new])
+        table = pa.concat_tables([self.table, ready.select(self.table.column_names)])
+        self.table = table.combine_chunks() if table.column(0).num_chunks > self._COMBINE_AT else table
+        return self
+
+
+class _HistoryCache:
+    """This worker's copy of each bucket's history, valid while the state's token matches.
+
+    Reading a bucket's whole history back from the runner and scanning its entity keys at every
+    flush were the streaming job's largest costs (portable runners such as Prism offer the SDK
+    no state cache). Every flush writes a fresh random token beside the history in state and
+    keeps the resulting history here under that token; the next flush of the bucket reads the
+    (small) token from state and uses this copy only if the tokens match. A flush takes the copy
+    out while it works and puts it back with the new token only at its end, so a flush that
+    fails leaves no copy behind. Any other writer of the state (another worker, a retried
+    bundle whose writes the runner discarded, a restart) leaves a different token, so a stale
+    copy is never used: the state stays the truth, this only saves work.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, Any], tuple[str, _Held]] = {}
+
+    def take(self, entity: str, key: Any, token: str | None) -> _Held | None:
+        with self._lock:
+            got = self._held.pop((entity, key), None)
+        return got[1] if got is not None and token is not None and got[0] == token else None
+
+    def put(self, entity: str, key: Any, token: str, held: _Held) -> None:
+        with self._lock:
+            self._held[(entity, key)] = (token, held)
+
+
+_HISTORY_CACHE = _HistoryCache()
+
+
 class EntityFeaturesFn(beam.DoFn):
     """Exact features of one entity kind, per bucket of entities, once the watermark passes a tick.
 
@@ -191,7 +261,7 @@ class EntityFeaturesFn(beam.DoFn):
 
     PENDING = BagStateSpec("pending", PickleCoder())
     HISTORY = BagStateSpec("history", PickleCoder())
-    SHAPE = ReadModifyWriteStateSpec("shape", PickleCoder())        # (pieces in HISTORY, prune due at)
+    SHAPE = ReadModifyWriteStateSpec("shape", PickleCoder())        # (pieces in HISTORY, prune due at, token)
     HORIZON = ReadModifyWriteStateSpec("horizon", VarIntCoder())   # every event <= this is emitted
     FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
 
@@ -229,9 +299,10 @@ class EntityFeaturesFn(beam.DoFn):
             flush.set(Timestamp(micros=due), dynamic_timer_tag=str(due))
 
     @on_timer(FLUSH)
-    def on_flush(self, fired=beam.DoFn.TimestampParam, pending=beam.DoFn.StateParam(PENDING),
-                 history=beam.DoFn.StateParam(HISTORY), shape=beam.DoFn.StateParam(SHAPE),
-                 horizon=beam.DoFn.StateParam(HORIZON)) -> Iterator[tuple[int, Part]]:
+    def on_flush(self, fired=beam.DoFn.TimestampParam, key=beam.DoFn.KeyParam,
+                 pending=beam.DoFn.StateParam(PENDING), history=beam.DoFn.StateParam(HISTORY),
+                 shape=beam.DoFn.StateParam(SHAPE), horizon=beam.DoFn.StateParam(HORIZON)
+                 ) -> Iterator[tuple[int, Part]]:
         # the watermark has passed every event at or before this (timers come back in whole ms)
         cutoff = fired.micros // _US_PER_MS * _US_PER_MS - 1
         waiting = _concat(pending.read())
@@ -242,11 +313,14 @@ class EntityFeaturesFn(beam.DoFn):
         if not is_ready.any():  # an earlier timer of the same round released them already
             return
         ready, later = waiting.filter(pa.array(is_ready)), waiting.filter(pa.array(~is_ready))
-        pieces, prune_at = shape.read() or (0, None)
-        held = _concat(history.read()) if pieces else None
+        pieces, prune_at, token = _shape(shape.read())
+        held = _HISTORY_CACHE.take(self._entity, key, token) if pieces else None
+        if pieces and held is None:
+            stored = _concat(history.read())
+            held = _Held(stored, self._column) if stored is not None else None
         if held is not None:  # only the ready events' entities matter to their features
-            mine = held.filter(pc.is_in(held.column(self._column), value_set=ready.column(self._column)))
-            table = pa.concat_tables([mine, ready])
+            mine = held.rows_of(ready.column(self._column))
+            table = pa.concat_tables([mine, ready.select(mine.column_names)])
             first = mine.num_rows
         else:
             table, first = ready, 0
@@ -260,16 +334,19 @@ class EntityFeaturesFn(beam.DoFn):
         floor = cutoff - self._reach
         oldest = int(t[is_ready].min())
         if (prune_at is not None and prune_at <= floor) or pieces + 1 > _MAX_HISTORY_CHUNKS:
-            everything = pa.concat_tables([held, ready]) if held is not None else ready
+            everything = pa.concat_tables([held.table, ready.select(held.table.column_names)]) if held else ready
             keep, prune_at = self._prune(everything, floor)
             history.clear()
             history.add(keep)
-            pieces = 1
+            pieces, held = 1, _Held(keep, self._column)
         else:
             history.add(ready)
             pieces += 1
             prune_at = oldest if prune_at is None else min(prune_at, oldest)
-        shape.write((pieces, prune_at))
+            held = held.append(ready) if held is not None else _Held(ready, self._column)
+        token = uuid.uuid4().hex
+        shape.write((pieces, prune_at, token))
+        _HISTORY_CACHE.put(self._entity, key, token, held)
         done = horizon.read()
         horizon.write(cutoff if done is None else max(done, cutoff))
         pending.clear()
