@@ -33,7 +33,8 @@ setup(
         "great-expectations>=1.24,<1.25",
     ],
     extras_require={
-        "online": ["redis==8.1.0"],
+        # hiredis: redis-py's C parser and command packer (twice the write rate, faster reads)
+        "online": ["redis==8.1.0", "hiredis==3.5.0"],
         # finfeat training-set --engine spark, finfeat maintain --engine spark; the Delta jars come from
         # `bash jobs/spark/fetch_jars.sh` (Maven), never from Ivy at run time.
         "spark": ["pyspark==4.2.0", "delta-spark==4.4.1"],
@@ -41,7 +42,7 @@ setup(
         "train": ["xgboost-cpu>=3,<4", "scikit-learn>=1.9,<2", "matplotlib>=3.11,<4", "duckdb>=1.1"],
         # finfeat produce / stream (the Kafka client; the broker's jars come from Maven)
         "stream": ["confluent-kafka==2.16.1"],
-        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0", "hiredis==3.5.0"],
     },
     entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},
 )

@@ -18,11 +18,9 @@ Target: single lookup p99 under 1 ms on both backends. Nothing here is asserted;
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from finfeat.jobs.online import Candidate, lookup, lookup_many, materialize  # n
 from finfeat.jobs.online.base import OnlineStore  # noqa: E402
 from finfeat.jobs.online.lookup import _entity_arrays  # noqa: E402
 from finfeat.transforms.features import calendar_values, compute_sorted_entity_features  # noqa: E402
+from finfeat.jobs.online.local_redis import running_redis  # noqa: E402
 from finfeat.jobs.online.redis_store import RedisOnlineStore  # noqa: E402
 from finfeat.jobs.online.sqlite import SqliteOnlineStore  # noqa: E402
 from finfeat.jobs.sources import read_file  # noqa: E402
@@ -74,30 +73,6 @@ def check_against_warehouse(events: pa.Table, warehouse: Path) -> str:
     same = set(zip(ids.column("txn_id").to_pylist(), ids.column("card_token").to_pylist())) == set(
         zip(events.column("txn_id").to_pylist(), events.column("card_token").to_pylist()))
     return f"demo Delta table {path}: {ids.num_rows:,} rows, {'same' if same else 'DIFFERENT'} txn ids and card tokens"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH (apt-get install -y redis-server), or pass --redis-url")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
 
 
 def pct(values_ns: list[int]) -> tuple[float, float, float]:
@@ -170,24 +145,19 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cpus, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     work = Path(tempfile.mkdtemp(prefix="ffbench-"))
-    proc = None
     rows = []
     try:
         with SqliteOnlineStore(work / "online.db", spec) as store:
             rows.append(bench_store("SQLite (file, WAL)", store, events, spec, args))
-        url = args.redis_url
-        if url is None:
-            proc, url = start_redis(work)
-        store = RedisOnlineStore(url, spec, namespace=f"ffbench:{os.getpid()}")
-        try:
-            rows.append(bench_store("Redis (127.0.0.1)", store, events, spec, args))
-        finally:
-            store.drop_namespace()
-            store.close()
+        with ExitStack() as stack:
+            url = args.redis_url or stack.enter_context(running_redis(work / "redis")).url
+            store = RedisOnlineStore(url, spec, namespace=f"ffbench:{os.getpid()}")
+            try:
+                rows.append(bench_store("Redis (127.0.0.1)", store, events, spec, args))
+            finally:
+                store.drop_namespace()
+                store.close()
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
     print()

@@ -19,6 +19,7 @@ Prints one table per part. Timings are wall clock on this machine (nothing is as
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 import json
 import os
 import shutil
@@ -86,7 +87,7 @@ def _latency(name: str, inputs: list[Path], mapping: str, model: Path, test_star
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from bench_online import start_redis
+    from finfeat.jobs.online.local_redis import running_redis
     from finfeat.jobs.score import Scorer, score_request
     from finfeat.transforms.spec import FeatureSpec
 
@@ -105,14 +106,13 @@ def _latency(name: str, inputs: list[Path], mapping: str, model: Path, test_star
     db = work / f"{name}_online.db"
     db.unlink(missing_ok=True)
     backends = [("SQLite", f"sqlite:{db}", None)]
-    redis_proc = None
-    if shutil.which("redis-server"):
-        redis_proc, url = start_redis(work)
-        backends.append(("Redis", url, f"ffbench-score:{os.getpid()}"))
-    else:
-        print(f"[{name}] redis-server is not on PATH: Redis latency skipped", file=sys.stderr)
     out = []
-    try:
+    with ExitStack() as stack:
+        if shutil.which("redis-server"):
+            backends.append(("Redis", stack.enter_context(running_redis(work / "redis")).url,
+                             f"ffbench-score:{os.getpid()}"))
+        else:
+            print(f"[{name}] redis-server is not on PATH: Redis latency skipped", file=sys.stderr)
         for backend, url, namespace in backends:
             t = time.perf_counter()
             with open_store(url, spec, namespace=namespace) as store:
@@ -129,10 +129,6 @@ def _latency(name: str, inputs: list[Path], mapping: str, model: Path, test_star
             out.append({"dataset": name, "backend": backend, "store_events": before.num_rows, "materialize_s": mat_s,
                         "n": len(a), "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
                         "p99_ms": float(np.percentile(a, 99))})
-    finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)
     return out
 
 

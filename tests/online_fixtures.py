@@ -3,15 +3,9 @@ of both backends, the public test events, a short-window spec that makes retenti
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from finfeat.jobs.online import local_redis
 from finfeat.jobs.online.base import OnlineStore
+from finfeat.jobs.online.local_redis import RedisServer, RedisServerMissing, free_port, redis_server_binary  # noqa: F401
 from finfeat.jobs.online.redis_store import RedisOnlineStore
 from finfeat.jobs.online.sqlite import SqliteOnlineStore
 from finfeat.schemas.events import EVENT_SCHEMA
@@ -52,90 +48,22 @@ def ci() -> bool:
 
 def require_redis_server() -> str:
     """Path of redis-server; skips without it, except under CI where it must be installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    try:
+        return redis_server_binary()
+    except RedisServerMissing:
         msg = "redis-server is not on PATH (install it: apt-get install -y redis-server)"
         if ci():
             pytest.fail(f"{msg}; CI must run the Redis tests")
         pytest.skip(msg)
-    return binary
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RedisServer:
-    proc: subprocess.Popen
-    port: int
-    workdir: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+    raise AssertionError("unreachable")
 
 
 @contextmanager
 def running_redis(workdir: Path) -> Iterator[RedisServer]:
-    """A throwaway redis-server on 127.0.0.1 (no persistence), stopped on exit."""
-    binary = require_redis_server()
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = None
-    for _ in range(5):  # a free port can be taken between choosing and binding it: try another
-        port = free_port()
-        log = open(workdir / f"redis-{port}.log", "wb")
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None and not _ping(port):
-            time.sleep(0.02)
-        if proc.poll() is None and _ping(port):
-            server = RedisServer(proc, port, workdir)
-            break
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-    if server is None:
-        raise RuntimeError(f"could not start redis-server on 127.0.0.1; see the logs in {workdir}")
-    try:
+    """A throwaway redis-server on 127.0.0.1 (skips the test without one, fails under CI)."""
+    require_redis_server()
+    with local_redis.running_redis(workdir) as server:
         yield server
-    finally:
-        if server.proc.poll() is None:
-            try:
-                os.kill(server.proc.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
-            except ProcessLookupError:
-                pass
-            server.proc.terminate()
-            try:
-                server.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait(10)
 
 
 @pytest.fixture(scope="session")
