@@ -9,12 +9,13 @@ PRISM  := $(CACHE)/prism/bin/prism
 BEAM_VERSION := 2.77.0
 WAREHOUSE ?= warehouse
 
-.PHONY: help setup setup-full jars prism demo test dq bench bench-online bench-train bench-stream \
+.PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-stream \
         kafka generate clean
 
 help:
 	@echo "make demo         - set up, then run the backfill end to end on the bundled public data"
 	@echo "make test         - set up everything the tests need (Spark, Kafka, Prism), then run them"
+	@echo "make stream-demo  - the stream job on a local Kafka broker and Prism, checked against the demo"
 	@echo "make dq           - data-quality checks of the demo output (exit 1 on failure)"
 	@echo "make kafka        - a local Kafka broker on 127.0.0.1:19092 (Ctrl-C stops it)"
 	@echo "make bench        - backfill of 1M generated events vs DuckDB"
@@ -58,6 +59,11 @@ dq: $(STAMP)
 
 kafka: jars
 	$(BIN)/python -m finfeat.jobs.kafka.broker run --port 19092 --controller-port 19093
+
+# The stream job end to end: a local Kafka broker, Prism, an online store; checked against the demo's backfill.
+stream-demo: $(FULL) jars prism
+	test -d $(WAREHOUSE)/features || $(MAKE) demo
+	$(BIN)/python -m finfeat.jobs.stream_demo --warehouse $(WAREHOUSE)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_backfill.py --events 1000000

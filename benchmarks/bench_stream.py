@@ -3,7 +3,7 @@ steady rates, and capacity.
 
     python benchmarks/bench_stream.py [--rates 1000,5000] [--seconds 20] [--bound-seconds 1]
                                       [--emit-every-ms 200] [--commit-every-seconds 1] [--backlog 60000]
-                                      [--batch-wait-ms 500] [--online-store redis|none] [--sample-every 10]
+                                      [--batch-wait-ms 100] [--online-store redis|none] [--sample-every 10]
                                       [--feature-spec spec.yaml]
 
 Runner: Prism (Beam's portable local runner), on this machine. Beam's Flink job server is not
@@ -44,12 +44,12 @@ Everything runs on 127.0.0.1 and is stopped at the end. Nothing is asserted; it 
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 import json
 import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 
 from finfeat.jobs.kafka.broker import LocalKafka  # noqa: E402
 from finfeat.jobs.kafka.messages import SCHEMA  # noqa: E402
+from finfeat.jobs.online.local_redis import RedisServerMissing, running_redis  # noqa: E402
 
 PRISM = REPO / ".cache" / "prism" / "bin" / "prism"
 TOKEN_KEY = "bench-key-0123456789abcdef"
@@ -139,31 +140,6 @@ def publish(bootstrap: str, topic: str, data: Synthetic, rate: float, *, start: 
             p.poll(0)
     assert p.flush(60) == 0
     return sent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """A throwaway redis-server on 127.0.0.1 without persistence; (process, URL without a database)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH (apt-get install -y redis-server), or pass --online-store none")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, f"redis://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
 
 
 def poll_visibility(url: str, spec_path: str | None, samples: list[tuple[float, str, str]], out: str,
@@ -353,7 +329,7 @@ def main() -> int:
     ap.add_argument("--bound-seconds", type=float, default=1.0)
     ap.add_argument("--emit-every-ms", type=int, default=200)
     ap.add_argument("--commit-every-seconds", type=float, default=1.0)
-    ap.add_argument("--batch-wait-ms", type=int, default=500,
+    ap.add_argument("--batch-wait-ms", type=int, default=100,
                     help="the job's --batch-wait-ms: how long a Kafka poll waits for more after its first message")
     ap.add_argument("--idle-seconds", type=float, default=4.0)
     ap.add_argument("--backlog", type=int, default=60_000, help="0 skips the capacity run")
@@ -368,12 +344,16 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="finfeat-bench-stream-"))
     results = []
-    redis = None
     try:
-        redis_url = None
-        if args.online_store == "redis":
-            redis, redis_url = start_redis(work)
-        with LocalKafka() as kafka:
+        with ExitStack() as stack:
+            redis_url = None
+            if args.online_store == "redis":
+                try:
+                    server = stack.enter_context(running_redis(work / "redis"))
+                except RedisServerMissing as exc:
+                    raise SystemExit(f"{exc}, or pass --online-store none") from None
+                redis_url = f"redis://127.0.0.1:{server.port}"
+            kafka = stack.enter_context(LocalKafka())
             rates = [int(r) for r in args.rates.split(",") if r]
             for i, rate in enumerate(rates):  # each case in a Redis database of its own
                 results.append(steady(kafka, rate, args, work, redis_url and f"{redis_url}/{i}"))
@@ -382,9 +362,6 @@ def main() -> int:
                 results.append(backlog(kafka, args.backlog, args, work, redis_url and f"{redis_url}/{len(rates)}"))
                 print(json.dumps(results[-1]), flush=True)
     finally:
-        if redis is not None:
-            redis.terminate()
-            redis.wait(10)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nfinfeat stream on Prism, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "

@@ -376,7 +376,7 @@ class CommitMicroBatchFn(beam.DoFn):
 def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Path, spec: FeatureSpec,
                  app_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
                  stop_after_idle_s: float | None, start: str = "earliest", buckets: int = DEFAULT_BUCKETS,
-                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5, batch_wait_s: float = 0.5,
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5, batch_wait_s: float = 0.1,
                  online_store: str | None = None) -> None:
     """The stream job's pipeline on ``p``; ``online_store``: also write the events to this store
     (a URL as :func:`finfeat.jobs.online.open_store` takes it, e.g. from :func:`online_store_url`)."""
@@ -439,8 +439,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
                    help="state keys per entity kind and for txn ids (parallelism of the stateful steps)")
     p.add_argument("--stop-after-idle", type=float, help="finish after this many seconds without messages")
-    p.add_argument("--batch-wait-ms", type=int, default=500,
-                   help="after a poll's first message, wait this long for more (default 500): lower values make "
+    p.add_argument("--batch-wait-ms", type=int, default=100,
+                   help="after a poll's first message, wait this long for more (default 100): lower values make "
                         "the online store fresher, higher ones cost less per event")
     p.add_argument("--online-store", help="also write every valid event to the online store as it "
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
