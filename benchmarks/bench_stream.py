@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 
 from finfeat.jobs.kafka.broker import LocalKafka  # noqa: E402
 from finfeat.jobs.kafka.messages import SCHEMA  # noqa: E402
+from finfeat.jobs.produce import send  # noqa: E402
 from finfeat.jobs.online.local_redis import RedisServerMissing, running_redis  # noqa: E402
 
 PRISM = REPO / ".cache" / "prism" / "bin" / "prism"
@@ -129,12 +130,7 @@ def publish(bootstrap: str, topic: str, data: Synthetic, rate: float, *, start: 
         now = time.time()
         key, prefix = data.prefixes[start + j]
         value = Synthetic.message(prefix, event_time_of(j) if event_time_of else now)
-        while True:
-            try:
-                p.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                p.poll(0.01)
+        send(p, topic, key, value, backoff_s=0.01)
         sent[j] = now
         if j % 1000 == 0:
             p.poll(0)

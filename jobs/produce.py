@@ -35,6 +35,17 @@ def delivery_order(event_time_us: np.ndarray, *, disorder_us: int, seed: int) ->
     return np.lexsort((idx, event_time_us + delay))
 
 
+def send(producer, topic: str, key: bytes | None, value: bytes, *, backoff_s: float = 0.05) -> None:  # noqa: ANN001
+    """Queue one message on a confluent-kafka producer, serving delivery reports while its
+    local queue is full (never drops a message)."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key)
+            return
+        except BufferError:
+            producer.poll(backoff_s)
+
+
 def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, disorder_us: int = 0,
             seed: int = 5) -> int:
     from confluent_kafka import Producer
@@ -52,12 +63,7 @@ def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, 
             wait = started + i / rate - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        send(producer, topic, key, value)
         producer.poll(0)
     left = producer.flush(60)
     if left:
