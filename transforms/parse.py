@@ -101,6 +101,9 @@ def _text(arr: pa.Array) -> pa.Array:
 
 
 def _missing(arr: pa.Array) -> np.ndarray:
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type)):
+        # a typed column (number, time, boolean) is missing only where null: no text to trim
+        return pc.is_null(arr).to_numpy(zero_copy_only=False)
     text = _text(arr)
     return pc.or_(pc.is_null(text), pc.equal(text, "")).fill_null(True).to_numpy(zero_copy_only=False)
 
