@@ -107,6 +107,28 @@ def gx_suite(suite: Any) -> Any:
     return built
 
 
+def to_frame(table: Any, columns: list[str]) -> pd.DataFrame:
+    """The columns of an Arrow table as the pandas frame GX validates.
+
+    Narrow integers and floats are widened to 64 bits first: GX's pandas ``between`` check is
+    vectorized only for int64 / float64 columns and calls a Python function per value for any
+    other dtype (``hour_of_day`` and ``day_of_week`` are int32: two million calls per million
+    rows). Widening changes no value, so no result.
+    """
+    import pyarrow as pa
+
+    table = table.select(columns)
+    for i, field in enumerate(table.schema):
+        t = field.type
+        wide = (pa.int64() if pa.types.is_integer(t) and t != pa.int64() and not (
+                    pa.types.is_uint64(t)) else
+                pa.float64() if pa.types.is_floating(t) and t != pa.float64() else None)
+        if wide is not None:
+            table = table.set_column(i, field.name, table.column(i).cast(wide))
+    # pandas metadata ignored: the frame gets a RangeIndex, so GX's row index == row number
+    return table.to_pandas(ignore_metadata=True)
+
+
 def validate_frame(frame: pd.DataFrame, suite: Any, *, result_format: dict[str, Any] | None = None,
                    cache: bool = True) -> Any:
     """Validate a pandas frame (RangeIndex: row numbers) with the shared ephemeral context.

@@ -56,7 +56,7 @@ def build_data_docs(table: pa.Table, suite: Suite, docs_dir: str | Path) -> Path
         name=f"finfeat_{suite.name}", validation_definitions=[definition],
         actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20}))
-    frame = table.select(suite.columns).to_pandas(ignore_metadata=True)
+    frame = _gx.to_frame(table, suite.columns)
     checkpoint.run(batch_parameters={"dataframe": frame})
     index = docs_dir / DOCS_SITE
     if not index.is_file():

@@ -246,8 +246,7 @@ def validate_table(
 
     offending: dict[str, np.ndarray] = {}
     if runnable.rules:
-        # pandas metadata ignored: the frame gets a RangeIndex, so GX's row index == row number
-        frame = table.select(runnable.columns).to_pandas(ignore_metadata=True)
+        frame = _gx.to_frame(table, runnable.columns)
         # Pass 1, the whole suite, success only (about half the cost of COMPLETE). Pass 2, COMPLETE
         # (counts, row numbers) for what broke, and for whatever a `mostly` lets pass with bad rows.
         second: list[Rule] = []
