@@ -40,26 +40,20 @@ from finfeat.transforms.features import calendar_values, compute_sorted_entity_f
 from finfeat.jobs.online.local_redis import running_redis  # noqa: E402
 from finfeat.jobs.online.redis_store import RedisOnlineStore  # noqa: E402
 from finfeat.jobs.online.sqlite import SqliteOnlineStore  # noqa: E402
-from finfeat.jobs.sources import read_file  # noqa: E402
+from finfeat.jobs.sources import parse_files  # noqa: E402
 from finfeat.schemas.events import EVENT_SCHEMA  # noqa: E402
 from finfeat.schemas.mapping import Mapping  # noqa: E402
 from finfeat.transforms.dedup import deduplicate  # noqa: E402
-from finfeat.transforms.parse import CardTokenizer, parse_batch  # noqa: E402
+from finfeat.transforms.parse import CardTokenizer  # noqa: E402
 from finfeat.transforms.spec import FeatureSpec  # noqa: E402
 
 DAY_US = 86_400_000_000
 
 
 def demo_events() -> pa.Table:
-    mapping = Mapping.load("sparkov")
-    tok = CardTokenizer(DEMO_TOKEN_KEY.encode())
-    parts = []
-    for path in sorted((REPO / "data" / "sparkov").glob("*.csv")):
-        for raw, _ in read_file(path, mapping, tok, run_id="bench", recorded_at_us=0):
-            events, _ = parse_batch(raw, mapping=mapping, tokenizer=tok, source=path.name, run_id="bench",
-                                    recorded_at_us=0)
-            parts.append(events)
-    unique, _ = deduplicate(pa.concat_tables(parts), run_id="bench", recorded_at_us=0)
+    events, _ = parse_files([REPO / "data" / "sparkov"], Mapping.load("sparkov"), CardTokenizer(DEMO_TOKEN_KEY.encode()),
+                            run_id="bench", keep_source=True)
+    unique, _ = deduplicate(events, run_id="bench", recorded_at_us=0)
     return unique.select(EVENT_SCHEMA.names)
 
 

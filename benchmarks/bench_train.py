@@ -60,20 +60,11 @@ def _train(warehouse: Path, out: Path, *, train: tuple[date, date], test: tuple[
 
 
 def _canonical_events(inputs: list[Path], mapping_name: str):  # noqa: ANN202
-    import pyarrow as pa
-
-    from finfeat.jobs.sources import expand_inputs, read_file
+    from finfeat.jobs.sources import parse_files
     from finfeat.schemas.mapping import Mapping
-    from finfeat.transforms.parse import CardTokenizer, parse_batch
+    from finfeat.transforms.parse import CardTokenizer
 
-    mapping, tok = Mapping.load(mapping_name), CardTokenizer(TOKEN_KEY)
-    parts = []
-    for path in expand_inputs([str(p) for p in inputs]):
-        for raw, _ in read_file(path, mapping, tok, run_id="bench", recorded_at_us=0):
-            ev, _dead = parse_batch(raw, mapping=mapping, tokenizer=tok, source=Path(path).name, run_id="bench",
-                                    recorded_at_us=0)
-            parts.append(ev.drop_columns([c for c in ("_source", "_source_row") if c in ev.column_names]))
-    return pa.concat_tables(parts)
+    return parse_files(inputs, Mapping.load(mapping_name), CardTokenizer(TOKEN_KEY), run_id="bench")[0]
 
 
 def _latency(name: str, inputs: list[Path], mapping: str, model: Path, test_start: date, work: Path,

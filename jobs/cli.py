@@ -234,22 +234,18 @@ def _cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def _demo_stream(warehouse: Path, inputs: list[str]) -> int:
     """The streaming path on the same data: a replay through the unbounded pipeline, checked
     against what the backfill wrote."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     from finfeat.jobs.delta import read_table
     from finfeat.jobs.replay import replay_features
-    from finfeat.jobs.sources import expand_inputs, read_file
+    from finfeat.jobs.sources import expand_inputs, parse_files
     from finfeat.schemas.mapping import Mapping
-    from finfeat.transforms.parse import CardTokenizer, parse_batch
+    from finfeat.transforms.parse import CardTokenizer
     from finfeat.transforms.spec import FeatureSpec
 
-    mapping, tok = Mapping.load("sparkov"), CardTokenizer(DEMO_TOKEN_KEY.encode())
     path = max(expand_inputs(inputs), key=lambda p: p.stat().st_size)  # the larger file
-    parts = [parse_batch(raw, mapping=mapping, tokenizer=tok, source=path.name, run_id="demo",
-                         recorded_at_us=0)[0]
-             for raw, _ in read_file(path, mapping, tok, run_id="demo", recorded_at_us=0)]
-    events = pa.concat_tables(parts).sort_by("event_time").slice(0, 600)
+    events, _ = parse_files([path], Mapping.load("sparkov"), CardTokenizer(DEMO_TOKEN_KEY.encode()), run_id="demo")
+    events = events.sort_by("event_time").slice(0, 600)
     spec = FeatureSpec.default()
     print(f"\nstreaming replay: {events.num_rows} events of {path.name} through the unbounded pipeline "
           "(per-card state, event-time timers, shuffled within a 10-minute bound) ...", file=sys.stderr)

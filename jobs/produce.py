@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -73,20 +72,12 @@ def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, 
 
 def run(args: argparse.Namespace) -> int:
     from finfeat.jobs.cli import _token_key
-    from finfeat.jobs.sources import expand_inputs, read_file
+    from finfeat.jobs.sources import parse_files
     from finfeat.schemas.mapping import Mapping
-    from finfeat.transforms.parse import CardTokenizer, parse_batch
+    from finfeat.transforms.parse import CardTokenizer
 
-    mapping = Mapping.load(args.mapping)
-    tok = CardTokenizer(_token_key(args, demo=False))
-    parts, dead = [], 0
-    for path in expand_inputs(args.input):
-        for raw, unreadable in read_file(path, mapping, tok, run_id="produce", recorded_at_us=0):
-            ev, dl = parse_batch(raw, mapping=mapping, tokenizer=tok, source=Path(path).name, run_id="produce",
-                                 recorded_at_us=0)
-            parts.append(ev.drop_columns(["_source", "_source_row"]))
-            dead += dl.num_rows + unreadable.num_rows
-    events = pa.concat_tables(parts)
+    events, dead = parse_files(args.input, Mapping.load(args.mapping), CardTokenizer(_token_key(args, demo=False)),
+                               run_id="produce")
     if args.limit:
         events = events.sort_by("event_time").slice(0, args.limit)
     n = produce(events, bootstrap=args.bootstrap, topic=args.topic, rate=args.rate,

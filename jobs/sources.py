@@ -19,7 +19,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from finfeat.schemas.mapping import Mapping, MappingError
-from finfeat.transforms.parse import SOURCE_ROW, CardTokenizer, make_dead_letters
+from finfeat.transforms.parse import SOURCE, SOURCE_ROW, CardTokenizer, make_dead_letters, parse_batch
 
 _LOG = logging.getLogger(__name__)
 
@@ -244,6 +244,22 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         else:
             raise MappingError(f"input {p} does not exist; pass --input with a file or a folder of files")
     return out
+
+
+def parse_files(inputs: list[str | Path], mapping: Mapping, tokenizer: CardTokenizer, *, run_id: str,
+                keep_source: bool = False) -> tuple[pa.Table, int]:
+    """Every file of ``inputs`` (files, or folders as :func:`expand_inputs` reads them) through the
+    production parser, outside a pipeline (producers, demos, benchmarks): the canonical events in
+    input order, and how many input records were not valid events. ``keep_source`` keeps the
+    ``_source`` / ``_source_row`` columns (the de-duplication's tie-breaker)."""
+    parts, rejected = [], 0
+    for path in expand_inputs([str(p) for p in inputs]):
+        for raw, unreadable in read_file(path, mapping, tokenizer, run_id=run_id, recorded_at_us=0):
+            events, dead = parse_batch(raw, mapping=mapping, tokenizer=tokenizer, source=path.name, run_id=run_id,
+                                       recorded_at_us=0)
+            parts.append(events if keep_source else events.drop_columns([SOURCE, SOURCE_ROW]))
+            rejected += dead.num_rows + unreadable.num_rows
+    return pa.concat_tables(parts), rejected
 
 
 def check_columns(path: Path, mapping: Mapping) -> None:

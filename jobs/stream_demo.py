@@ -32,23 +32,16 @@ APP_ID = "finfeat-stream-demo"
 
 
 def _events(inputs: list[str]):  # noqa: ANN202
-    import pyarrow as pa
-
     from finfeat.jobs.cli import DEMO_TOKEN_KEY
-    from finfeat.jobs.sources import expand_inputs, read_file
+    from finfeat.jobs.sources import parse_files
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.dedup import deduplicate
-    from finfeat.transforms.parse import CardTokenizer, parse_batch
+    from finfeat.transforms.parse import SOURCE, SOURCE_ROW, CardTokenizer
 
-    mapping, tok = Mapping.load("sparkov"), CardTokenizer(DEMO_TOKEN_KEY.encode())
-    parts = []
-    for path in expand_inputs(inputs):
-        for raw, _ in read_file(path, mapping, tok, run_id="stream-demo", recorded_at_us=0):
-            events, _ = parse_batch(raw, mapping=mapping, tokenizer=tok, source=path.name, run_id="stream-demo",
-                                    recorded_at_us=0)
-            parts.append(events)
-    unique, _ = deduplicate(pa.concat_tables(parts), run_id="stream-demo", recorded_at_us=0)
-    return unique.drop_columns([c for c in ("_source", "_source_row") if c in unique.column_names])
+    events, _ = parse_files(inputs, Mapping.load("sparkov"), CardTokenizer(DEMO_TOKEN_KEY.encode()),
+                            run_id="stream-demo", keep_source=True)
+    unique, _ = deduplicate(events, run_id="stream-demo", recorded_at_us=0)
+    return unique.drop_columns([SOURCE, SOURCE_ROW])
 
 
 def main(argv: list[str] | None = None) -> int:
