@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 
 from finfeat.jobs.kafka.broker import LocalKafka  # noqa: E402
 from finfeat.jobs.kafka.messages import SCHEMA  # noqa: E402
+from finfeat.jobs.kafka.source import DEFAULT_BATCH_WAIT_S  # noqa: E402
 from finfeat.jobs.produce import send  # noqa: E402
 from finfeat.jobs.online.local_redis import RedisServerMissing, running_redis  # noqa: E402
 
@@ -325,7 +326,7 @@ def main() -> int:
     ap.add_argument("--bound-seconds", type=float, default=1.0)
     ap.add_argument("--emit-every-ms", type=int, default=200)
     ap.add_argument("--commit-every-seconds", type=float, default=1.0)
-    ap.add_argument("--batch-wait-ms", type=int, default=100,
+    ap.add_argument("--batch-wait-ms", type=int, default=round(DEFAULT_BATCH_WAIT_S * 1000),
                     help="the job's --batch-wait-ms: how long a Kafka poll waits for more after its first message")
     ap.add_argument("--idle-seconds", type=float, default=4.0)
     ap.add_argument("--backlog", type=int, default=60_000, help="0 skips the capacity run")

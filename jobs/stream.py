@@ -53,6 +53,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from finfeat import __version__
 from finfeat.jobs import delta
+from finfeat.jobs.kafka.source import DEFAULT_BATCH_WAIT_S
 from finfeat.pipelines.features import DEAD, ParseBatchFn
 from finfeat.pipelines.streaming import (
     DEFAULT_BUCKETS,
@@ -257,14 +258,10 @@ class WriteOnlineStoreFn(beam.DoFn):
 def online_store_url(url: str) -> str:
     """``--online-store`` as the workers open it: a relative SQLite path made absolute (workers
     may run in another directory); Redis URLs unchanged."""
-    if url.startswith("sqlite:"):
-        path = url[len("sqlite:"):]
-        if path.startswith("//"):  # sqlite:///abs/path
-            path = path[2:]
-        if not path:
-            raise ValueError("sqlite: needs a path, e.g. sqlite:online.db")
-        return f"sqlite:{Path(path).resolve()}"
-    return url
+    from finfeat.jobs.online import sqlite_path
+
+    path = sqlite_path(url)
+    return url if path is None else f"sqlite:{Path(path).resolve()}"
 
 
 def check_online_store(url: str, spec: FeatureSpec) -> str:
@@ -376,7 +373,8 @@ class CommitMicroBatchFn(beam.DoFn):
 def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Path, spec: FeatureSpec,
                  app_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
                  stop_after_idle_s: float | None, start: str = "earliest", buckets: int = DEFAULT_BUCKETS,
-                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5, batch_wait_s: float = 0.1,
+                 emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5,
+                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
                  online_store: str | None = None) -> None:
     """The stream job's pipeline on ``p``; ``online_store``: also write the events to this store
     (a URL as :func:`finfeat.jobs.online.open_store` takes it, e.g. from :func:`online_store_url`)."""
@@ -439,8 +437,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
                    help="state keys per entity kind and for txn ids (parallelism of the stateful steps)")
     p.add_argument("--stop-after-idle", type=float, help="finish after this many seconds without messages")
-    p.add_argument("--batch-wait-ms", type=int, default=100,
-                   help="after a poll's first message, wait this long for more (default 100): lower values make "
+    p.add_argument("--batch-wait-ms", type=int, default=round(DEFAULT_BATCH_WAIT_S * 1000),
+                   help="after a poll's first message, wait this long for more (default %(default)s): lower values make "
                         "the online store fresher, higher ones cost less per event")
     p.add_argument("--online-store", help="also write every valid event to the online store as it "
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")

@@ -32,21 +32,29 @@ __all__ = [
     "CANDIDATE_TXN_ID", "DEFAULT_TTL_S", "Candidate", "CandidateBeforeState", "EntityState", "KeyExpired",
     "KeyNotFound", "LookupResult", "MaterializeStats", "MissingState", "OnlineStore", "OnlineStoreError",
     "Retention", "StoreSpecMismatch", "StoreUnavailable", "lookup", "lookup_many", "materialize", "open_store",
-    "retention_for",
+    "retention_for", "sqlite_path",
 ]
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:PATH`` (or ``sqlite:///abs/path``) store URL; None for other URLs."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = url[len("sqlite:"):]
+    if path.startswith("//"):  # sqlite:///abs/path -> /abs/path
+        path = path[2:]
+    if not path:
+        raise ValueError("sqlite: needs a path, e.g. sqlite:online.db")
+    return path
 
 
 def open_store(url: str, spec: FeatureSpec, *, create: bool = True, ttl_s: float = DEFAULT_TTL_S,
                namespace: str | None = None) -> OnlineStore:
     """``sqlite:PATH`` (``create=False``: the file must exist) or ``redis://HOST:PORT/DB``."""
-    if url.startswith("sqlite:"):
+    path = sqlite_path(url)
+    if path is not None:
         from finfeat.jobs.online.sqlite import SqliteOnlineStore
 
-        path = url[len("sqlite:"):]
-        if path.startswith("//"):  # sqlite:///abs/path -> /abs/path
-            path = path[2:]
-        if not path:
-            raise ValueError("sqlite: needs a path, e.g. sqlite:online.db")
         return SqliteOnlineStore(path, spec, ttl_s=ttl_s, create=create)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from finfeat.jobs.online.redis_store import DEFAULT_NAMESPACE, RedisOnlineStore
