@@ -330,7 +330,13 @@ def _load_spec(args: argparse.Namespace) -> Any:
 
 def _classify(exc: Exception) -> tuple[int, str] | None:
     """Exit code and error kind of a failed online request (None: not an online-store error)."""
-    from finfeat.jobs.online import CandidateBeforeState, KeyNotFound, OnlineStoreError, StoreSpecMismatch
+    from finfeat.jobs.online import (
+        CandidateBeforeState,
+        KeyNotFound,
+        OnlineStoreError,
+        StoreSpecMismatch,
+        StoreUnavailable,
+    )
 
     if isinstance(exc, (ScoringError, StoreSpecMismatch, ValueError)):
         return EXIT_USAGE, "bad_request"
@@ -338,8 +344,10 @@ def _classify(exc: Exception) -> tuple[int, str] | None:
         return EXIT_MISSING, exc.reason
     if isinstance(exc, CandidateBeforeState):
         return EXIT_NOT_EXACT, "candidate_before_state"
-    if isinstance(exc, OnlineStoreError):  # StoreUnavailable and the rest
-        return EXIT_UNAVAILABLE, "store_unavailable" if type(exc).__name__ == "StoreUnavailable" else "store_error"
+    if isinstance(exc, StoreUnavailable):
+        return EXIT_UNAVAILABLE, "store_unavailable"
+    if isinstance(exc, OnlineStoreError):
+        return EXIT_UNAVAILABLE, "store_error"
     return None
 
 
@@ -397,11 +405,12 @@ def _run_jsonl(args: argparse.Namespace, scorer: Scorer) -> int:
         spec = spec or FeatureSpec.default()
         try:
             store = open_store(args.store, spec, create=False, namespace=args.namespace)
-        except Exception as exc:  # noqa: BLE001
-            if _classify(exc) is None:
+        except Exception as exc:  # noqa: BLE001 - mapped to an exit code, anything else re-raised
+            got = _classify(exc)
+            if got is None:
                 raise
             print(f"finfeat score: error: {exc}", file=sys.stderr)
-            return _classify(exc)[0]
+            return got[0]
     lines = failed = 0
     try:
         for n, line in enumerate(source, 1):
