@@ -13,7 +13,8 @@ aggregate into prefix sums, sparse-table range maxima or short vectorized scans.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -143,11 +144,14 @@ def _previous_same(group: np.ndarray, codes: np.ndarray) -> np.ndarray:
 class _EntityFrame:
     """Events sorted by (entity, event_time, txn_id), with shared intermediate arrays.
 
-    Built from an Arrow table (:meth:`from_table`, the batch and streaming paths) or from
-    numpy columns already in that order (:meth:`from_sorted`, the online lookup, whose few
-    dozen rows make Arrow's per-call cost dominate). Both give the same arrays to
-    :func:`_compute_one`, so every path runs the same arithmetic.
+    Two sources feed it: an Arrow table (:class:`_TableFrame`, the batch and streaming paths)
+    or numpy columns already in that order (:class:`_ArrayFrame`, the online lookup, whose few
+    dozen rows make Arrow's per-call cost dominate). They differ only in how a column is
+    loaded (the ``_load_*`` methods); every derived array, and :func:`_compute_one` on top of
+    them, is the same code, so every path runs the same arithmetic.
     """
+
+    order: np.ndarray | None = None  # the input row of each sorted row (table frames)
 
     def __init__(self, group: np.ndarray, t: np.ndarray) -> None:
         self.group = group
@@ -160,41 +164,53 @@ class _EntityFrame:
         self.gstart = np.maximum.accumulate(np.where(new, self.idx, 0)) if self.n else self.idx
         self.everywhere = np.ones(self.n, dtype=bool)  # shared validity of always-valid features (read-only)
         self._lo: dict[int, np.ndarray] = {}
-        self._cache: dict[str, np.ndarray] = {}
-        self._table: pa.Table | None = None
-        self.order: np.ndarray | None = None
-        self._columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._cache: dict[str, Any] = {}
 
-    @classmethod
-    def from_table(cls, table: pa.Table, entity: str) -> _EntityFrame:
-        order = _sorted_order(table, ENTITY_COLUMNS[entity])
-        n = len(order)
-        # columns are read once and put in sorted order with numpy
-        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[order]
-        new_group = np.ones(n, dtype=bool)
-        if n > 1:
-            np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
-        frame = cls(np.cumsum(new_group) - 1, _numpy(table.column("event_time").cast(pa.int64()))[order])
-        frame._table, frame.order = table, order
-        return frame
+    # -- loading a column, in sorted order (per source) ----------------------------------------
 
-    @classmethod
-    def from_sorted(cls, group: np.ndarray, t: np.ndarray,
-                    columns: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> _EntityFrame:
-        """Rows already sorted by (group, t, txn_id); ``group`` int64 from 0 without gaps.
+    def _load_ints(self, column: str) -> np.ndarray:
+        raise NotImplementedError
 
-        ``columns``: name -> (values, validity or None when all valid), in that row order;
-        integers as int64, coordinates as float64 (any value where invalid), booleans as bool,
-        and text columns as integer codes (equal text, equal code).
-        """
-        frame = cls(group, t)
-        frame._columns = columns
-        return frame
+    def _load_floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """Values with nulls as 0.0, and validity."""
+        raise NotImplementedError
 
-    def _column(self, column: str) -> tuple[np.ndarray, np.ndarray | None]:
-        if self._table is None:
-            return self._columns[column]
-        raise KeyError(column)
+    def _load_codes(self, column: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _load_flags(self, column: str) -> np.ndarray:
+        """Booleans with nulls as False."""
+        raise NotImplementedError
+
+    def _load_times(self, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Microseconds and validity, or None when the column is absent."""
+        raise NotImplementedError
+
+    def _cached(self, key: str, load: Callable[[str], Any], column: str) -> Any:
+        if key not in self._cache:
+            self._cache[key] = load(column)
+        return self._cache[key]
+
+    # -- shared accessors ---------------------------------------------------------------------
+
+    def ints(self, column: str) -> np.ndarray:
+        return self._cached(f"ints:{column}", self._load_ints, column)
+
+    def floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """Values (nulls as 0.0) and validity, in sorted order."""
+        return self._cached(f"floats:{column}", self._load_floats, column)
+
+    def codes(self, column: str) -> np.ndarray:
+        """Equal values, equal codes."""
+        return self._cached(f"codes:{column}", self._load_codes, column)
+
+    def flags(self, column: str) -> np.ndarray:
+        """A boolean column with nulls as False, in sorted order."""
+        return self._cached(f"flags:{column}", self._load_flags, column)
+
+    def optional_times(self, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A timestamp column as int64 microseconds and its validity, or None when absent."""
+        return self._cached(f"times:{column}", self._load_times, column)
 
     def lo(self, window: int) -> np.ndarray:
         if window not in self._lo:
@@ -208,62 +224,6 @@ class _EntityFrame:
             count = self.idx - self.lo(window)
             self._cache[key] = (count, count > 0)
         return self._cache[key]
-
-    def ints(self, column: str) -> np.ndarray:
-        if column not in self._cache:
-            if self._table is None:
-                self._cache[column] = self._column(column)[0]
-            else:
-                self._cache[column] = _numpy(self._table.column(column)).astype(np.int64)[self.order]
-        return self._cache[column]
-
-    def floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
-        """Values (nulls as 0.0) and validity, in sorted order."""
-        key = f"floats:{column}"
-        if key not in self._cache:
-            if self._table is None:
-                values, valid = self._column(column)
-                valid = np.ones(self.n, dtype=bool) if valid is None else valid
-                self._cache[key] = (np.where(valid, values, 0.0), valid)
-            else:
-                col = self._table.column(column)
-                valid = _numpy(col.is_valid())[self.order]
-                values = _numpy(col.fill_null(0.0)).astype(np.float64)[self.order]
-                self._cache[key] = (values, valid)
-        return self._cache[key]
-
-    def codes(self, column: str) -> np.ndarray:
-        key = f"codes:{column}"
-        if key not in self._cache:
-            if self._table is None:
-                self._cache[key] = self._column(column)[0]
-            else:
-                self._cache[key] = _codes(self._table.column(column))[self.order]
-        return self._cache[key]
-
-    def flags(self, column: str) -> np.ndarray:
-        """A boolean column with nulls as False, in sorted order."""
-        key = f"flags:{column}"
-        if key not in self._cache:
-            if self._table is None:
-                values, valid = self._column(column)
-                self._cache[key] = values if valid is None else values & valid
-            else:
-                self._cache[key] = (self._table.column(column).take(self.order).fill_null(False)
-                                    .to_numpy(zero_copy_only=False))
-        return self._cache[key]
-
-    def optional_times(self, column: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """A timestamp column as int64 microseconds and its validity, or None when absent."""
-        if self._table is None:
-            if column not in self._columns:
-                return None
-            values, valid = self._columns[column]
-            return values, np.ones(self.n, dtype=bool) if valid is None else valid
-        if column not in self._table.column_names:
-            return None
-        given = self._table.column(column).take(self.order).cast(pa.int64())
-        return given.fill_null(0).to_numpy(zero_copy_only=False), given.is_valid().to_numpy(zero_copy_only=False)
 
     def prefix(self, column: str) -> np.ndarray:
         key = f"prefix:{column}"
@@ -289,6 +249,71 @@ class _EntityFrame:
                 xo = x.astype(object)
                 self._cache[key] = np.concatenate([np.array([0], dtype=object), np.cumsum(xo * xo)])
         return self._cache[key]
+
+
+class _TableFrame(_EntityFrame):
+    """A frame over an Arrow table in any row order; columns are read once, sorted with numpy."""
+
+    def __init__(self, table: pa.Table, entity: str) -> None:
+        order = _sorted_order(table, ENTITY_COLUMNS[entity])
+        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[order]
+        new_group = np.ones(len(order), dtype=bool)
+        if len(order) > 1:
+            np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
+        super().__init__(np.cumsum(new_group) - 1, _numpy(table.column("event_time").cast(pa.int64()))[order])
+        self.table, self.order = table, order
+
+    def _load_ints(self, column: str) -> np.ndarray:
+        return _numpy(self.table.column(column)).astype(np.int64)[self.order]
+
+    def _load_floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        col = self.table.column(column)
+        return _numpy(col.fill_null(0.0)).astype(np.float64)[self.order], _numpy(col.is_valid())[self.order]
+
+    def _load_codes(self, column: str) -> np.ndarray:
+        return _codes(self.table.column(column))[self.order]
+
+    def _load_flags(self, column: str) -> np.ndarray:
+        return self.table.column(column).take(self.order).fill_null(False).to_numpy(zero_copy_only=False)
+
+    def _load_times(self, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if column not in self.table.column_names:
+            return None
+        given = self.table.column(column).take(self.order).cast(pa.int64())
+        return given.fill_null(0).to_numpy(zero_copy_only=False), given.is_valid().to_numpy(zero_copy_only=False)
+
+
+class _ArrayFrame(_EntityFrame):
+    """A frame over numpy columns already sorted by (group, t, txn_id); ``group`` int64 from 0
+    without gaps. ``columns``: name -> (values, validity or None when all valid), in that row
+    order; integers as int64, coordinates as float64 (any value where invalid), booleans as
+    bool, timestamps as int64 microseconds, and text as integer codes (equal text, equal code)."""
+
+    def __init__(self, group: np.ndarray, t: np.ndarray,
+                 columns: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+        super().__init__(group, t)
+        self.columns = columns
+
+    def _valid(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        values, valid = self.columns[column]
+        return values, self.everywhere if valid is None else valid
+
+    def _load_ints(self, column: str) -> np.ndarray:
+        return self.columns[column][0]
+
+    def _load_floats(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        values, valid = self._valid(column)
+        return np.where(valid, values, 0.0), valid
+
+    def _load_codes(self, column: str) -> np.ndarray:
+        return self.columns[column][0]
+
+    def _load_flags(self, column: str) -> np.ndarray:
+        values, valid = self._valid(column)
+        return values & valid
+
+    def _load_times(self, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._valid(column) if column in self.columns else None
 
 
 def _masked(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -329,7 +354,7 @@ def _window_std(frame: _EntityFrame, col: str, window: int) -> tuple[np.ndarray,
     return std, varies
 
 
-def _compute_one(frame: _EntityFrame, f: FeatureDef, out: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndarray]:
     """Values and validity of one feature, in sorted order."""
     i = frame.idx
     n = frame.n
@@ -406,7 +431,6 @@ def _fraud_rate(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndar
     known before t. A label's time is its ``label_time`` where the table has one, else the
     event time plus the delay (a label counts as known ``delay`` after its transaction)."""
     window, delay = f.window_us, f.delay_us
-    i = frame.idx
     first = frame.lo(delay + window)
     after = frame.lo(delay)
     count = after - first
@@ -436,7 +460,7 @@ def history_tail(table: pa.Table, entity: str) -> np.ndarray:
     """
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
-    frame = _EntityFrame.from_table(table, entity)
+    frame = _TableFrame(table, entity)
     last = np.ones(frame.n, dtype=bool)
     last[:-1] = frame.group[1:] != frame.group[:-1]
     located = np.flatnonzero(frame.floats("merchant_lat")[1] & frame.floats("merchant_lon")[1])
@@ -461,12 +485,12 @@ def compute_entity_features(
     fields the definitions read) for any number of entities: the whole history that the
     windows may reach. Rows are not required to be sorted.
     """
-    frame = _EntityFrame.from_table(table, entity)
+    frame = _TableFrame(table, entity)
     inverse = np.empty(frame.n, dtype=np.int64)
     inverse[frame.order] = np.arange(frame.n)
     result: dict[str, pa.Array] = {}
     for f in defs:
-        values, valid = _compute_one(frame, f, result)
+        values, valid = _compute_one(frame, f)
         values, valid = values[inverse], valid[inverse]
         result[f.name] = _masked(values, valid, f.arrow_type)
     return result
@@ -495,15 +519,15 @@ def compute_sorted_entity_features(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Features of one entity kind at ``rows``, for events given as numpy columns already
     sorted by (entity, event_time, txn_id): ``group`` numbers the entities 0, 1, ... in that
-    order, ``t`` is event time in microseconds, ``columns`` as :meth:`_EntityFrame.from_sorted`.
+    order, ``t`` is event time in microseconds, ``columns`` as :class:`_ArrayFrame` takes them.
 
     The same arithmetic as :func:`compute_entity_features` without Arrow's per-call cost, for
     the small tables of online lookups. Returns name -> (values, validity) at ``rows``.
     """
-    frame = _EntityFrame.from_sorted(group, t, columns)
+    frame = _ArrayFrame(group, t, columns)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for f in defs:
-        values, valid = _compute_one(frame, f, {})
+        values, valid = _compute_one(frame, f)
         out[f.name] = (values[rows], valid[rows])
     return out
 
