@@ -34,7 +34,7 @@ $(STAMP): setup.py constraints.txt
 # Heavy parts only for the targets that need them: Spark + xgboost, the JVM jars, Prism.
 setup-full: $(FULL)
 $(FULL): $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,online,train,spark,stream]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,online,train,spark,stream,serve]"
 	@touch $@
 
 jars: $(FULL)
