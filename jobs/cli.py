@@ -24,7 +24,7 @@ DEFAULT_RUNNER = "FnApiRunner"
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
     "train": "finfeat.jobs.train", "score": "finfeat.jobs.score",
-    "serve": "finfeat.jobs.serve",
+    "serve": "finfeat.jobs.serve", "features": "finfeat.jobs.discover", "init": "finfeat.jobs.project",
 }
 
 
@@ -77,7 +77,11 @@ def _token_key(args: argparse.Namespace, *, demo: bool) -> bytes:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finfeat", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log finfeat's progress at INFO (-vv: every library's too)")
+    parser.add_argument("--version", action="version", version=f"finfeat {_version()}")
+    parser.add_argument("--config", metavar="PATH", help="project file (default ./finfeat.yaml when present; "
+                                                         "flags override it)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="write seeded synthetic transactions with fraud patterns",
@@ -134,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--warehouse", default="warehouse")
     demo.add_argument("--input", action="append", help="default: the bundled Sparkov files in data/sparkov")
     demo.add_argument("--no-stream", action="store_true", help="skip the streaming replay")
+    from finfeat.jobs.helptext import polish
+
+    polish(parser)
     return parser
 
 
@@ -260,21 +267,56 @@ def _demo_stream(warehouse: Path, inputs: list[str]) -> int:
     return 0 if same else 1
 
 
+def _version() -> str:
+    from finfeat import __version__
+
+    return __version__
+
+
+def _verbosity(argv: list[str]) -> int:
+    """-v / --verbose / -vv before the sub-command."""
+    n = 0
+    for a in argv:
+        if a == "--verbose":
+            n += 1
+        elif a.startswith("-v") and set(a[1:]) == {"v"}:
+            n += len(a) - 1
+        elif not a.startswith("-"):
+            break
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
-    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbosity = _verbosity(argv)
+    verbose = verbosity > 0
+    # -v: finfeat's own loggers at INFO, libraries at WARNING; -vv: everything at INFO
+    logging.basicConfig(level=logging.INFO if verbosity > 1 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        logging.getLogger("finfeat").setLevel(logging.INFO)
     # Beam warns at import that optional Google Cloud clients are absent; they are not used here.
     # GX sets its own loggers to INFO when imported; its chatter is for -v only.
-    quiet_gx = not verbose
+    quiet_gx = verbosity < 2
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
         # string keys are deterministic; Beam only cannot prove it without a type hint
-        handler.addFilter(lambda record: verbose or "Key coder FastPrimitivesCoder" not in record.getMessage())
+        handler.addFilter(lambda record: verbosity > 1 or "Key coder FastPrimitivesCoder" not in record.getMessage())
         handler.addFilter(lambda record: not (quiet_gx and record.name.startswith("great_expectations")
                                               and record.levelno < logging.WARNING))
+    from finfeat.jobs import project
+
+    try:
+        config, config_dir, argv = project.config_from_env_or_args(argv)
+    except project.ConfigError as exc:
+        print(f"finfeat: error: {exc}", file=sys.stderr)
+        return 2
     parser = _parser()
+    if config is not None:
+        project.apply(parser, config, config_dir)
     args, rest = parser.parse_known_args(argv)
+    if config is not None and args.command in {"backfill", "stream", "demo"}:
+        rest = [*config.runner.flags, *rest]  # the command line's Beam flags come later and win
     from finfeat.schemas.mapping import MappingError
     from finfeat.transforms.spec import SpecError
 
