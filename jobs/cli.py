@@ -144,14 +144,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _range_counts(report: dict[str, object]) -> tuple[int, int, int]:
+    """Accepted events split into (in the range, history before it, ignored): the run counts
+    the ignored ones; the range's events are the feature rows written or quarantined."""
+    validation = report.get("validation") or {}
+    in_range = int(report["features_written"]) + int(validation.get("quarantined", 0) or 0)
+    ignored = int(report["events_outside_range"])
+    return in_range, int(report["events_accepted"]) - in_range - ignored, ignored
+
+
 def _print_report(report: dict[str, object]) -> None:
+    in_range, history, ignored = _range_counts(report)
     lines = [
         "",
         f"finfeat backfill {report['run_id']}  ({report['range']}, spec {report['spec_hash']}, "
         f"{report.get('seconds', '?')} s)",
         f"  rows read          {report['rows_read']:>10,}",
-        f"  events accepted    {report['events_accepted']:>10,}"
-        f"   (of which {report['events_outside_range']:,} outside the range, used as history or ignored)",
+        f"  events accepted    {report['events_accepted']:>10,}",
+        f"    in the range     {in_range:>10,}",
+        f"    history          {history:>10,}   (before the range, within the windows' reach: read, not written)",
+        f"    ignored          {ignored:>10,}   (outside the range and its history)",
         f"  dead letters       {report['dead_letters']:>10,}",
     ]
     for reason, n in report["dead_letters_by_reason"].items():
@@ -223,6 +235,10 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
           file=sys.stderr)
     report = run_backfill(cfg)
     _print_report(report)
+    if _range_counts(report)[0] == 0:
+        print(f"finfeat backfill: error: no event of the input falls in {cfg.start}..{cfg.end}, so no feature row was "
+              "written; check --start and --end against the dates of your data", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -349,8 +365,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return stream_cmd.run(args, rest)
         return _cmd_demo(args, rest)
+    except ModuleNotFoundError as exc:
+        from finfeat.jobs.hints import install_hint
+
+        hint = install_hint(exc.name)
+        if hint is None:
+            raise
+        print(f"finfeat {args.command}: error: no module named {exc.name!r}: {hint}", file=sys.stderr)
+        return 2
     except (UsageError, MappingError, SpecError, ValueError) as exc:
-        print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)
+        hint = ""
+        if "does not have; its columns are" in str(exc) and getattr(args, "input", None):
+            from finfeat.jobs.hints import mapping_hint
+
+            hint = mapping_hint(args.input, getattr(args, "mapping", None))
+        print(f"finfeat {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         from finfeat.validation.validate import ValidationFailed

@@ -34,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "the command line)")
     p.add_argument("--allow-missing", action="store_true",
                    help="compute a card or merchant without state as having no history instead of answering 404")
+    p.add_argument("--max-age", type=float, metavar="SECONDS",
+                   help="a row whose card state is older than this is marked \"stale\": true (default: the spec's "
+                        "longest window)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own store connection")
     p.add_argument("--max-batch", type=int, default=1000, help="most candidates in one request")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     settings = ServeSettings(store=args.store, namespace=args.namespace, feature_spec=args.feature_spec,
                              model=args.model, token_env=args.token_env, allow_missing=args.allow_missing,
-                             max_batch=args.max_batch)
+                             max_batch=args.max_batch, max_age_s=args.max_age)
     os.environ[SETTINGS_ENV] = settings.to_env()
     try:
         app_from_env().state.service.close()  # open store and model once here: a bad one fails before binding

@@ -62,6 +62,7 @@ class ServeSettings:
     token_env: str | None = None
     allow_missing: bool = False
     max_batch: int = 1000
+    max_age_s: float | None = None   # default: the spec's longest window
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -161,9 +162,9 @@ def _iso(us: int | None) -> str | None:
         microsecond=us % 1_000_000).isoformat().replace("+00:00", "Z")
 
 
-def lookup_json(cand: Any, result: Any) -> dict[str, Any]:
+def lookup_json(cand: Any, result: Any, *, max_age_s: float) -> dict[str, Any]:
     """The JSON of one lookup, key for key what ``finfeat serve-lookup`` prints."""
-    return {
+    out = {
         "card_token": cand.card_token, "merchant_id": cand.merchant_id, "amount_minor": cand.amount_minor,
         "currency": cand.currency, "at": _iso(cand.at_us), "at_us": cand.at_us,
         "features": result.features,
@@ -171,6 +172,9 @@ def lookup_json(cand: Any, result: Any) -> dict[str, Any]:
         "entity_as_of": {e: _iso(v) for e, v in result.entity_as_of_us.items()},
         "missing": result.missing,
     }
+    out["stale"] = result.age_s is not None and result.age_s > max_age_s
+    out["max_age_s"] = max_age_s
+    return out
 
 
 def error_of(exc: Exception) -> tuple[int, dict[str, Any]] | None:
@@ -229,6 +233,7 @@ class FeatureService:
         except (OnlineStoreError, ValueError) as exc:
             raise ServeError(str(exc)) from None
         self.on_missing = "empty" if settings.allow_missing else "raise"
+        self.max_age_s = settings.max_age_s if settings.max_age_s is not None else self.spec.max_window_us / 1e6
 
     def close(self) -> None:
         self.store.close()
@@ -255,7 +260,8 @@ class FeatureService:
                     if error_of(one) is None:
                         raise
                     results.append(one)
-        return [r if isinstance(r, Exception) else lookup_json(c, r) for c, r in zip(cands, results)]
+        return [r if isinstance(r, Exception) else lookup_json(c, r, max_age_s=self.max_age_s)
+                for c, r in zip(cands, results)]
 
     def score(self, raw: dict[str, Any]) -> dict[str, Any]:
         from finfeat.jobs.score import score_request

@@ -147,6 +147,13 @@ def test_features_equal_the_cli_lookup(backend: str, request: pytest.FixtureRequ
             singles.append(got)
         status, batch = srv.call("POST", "/features", reqs, headers=AUTH)
         assert status == 200 and batch == singles
+        # a candidate long after the card's newest event: the same row, marked stale (the CLI exits 6)
+        late = {**reqs[0], "at": "2026-11-30T00:00:00Z"}
+        status, got = srv.call("POST", "/features", late, headers=AUTH)
+        code, cli = _cli_json(capsys, *_lookup_argv(url, late, *ns))
+        assert status == 200 and code == 6 and got == cli
+        assert got["stale"] is True and got["max_age_s"] == 30 * 86_400 and got["age_s"] > 30 * 86_400
+        assert not any(s["stale"] for s in singles)
         # typed errors
         unknown = {**reqs[0], "card_token": "tok_never_seen"}
         status, body = srv.call("POST", "/features", unknown, headers=AUTH)
@@ -176,7 +183,7 @@ def test_features_equal_the_cli_lookup(backend: str, request: pytest.FixtureRequ
         assert status == 200 and ready["status"] == "ready"
         status, metrics = srv.call("GET", "/metrics", headers=AUTH)
         assert status == 200
-        assert f'finfeat_http_requests_total{{route="/features",status="200"}} {len(reqs) + 2}.0' in metrics
+        assert f'finfeat_http_requests_total{{route="/features",status="200"}} {len(reqs) + 3}.0' in metrics
         assert 'finfeat_http_requests_total{route="/features",status="400"} 7.0' in metrics
         assert 'finfeat_http_requests_total{route="/features",status="401"} 2.0' in metrics
         assert 'finfeat_http_request_duration_seconds_bucket{le="+Inf",route="/features"}' in metrics
@@ -220,6 +227,7 @@ def model_dir(sparkov_warehouse: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("serve_model") / "m"
     train(TrainConfig(warehouse=str(sparkov_warehouse), n_estimators=20, threads=1, train_start=date(2019, 1, 1),
                       train_end=date(2019, 1, 15), test_start=date(2020, 6, 21), test_end=date(2020, 6, 22)), out)
+    assert "Gap between the periods: 522 day(s)" in (out / "report.md").read_text()
     return out
 
 

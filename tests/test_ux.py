@@ -146,3 +146,47 @@ def test_verbose_shows_finfeat_logs_not_library_noise(tmp_path: Path) -> None:
     assert "ours" in one.stderr and "theirs" not in one.stderr
     two = subprocess.run([sys.executable, "-c", code, "-vv", "features"], capture_output=True, text=True, cwd=tmp_path)
     assert "ours" in two.stderr and "theirs" in two.stderr
+
+
+def test_a_missing_extra_names_the_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "xgboost", None)  # as if the [train] extra were not installed
+    assert main(["score", "--model", str(tmp_path), "--json", "{}"]) == 2
+    err = capsys.readouterr().err
+    assert "[train] extra" in err and "make setup-full" in err
+
+
+def test_a_sparkov_file_without_mapping_hints_the_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import SPARKOV_TEST
+
+    code = main(["backfill", "--input", str(SPARKOV_TEST), "--start", "2020-06-21", "--end", "2020-06-21",
+                 "--demo-key", "--warehouse", str(tmp_path)])
+    assert code == 2
+    assert "pass --mapping sparkov" in capsys.readouterr().err
+
+
+def test_backfill_summary_and_an_empty_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import RUNNER, SPARKOV
+
+    base = ["backfill", "--input", str(SPARKOV), "--mapping", "sparkov", "--demo-key", "--no-validate",
+            "--warehouse", str(tmp_path), f"--runner={RUNNER}"]
+    assert main([*base, "--start", "2020-06-22", "--end", "2020-06-22"]) == 0
+    out = capsys.readouterr().out
+    got = {k: int(v.replace(",", "")) for k, v in re.findall(r"^\s+(in the range|history|ignored|events accepted)"
+                                                               r"\s+([\d,]+)", out, re.M)}
+    written = int(re.search(r"features written\s+([\d,]+)", out).group(1).replace(",", ""))
+    assert got["in the range"] == written > 0
+    assert got["history"] > 0 and got["ignored"] > 0  # the files span 2019 and 2020-06-21..22
+    assert got["in the range"] + got["history"] + got["ignored"] == got["events accepted"]
+    assert main([*base, "--start", "2021-01-01", "--end", "2021-01-02"]) == 1
+    assert "no event of the input falls in 2021-01-01..2021-01-02" in capsys.readouterr().err
+
+
+def test_train_report_states_the_real_gap() -> None:
+    from datetime import date
+
+    from finfeat.jobs.train import TrainConfig
+
+    w = TrainConfig(warehouse="w", train_start=date(2019, 1, 1), train_end=date(2019, 1, 15),
+                    test_start=date(2020, 6, 21), test_end=date(2020, 6, 22)).windows()
+    assert (w["gap_days"], w["actual_gap_days"]) == (7, 522)
