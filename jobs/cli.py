@@ -153,8 +153,20 @@ def _range_counts(report: dict[str, object]) -> tuple[int, int, int]:
     return in_range, int(report["events_accepted"]) - in_range - ignored, ignored
 
 
+def _commands() -> tuple[str, str]:
+    """How to call finfeat and its Python from this shell: the bare names when the virtualenv's
+    are first on the PATH, else their paths (a plain shell has not activated the virtualenv)."""
+    import shutil
+
+    bindir = Path(sys.executable).parent
+    ours = shutil.which("finfeat") == str(bindir / "finfeat")
+    rel = os.path.relpath(bindir) if not os.path.relpath(bindir).startswith("..") else str(bindir)
+    return ("finfeat", "python") if ours else (f"{rel}/finfeat", f"{rel}/python")
+
+
 def _print_report(report: dict[str, object]) -> None:
     in_range, history, ignored = _range_counts(report)
+    ff, py = _commands()
     lines = [
         "",
         f"finfeat backfill {report['run_id']}  ({report['range']}, spec {report['spec_hash']}, "
@@ -190,11 +202,12 @@ def _print_report(report: dict[str, object]) -> None:
         lines.append(f"  delta {name:<13}{info['path']}  (version {info['version']})")
     lines += [
         f"  run report         {report['report_path']}",
-        "next: look at the rows, check them, serve them",
-        f"  python -c \"import deltalake; print(deltalake.DeltaTable('{report['tables']['features']['path']}')"
+        "next: look at the rows, check them, serve them" + ("" if ff == "finfeat" else
+                                                            "   (or `. .venv/bin/activate` first)"),
+        f"  {py} -c \"import deltalake; print(deltalake.DeltaTable('{report['tables']['features']['path']}')"
         ".to_pandas().head())\"",
-        f"  finfeat validate --table {report['tables']['features']['path']} --suite features --docs out/dq",
-        f"  finfeat backfill ... --online-store sqlite:online.db   then   finfeat serve-lookup --store sqlite:online.db ...",
+        f"  {ff} validate --table {report['tables']['features']['path']} --suite features --docs out/dq",
+        f"  {ff} backfill ... --online-store sqlite:online.db   then   {ff} serve-lookup --store sqlite:online.db ...",
         "",
     ]
     print("\n".join(lines))
