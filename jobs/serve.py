@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from finfeat.jobs.serve_app import SETTINGS_ENV, ServeError, ServeSettings, app_from_env
+        from finfeat.jobs.serve_protocol import NoDelayH11Protocol
     except ImportError as exc:
         print(f"finfeat serve: error: {INSTALL_HINT} ({exc})", file=sys.stderr)
         return EXIT_USAGE
@@ -88,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
           f"{'bearer token from $' + args.token_env if args.token_env else 'no authentication'}; "
           f"{args.workers} worker(s))", file=sys.stderr)
     uvicorn.run("finfeat.jobs.serve_app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, access_log=args.access_log, log_level="info", server_header=False)
+                workers=args.workers, access_log=args.access_log, log_level="info", server_header=False,
+                http=NoDelayH11Protocol)
     return EXIT_OK

@@ -434,3 +434,4 @@ def app_from_env() -> Any:
         if not token:
             raise ServeError(f"--token-env {settings.token_env}: that environment variable is unset or empty")
     return create_app(settings, token=token)
+

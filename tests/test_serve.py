@@ -207,6 +207,14 @@ def test_store_down_is_503_and_counted(sparkov_test_events: pa.Table, tmp_path: 
             assert 'finfeat_store_errors_total{kind="store_unavailable"} 2.0' in metrics
 
 
+def test_several_workers_answer_alike(sqlite_url: str, sparkov_test_events: pa.Table) -> None:
+    reqs = _requests(sparkov_test_events, 4)
+    with serving("--store", sqlite_url) as one, serving("--store", sqlite_url, "--workers", "2") as two:
+        for req in reqs:
+            a, b = one.call("POST", "/features", req, headers=AUTH), two.call("POST", "/features", req, headers=AUTH)
+            assert a[0] == b[0] == 200 and a[1] == b[1]
+
+
 def test_bad_start_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
                               ) -> None:
     assert main(["serve", "--store", f"sqlite:{tmp_path / 'none.db'}"]) == 4
