@@ -165,6 +165,7 @@ def historical_features(entities: pa.Table | str | Path, *, warehouse: str | Pat
         raise EntityRowsError(f"{path} (version {version}) was written with feature spec {stored_hash}, not "
                               f"{spec.spec_hash}: pass the spec it was written with (--feature-spec)")
     dt = DeltaTable(path, version=version)
+    _LOG.info("point-in-time join of %d %s rows against %s version %d", len(at), key, path, version)
     if key == "txn_id":
         return _by_transaction(table, keys, at, dt, spec, version)
     return _by_card(table, keys, at, dt, spec, version)
@@ -232,7 +233,8 @@ def _by_card(table: pa.Table, keys: pa.Array, at: np.ndarray, dt: Any, spec: Any
             v, ok = got[f.name]
             values[f.name] = (v, ok & keyed)  # a row without the entity's key has none of its features
             own = _own_input(f)
-            if own is not None and own not in table.column_names:
+            if (own is not None and own not in table.column_names) or (
+                    f.agg == "geo_velocity" and not {"merchant_lat", "merchant_lon"} <= schema_names):
                 null_features.append(f.name)
         if entity == spec.entities[0]:
             as_of, has_as_of = ent_as_of, ent_has
