@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from finfeat.jobs import project
 
     try:
-        config, config_dir, argv = project.config_from_env_or_args(argv)
+        config, config_dir, argv = project.config_for(argv)
     except project.ConfigError as exc:
         print(f"finfeat: error: {exc}", file=sys.stderr)
         return 2

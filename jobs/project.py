@@ -217,15 +217,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_env_or_args(argv: list[str]) -> tuple[ProjectConfig | None, Path | None, list[str]]:
+def config_for(argv: list[str]) -> tuple[ProjectConfig | None, Path | None, list[str]]:
     """(config, its folder, argv without --config) for :func:`finfeat.jobs.cli.main`."""
     explicit, rest = split_config_flag(argv)
     path = find(explicit)
     if path is None:
         return None, None, rest
-    if rest and rest[0] == "init" or "init" in rest[:2]:
+    if "init" in rest[:2]:
         return None, None, rest  # init never reads the file it writes
     return load(path), path.resolve().parent if explicit else Path.cwd(), rest
 
 
-__all__ = ["CONFIG_NAME", "ConfigError", "ProjectConfig", "apply", "config_from_env_or_args", "load"]
+__all__ = ["CONFIG_NAME", "ConfigError", "ProjectConfig", "apply", "config_for", "load"]

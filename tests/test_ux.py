@@ -92,7 +92,7 @@ def test_init_and_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["features", "--json", "--feature-spec", "three_days.yaml"]) == 0
     assert [r["name"] for r in json.loads(capsys.readouterr().out)["features"]] == ["card_count_3d"]
 
-    config, base, argv = project.config_from_env_or_args(["serve", "--port", "9000"])
+    config, base, argv = project.config_for(["serve", "--port", "9000"])
     parser = _parser()
     project.apply(parser, config, base)
     args = parser.parse_args(argv)
