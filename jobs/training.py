@@ -451,8 +451,14 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "training-set", help="features joined with the labels known at a cut-off, pinned to Delta versions",
-        description=__doc__.split("\n\n")[0] + "\n\nRule: " + RULE, allow_abbrev=False)
+        "training-set", help="features joined with the labels known at a cut-off, pinned to Delta versions; "
+                        "or your own rows, point in time (--entities)",
+        description=__doc__.split("\n\n")[0] + "\n\nRule: " + RULE, allow_abbrev=False,
+        epilog="With --entities FILE instead of a date range: your rows (txn_id or card_token, timestamp, any other "
+               "columns, kept as they are) with the feature values as of each row's timestamp, from the features "
+               "table: a txn_id row gets its transaction's row if it happened by then; a card_token row gets the "
+               "windows of a transaction of that card at that time (merchant_id and amount_minor columns, when "
+               "present, fill in the merchant features, the new-merchant flag and the z-score).")
     p.add_argument("--start", type=_date, help="first event date, UTC, inclusive (required without --entities)")
     p.add_argument("--end", type=_date, help="last event date, UTC, inclusive (required without --entities)")
     p.add_argument("--cutoff", type=parse_time,
