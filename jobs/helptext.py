@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 from datetime import date
 
 _ROLE = re.compile(r":(?:mod|class|func|meth|attr|data|exc|obj|ref|doc):`(~?)([^`]+)`")
@@ -52,6 +53,11 @@ def plain(text: str | None) -> str | None:
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and appends each flag's default unless the help
     text already states it (or there is none to state)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Line breaks as written; only a line longer than the terminal is wrapped."""
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         if len(indent + line) > width else indent + line for line in text.splitlines())
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
