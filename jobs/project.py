@@ -27,7 +27,7 @@ mapping: {mapping}              # input mapping: sparkov, generated, canonical o
 # feature_spec: my_spec.yaml    # default: the built-in v1 feature set
 suites:
   features: features            # expectation suite of feature rows: built-in name or YAML file
-online_store: {online_store}    # sqlite:PATH or redis://HOST:PORT/DB (backfill/stream write it; serve reads it)
+online_store: {online_store}    # sqlite:PATH or redis://HOST:PORT/DB (backfill/stream write it; serve, serve-lookup read it)
 # namespace: ff:v1              # Redis key namespace
 runner:
   flags: ["--runner=FnApiRunner"]   # Beam flags for backfill, stream and demo
@@ -175,15 +175,20 @@ def find(explicit: str | None) -> Path | None:
     return here if here.is_file() else None
 
 
+#: Flags the file does not set: `score --json` without --store scores a feature row, so a store
+#: from the file would change what the same command means.
+NOT_FROM_FILE = {("score", "store")}
+
+
 def apply(parser: argparse.ArgumentParser, config: ProjectConfig, base: Path) -> None:
     """Make the file's values the defaults of the matching flags of every sub-command (a flag
     the file sets is no longer required)."""
     defaults = config.flag_defaults(base)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
+            for name, sub in action.choices.items():
                 for a in sub._actions:
-                    if a.dest in defaults and a.option_strings:
+                    if a.dest in defaults and a.option_strings and (name, a.dest) not in NOT_FROM_FILE:
                         a.default = defaults[a.dest]
                         a.required = False
 

@@ -173,6 +173,11 @@ def test_csv_entities_and_errors(sparkov_warehouse: Path, tmp_path: Path,  # noq
     assert {"merchant_count_1h", "card_amount_zscore_30d", "card_geo_velocity_kmh"} <= set(res.null_features)
     assert res.table.column("is_fraud").to_pylist() == [0, 1, 0, 1, 0]
     assert res.table.column("card_count_30d").null_count == 0
+    import pandas as pd
+
+    frame = finfeat.get_historical_features(pd.read_csv(csv), warehouse=sparkov_warehouse)
+    assert isinstance(frame, pd.DataFrame) and list(frame["card_count_30d"]) == res.table.column(
+        "card_count_30d").to_pylist()
     bad = tmp_path / "bad.csv"
     bad.write_text("card_token,when\nabc,2020-01-01\n")
     with pytest.raises(EntityRowsError, match="'timestamp' column"):

@@ -102,6 +102,19 @@ def test_init_and_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     args = parser.parse_args(["serve-lookup", "--card-token", "c", "--merchant-id", "m", "--amount-minor", "1",
                               "--at", "2020-01-01T00:00:00Z"])
     assert args.store == "sqlite:state.db"  # no longer a required flag: the file gives it
+    args = parser.parse_args(["score", "--model", "m", "--json", "{}"])
+    assert args.store is None  # score --json without --store scores a feature row, whatever the file says
+    # the file's Beam flags reach Beam (an unknown one fails before any data is read) ...
+    (tmp_path / "finfeat.yaml").write_text("runner: {flags: ['--not_a_beam_flag=1']}\n")
+    from tests.conftest import SPARKOV_TEST
+
+    bf = ["backfill", "--input", str(SPARKOV_TEST), "--mapping", "sparkov", "--start", "2020-06-21",
+          "--end", "2020-06-21", "--demo-key", "--warehouse", str(tmp_path / "wh")]
+    assert main(bf) == 2
+    assert "--not_a_beam_flag=1" in capsys.readouterr().err
+    assert not (tmp_path / "wh").exists()
+    (tmp_path / "finfeat.yaml").write_text(
+        "warehouse: wh\nmapping: sparkov\nfeature_spec: two_hours.yaml\nonline_store: sqlite:state.db\n")
 
     # --config PATH from elsewhere: relative paths are relative to the file
     other = tmp_path / "elsewhere"
