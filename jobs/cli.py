@@ -305,8 +305,13 @@ def _version() -> str:
 def _verbosity(argv: list[str]) -> int:
     """-v / --verbose / -vv before the sub-command."""
     n = 0
+    skip = False
     for a in argv:
-        if a == "--verbose":
+        if skip:
+            skip = False
+        elif a == "--config":
+            skip = True
+        elif a == "--verbose":
             n += 1
         elif a.startswith("-v") and set(a[1:]) == {"v"}:
             n += len(a) - 1
@@ -325,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if verbose:
         logging.getLogger("finfeat").setLevel(logging.INFO)
     # Beam warns at import that optional Google Cloud clients are absent; they are not used here.
-    # GX sets its own loggers to INFO when imported; its chatter is for -v only.
+    # GX sets its own loggers to INFO when imported; its chatter is for -vv only.
     quiet_gx = verbosity < 2
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
