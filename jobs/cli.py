@@ -23,7 +23,7 @@ DEFAULT_RUNNER = "FnApiRunner"
 #: sub-commands whose module holds both the parser and the command
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
-    "train": "finfeat.jobs.train", "score": "finfeat.jobs.score",
+    "train": "finfeat.jobs.train", "score": "finfeat.jobs.score", "explain": "finfeat.jobs.explain",
     "serve": "finfeat.jobs.serve", "features": "finfeat.jobs.discover", "init": "finfeat.jobs.project",
 }
 

@@ -16,7 +16,11 @@ call (``inplace_predict``, no DMatrix per call), so a row scores identically eit
 serving process keeps one :class:`Scorer` and one open store and passes the store to
 :func:`score_request`; the CLI opens the store per call.
 Output columns (batch): ``txn_id, card_token, event_time, event_date, score, model_id,
-features_version``.
+features_version`` and, unless ``--reasons 0``, ``margin, bias, reasons``.
+
+Reason codes: every decision carries its top ``--reasons`` (default 5) contributions to the
+log-odds from xgboost's tree SHAP (``pred_contribs``) as feature, value and contribution, largest
+absolute contribution first; ``bias`` + every input's contribution = ``margin`` (the log-odds).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ import pyarrow.compute as pc
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODEL_FILE = "model.json"
+#: Reason codes per decision by default: the largest contributions by absolute value.
+DEFAULT_REASONS = 5
 FEATURES_FILE = "features.json"
 #: Model inputs beyond the spec's feature columns: known at request time, from the transaction.
 EXTRA_INPUTS = ("amount_minor",)
@@ -54,6 +60,9 @@ PREDICTION_SCHEMA = pa.schema([
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("features_version", pa.int64()),
 ])
+#: One reason code: a model input, its value (null when missing) and its contribution to the log-odds.
+REASON_TYPE = pa.struct([pa.field("feature", pa.string()), pa.field("value", pa.float64()),
+                         pa.field("contribution", pa.float64())])
 
 
 class ScoringError(ValueError):
@@ -136,6 +145,38 @@ class Scorer:
         got = self.booster.inplace_predict(x, missing=np.nan, predict_type="margin" if margin else "value")
         return np.asarray(got, dtype=np.float64)
 
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """Tree SHAP contributions to the log-odds (xgboost's ``pred_contribs``): one column per
+        model input, then the bias; each row sums to the row's margin (up to float32 rounding).
+        Builds a DMatrix, so it is asked for only when reasons are."""
+        import xgboost as xgb
+
+        if x.ndim != 2 or x.shape[1] != len(self.features):
+            raise ScoringError(f"expected {len(self.features)} model inputs per row, got shape {x.shape}")
+        if x.shape[0] == 0:
+            return np.empty((0, len(self.features) + 1), dtype=np.float64)
+        got = self.booster.predict(xgb.DMatrix(x, missing=np.nan), pred_contribs=True, validate_features=False)
+        return np.asarray(got, dtype=np.float64)
+
+    def reasons(self, x: np.ndarray, contribs: np.ndarray, *, top: int) -> list[list[dict[str, Any]]]:
+        """The ``top`` largest contributions (by absolute value; ties by input order) of each row as
+        ``{"feature", "value", "contribution"}`` (value None when missing)."""
+        out = []
+        k = min(top, len(self.features))
+        for row, c in zip(x, contribs):
+            order = np.argsort(-np.abs(c[:-1]), kind="stable")[:k]
+            out.append([{"feature": self.features[j], "value": None if np.isnan(row[j]) else float(row[j]),
+                         "contribution": float(c[j])} for j in order])
+        return out
+
+    def explain_rows(self, x: np.ndarray, *, top: int = DEFAULT_REASONS) -> list[dict[str, Any]]:
+        """Per row: ``margin`` (the log-odds the score comes from), ``bias`` (the model's base
+        log-odds) and ``reasons``; ``bias`` + every input's contribution = ``margin`` (float32 rounding)."""
+        contribs = self.contributions(x)
+        margins = self.score_matrix(x, margin=True)
+        return [{"margin": float(m), "bias": float(c[-1]), "reasons": r}
+                for m, c, r in zip(margins, contribs, self.reasons(x, contribs, top=top))]
+
     def score_table(self, table: pa.Table) -> np.ndarray:
         """One score (probability of fraud, float64) per row of ``table``."""
         return self.score_matrix(feature_matrix(table, self.features))
@@ -149,8 +190,9 @@ class Scorer:
 
 
 def score_batch(scorer: Scorer, features_path: str, *, start: date, end: date, version: int | None = None,
-                check_spec: bool = True) -> tuple[pa.Table, int]:
-    """Predictions for the ``event_date`` range of a features table; returns (table, version read)."""
+                check_spec: bool = True, reasons: int = DEFAULT_REASONS) -> tuple[pa.Table, int]:
+    """Predictions for the ``event_date`` range of a features table; returns (table, version read).
+    ``reasons`` > 0 adds the columns ``margin``, ``bias`` and ``reasons`` (the top contributions)."""
     from deltalake import DeltaTable
 
     from finfeat.jobs.training import read_features, spec_hash_at
@@ -165,11 +207,17 @@ def score_batch(scorer: Scorer, features_path: str, *, start: date, end: date, v
     keys = ["txn_id", "card_token", "event_time", "event_date"]
     table = read_features(features_path, v, start, end, columns=[*keys, *(c for c in scorer.features if c not in keys)])
     table = table.sort_by([("event_time", "ascending"), ("txn_id", "ascending")])
-    scores = scorer.score_table(table)
+    x = feature_matrix(table, scorer.features)
+    scores = scorer.score_matrix(x)
     out = pa.Table.from_arrays(
         [*(table.column(k).combine_chunks() for k in keys), pa.array(scores, pa.float64()),
          pa.array([scorer.model_id] * table.num_rows, pa.string()),
          pa.array([v] * table.num_rows, pa.int64())], schema=PREDICTION_SCHEMA)
+    if reasons > 0:
+        explained = scorer.explain_rows(x, top=reasons)
+        out = (out.append_column("margin", pa.array([e["margin"] for e in explained], pa.float64()))
+               .append_column("bias", pa.array([e["bias"] for e in explained], pa.float64()))
+               .append_column("reasons", pa.array([e["reasons"] for e in explained], pa.list_(REASON_TYPE))))
     return out, v
 
 
@@ -206,16 +254,20 @@ def _online_available() -> bool:
 
 def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str | None = None,
                   allow_missing: bool = False, namespace: str | None = None, spec: Any = None,
-                  store: Any = None) -> dict[str, Any]:
+                  store: Any = None, reasons: int = DEFAULT_REASONS) -> dict[str, Any]:
     """Score one JSON request (see the module docstring); raises the online store's errors.
 
+    ``reasons`` > 0 adds ``margin``, ``bias`` and ``reasons``: the decision's top contributions
+    (tree SHAP) as ``{"feature", "value", "contribution"}``, largest absolute value first.
     ``store``: an open online store to look features up in (a serving process opens it once);
     else ``store_url`` is opened for this call; with neither, the request is the feature row.
     """
     if store_url is None and store is None:
         row = dict(request.get("features", request))
-        score = scorer.score_rows([row])[0]
-        return {"score": score, "model_id": scorer.model_id, "features": {c: row.get(c) for c in scorer.features}}
+        x = feature_vector([row], scorer.features)
+        out = {"score": float(scorer.score_matrix(x)[0]), "model_id": scorer.model_id,
+               "features": {c: row.get(c) for c in scorer.features}}
+        return _with_reasons(out, scorer, x, reasons)
     if not _online_available():
         raise ScoringError("--store needs the online store (finfeat.jobs.online), which is not installed")
     from finfeat.jobs.online import CANDIDATE_TXN_ID, Candidate, lookup, open_store
@@ -244,13 +296,21 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
         with open_store(store_url, spec, create=False, namespace=namespace) as opened:
             result = lookup(opened, spec, cand, on_missing=on_missing)
     row = {**result.features, "amount_minor": cand.amount_minor}
-    score = scorer.score_rows([row])[0]
+    x = feature_vector([row], scorer.features)
+    score = float(scorer.score_matrix(x)[0])
     from datetime import datetime, timezone
 
-    return {"score": score, "model_id": scorer.model_id, "txn_id": request.get("txn_id"),
-            "at": iso(datetime.fromtimestamp(at_us / 1e6, tz=timezone.utc)), "at_us": at_us,
-            "features": {c: row.get(c) for c in scorer.features},
-            "as_of_us": result.as_of_us, "age_s": result.age_s, "missing": result.missing}
+    out = {"score": score, "model_id": scorer.model_id, "txn_id": request.get("txn_id"),
+           "at": iso(datetime.fromtimestamp(at_us / 1e6, tz=timezone.utc)), "at_us": at_us,
+           "features": {c: row.get(c) for c in scorer.features},
+           "as_of_us": result.as_of_us, "age_s": result.age_s, "missing": result.missing}
+    return _with_reasons(out, scorer, x, reasons)
+
+
+def _with_reasons(out: dict[str, Any], scorer: Scorer, x: np.ndarray, reasons: int) -> dict[str, Any]:
+    if reasons > 0:
+        out.update(scorer.explain_rows(x, top=reasons)[0])
+    return out
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -282,7 +342,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--allow-missing", action="store_true",
                    help="--json: score a card or merchant without stored state as having no history")
     p.add_argument("--feature-spec", help="--json: feature spec YAML of the store (default: built-in v1)")
+    p.add_argument("--reasons", type=_nonneg, default=DEFAULT_REASONS, metavar="N",
+                   help=f"reason codes per decision: the N largest tree-SHAP contributions (default "
+                        f"{DEFAULT_REASONS}; 0: none)")
     return p
+
+
+def _nonneg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,7 +383,7 @@ def _run_batch(args: argparse.Namespace, scorer: Scorer) -> int:
     fmt = args.format or ("parquet" if str(args.out).endswith(".parquet") else "delta")
     try:
         table, version = score_batch(scorer, delta.table_path(args.warehouse, delta.FEATURES), start=args.start,
-                                     end=args.end, version=args.features_version)
+                                     end=args.end, version=args.features_version, reasons=args.reasons)
         where = write_predictions(table, args.out, fmt=fmt, start=args.start, end=args.end)
     except ScoringError as exc:
         print(f"finfeat score: error: {exc}", file=sys.stderr)
@@ -366,7 +439,7 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
         return EXIT_USAGE
     if args.store is None:
         try:
-            out = score_request(scorer, request)
+            out = score_request(scorer, request, reasons=args.reasons)
         except ScoringError as exc:
             print(f"finfeat score: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -374,7 +447,7 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
         return EXIT_OK
     try:
         out = score_request(scorer, request, store_url=args.store, allow_missing=args.allow_missing,
-                            namespace=args.namespace, spec=spec)
+                            namespace=args.namespace, spec=spec, reasons=args.reasons)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes below, anything else re-raised
         got = _classify(exc)
         if got is None:
@@ -421,7 +494,8 @@ def _run_jsonl(args: argparse.Namespace, scorer: Scorer) -> int:
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ScoringError("not a JSON object")
-                out = score_request(scorer, request, store=store, allow_missing=args.allow_missing, spec=spec)
+                out = score_request(scorer, request, store=store, allow_missing=args.allow_missing, spec=spec,
+                                    reasons=args.reasons)
             except json.JSONDecodeError as exc:
                 out, failed = {"line": n, "error": "bad_request", "message": f"not JSON: {exc}"}, failed + 1
             except Exception as exc:  # noqa: BLE001 - reported in the line's result, anything unknown re-raised

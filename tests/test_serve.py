@@ -251,6 +251,7 @@ def test_score_equals_the_cli(model_dir: Path, sqlite_url: str, sparkov_test_eve
                                   "--store", sqlite_url)
             assert code == 0 and got == cli
             assert 0.0 <= got["score"] <= 1.0
+            assert len(got["reasons"]) == 5 and {"feature", "value", "contribution"} == set(got["reasons"][0])
             singles.append(got)
         status, batch = srv.call("POST", "/score", reqs, headers=AUTH)
         assert status == 200 and batch == singles

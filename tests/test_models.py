@@ -1,0 +1,134 @@
+"""Reason codes (tree SHAP) with every score, the waterfall of one decision, model selection over time."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from finfeat.jobs import explain as explain_cli
+from finfeat.jobs import score as score_cli
+from finfeat.jobs.score import Scorer, feature_matrix, score_batch, score_request
+from finfeat.jobs.train import TrainConfig, train
+from tests.training_fixtures import sparkov_warehouse  # noqa: F401  (fixture)
+
+TRAIN = dict(train_start=date(2019, 1, 1), train_end=date(2019, 1, 15), test_start=date(2020, 6, 21),
+             test_end=date(2020, 6, 22))
+DAY = (date(2020, 6, 22), date(2020, 6, 22))
+
+
+def _cli(module, argv: list[str]) -> int:  # noqa: ANN001
+    parser = argparse.ArgumentParser(prog="finfeat")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    return module.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def model_dir(sparkov_warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("model") / "m"
+    train(TrainConfig(warehouse=str(sparkov_warehouse), n_estimators=40, threads=1, **TRAIN), out)
+    return out
+
+
+def _feature_rows(warehouse: Path, txn_ids: list[str], columns: list[str]) -> list[dict]:
+    features = DeltaTable(str(warehouse / "features")).to_pyarrow_table()
+    rows = {r["txn_id"]: r for r in features.filter(pc.is_in(features.column("txn_id"), pa.array(txn_ids))).to_pylist()}
+    return [{c: rows[t][c] for c in columns} for t in txn_ids]
+
+
+# ----------------------------------------------------------------------------------- reasons
+
+
+def test_contributions_plus_bias_are_the_margin_of_every_batch_row(model_dir: Path, sparkov_warehouse: Path  # noqa: F811
+                                                                    ) -> None:
+    scorer = Scorer.load(model_dir)
+    n = len(scorer.features)
+    batch, _ = score_batch(scorer, str(sparkov_warehouse / "features"), start=DAY[0], end=DAY[1], reasons=n)
+    assert batch.num_rows > 1000 and {"margin", "bias", "reasons"} <= set(batch.column_names)
+    margins = batch.column("margin").to_numpy()
+    scores = batch.column("score").to_numpy()
+    # the margin is the score's log-odds ...
+    assert np.allclose(1 / (1 + np.exp(-margins)), scores, atol=1e-6)
+    reasons = batch.column("reasons").to_pylist()
+    bias = batch.column("bias").to_pylist()
+    for m, b, rs in zip(margins, bias, reasons):
+        # ... and the bias plus every input's contribution add up to it
+        assert len(rs) == n and sorted(r["feature"] for r in rs) == sorted(scorer.features)
+        assert b + sum(r["contribution"] for r in rs) == pytest.approx(m, abs=1e-4)
+        mags = [abs(r["contribution"]) for r in rs]
+        assert mags == sorted(mags, reverse=True)
+    assert len(set(bias)) == 1  # one bias per model
+    assert any(abs(r["contribution"]) > 0.1 for rs in reasons for r in rs)
+    # the reason values are the feature values of the row (null when missing)
+    picks = [0, batch.num_rows // 2, batch.num_rows - 1]
+    txns = [batch.column("txn_id")[i].as_py() for i in picks]
+    for i, row in zip(picks, _feature_rows(sparkov_warehouse, txns, scorer.features)):
+        for r in reasons[i]:
+            v = row[r["feature"]]
+            assert r["value"] == (None if v is None else float(v))
+
+
+def test_top_reasons_in_json_jsonl_batch_and_none_on_request(model_dir: Path, sparkov_warehouse: Path,  # noqa: F811
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    scorer = Scorer.load(model_dir)
+    batch, _ = score_batch(scorer, str(sparkov_warehouse / "features"), start=DAY[0], end=DAY[1],
+                           reasons=len(scorer.features))
+    high = int(np.argmax(batch.column("score").to_numpy()))
+    txn = batch.column("txn_id")[high].as_py()
+    full = batch.column("reasons")[high].as_py()
+    row = _feature_rows(sparkov_warehouse, [txn], scorer.features)[0]
+
+    one = score_request(scorer, row)
+    assert one["score"] == batch.column("score")[high].as_py()
+    assert one["reasons"] == full[:5] and one["margin"] == pytest.approx(batch.column("margin")[high].as_py())
+    assert "reasons" not in score_request(scorer, row, reasons=0)
+
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--json", json.dumps(row), "--reasons", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["reasons"] == full[:3]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({"features": row}) + "\n")
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--jsonl", str(path)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["reasons"] for x in lines] == [full[:5], full[:5]]
+
+    out = tmp_path / "p.parquet"
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--batch", "--warehouse", str(sparkov_warehouse),
+                            "--start", DAY[0].isoformat(), "--end", DAY[1].isoformat(), "--out", str(out)]) == 0
+    written = pq.read_table(out)
+    at = written.column("txn_id").to_pylist().index(txn)
+    assert written.column("reasons")[at].as_py() == full[:5]
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--batch", "--warehouse", str(sparkov_warehouse),
+                            "--start", DAY[0].isoformat(), "--end", DAY[1].isoformat(), "--reasons", "0",
+                            "--out", str(tmp_path / "q.parquet")]) == 0
+    assert "reasons" not in pq.read_table(tmp_path / "q.parquet").column_names
+    with pytest.raises(SystemExit):
+        _cli(score_cli, ["score", "--model", str(model_dir), "--json", "{}", "--reasons", "-1"])
+
+
+def test_explain_writes_a_waterfall_png(model_dir: Path, sparkov_warehouse: Path, tmp_path: Path,  # noqa: F811
+                                        capsys: pytest.CaptureFixture) -> None:
+    scorer = Scorer.load(model_dir)
+    table = DeltaTable(str(sparkov_warehouse / "features")).to_pyarrow_table(
+        filters=[("event_date", "=", DAY[0])])
+    row = {c: table.slice(3, 1).column(c)[0].as_py() for c in scorer.features}
+    png = tmp_path / "why" / "decision.png"
+    assert _cli(explain_cli, ["explain", "--model", str(model_dir), "--json", json.dumps(row), "--out", str(png),
+                              "--top", "4"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert len(got["reasons"]) == len(scorer.features)
+    x = feature_matrix(pa.Table.from_pylist([row]), scorer.features)
+    assert got["score"] == scorer.score_matrix(x)[0]
+    assert got["bias"] + math.fsum(r["contribution"] for r in got["reasons"]) == pytest.approx(got["margin"], abs=1e-4)
+    assert _cli(explain_cli, ["explain", "--model", str(model_dir), "--json", "[1]", "--out", str(png)]) == 2
+    assert _cli(explain_cli, ["explain", "--model", str(model_dir), "--json", json.dumps({"amount_minor": 1}),
+                              "--out", str(png)]) == 2
