@@ -13,8 +13,16 @@ Windows (UTC event dates, inclusive), no random split::
   matured).
 * Both sets read the same pinned Delta versions (recorded in ``run.json``).
 
-Class imbalance: xgboost's ``scale_pos_weight`` = negatives / positives of the training period;
-the baseline uses ``class_weight="balanced"`` (the same reweighting). No resampling.
+Model selection (``--tune``): a small search space (depth, learning rate, trees, min child
+weight, subsampling, class weighting) scored by prequential validation: ``--tune-folds``
+consecutive windows of ``--tune-val-days`` inside the training period, each after the same gap
+as the test period and fitted on everything before it, with the labels known when the window
+starts; never a random split. The pick is the highest mean average precision; the search table
+(mean and spread per candidate) and the choice go to ``search.json`` and ``report.md``.
+
+Class imbalance: xgboost's ``scale_pos_weight`` = the square root of negatives / positives of the
+training period (``--class-weight sqrt``, the default; ``balanced`` the ratio itself, ``none`` 1);
+the baseline uses ``class_weight="balanced"`` (the full ratio). No resampling.
 The baseline: nulls imputed with the training medians plus a missing indicator per column that
 had nulls in training, standardized, L2 logistic regression. One seed drives both models
 (xgboost's row/column subsampling); the same seed, data and thread count give the same model.
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -44,7 +53,7 @@ import time
 # work, 2 spinning threads ran 10x slower than one. Passive waiting costs nothing when idle. Set
 # before xgboost (and its OpenMP runtime) is first imported; an explicit setting is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,6 +72,8 @@ from finfeat.jobs.training import (
     day_start,
     iso,
 )
+
+_LOG = logging.getLogger(__name__)
 
 DEFAULT_K = 100
 
@@ -84,14 +95,22 @@ class TrainConfig:
     features_version: int | None = None
     labels_version: int | None = None
     seed: int = 7
-    n_estimators: int = 300
+    # Defaults: the best of a prequential search on generated data (benchmarks/bench_models.py:
+    # mean validation AP 0.7775 against 0.7629 for the former depth 6 / 0.1 / 300 / balanced).
+    n_estimators: int = 400
     max_depth: int = 6
-    learning_rate: float = 0.1
-    subsample: float = 0.8
+    learning_rate: float = 0.03
+    subsample: float = 0.9
     colsample_bytree: float = 0.8
+    min_child_weight: float = 5.0
+    class_weight: str = "sqrt"
     threads: int = 2
     k: int = DEFAULT_K
     engine: str = "local"
+    tune: bool = False
+    tune_folds: int = 3
+    tune_val_days: int = 7
+    tune_candidates: int = 8
 
     def windows(self) -> dict[str, Any]:
         """Resolved windows; raises :class:`TrainError` when they overlap or are empty."""
@@ -164,10 +183,112 @@ def fit_xgboost(x: np.ndarray, y: np.ndarray, names: list[str], cfg: TrainConfig
 
 
 def xgb_params(cfg: TrainConfig, scale_pos_weight: float) -> dict[str, Any]:
+    """``scale_pos_weight``: genuine / fraud of the training rows; ``cfg.class_weight`` uses it
+    as is (``balanced``), its square root (``sqrt``) or not at all (``none``)."""
+    spw = {"balanced": scale_pos_weight, "sqrt": float(np.sqrt(scale_pos_weight)), "none": 1.0}[cfg.class_weight]
     return {"objective": "binary:logistic", "eval_metric": "aucpr", "tree_method": "hist",
             "max_depth": cfg.max_depth, "learning_rate": cfg.learning_rate, "subsample": cfg.subsample,
-            "colsample_bytree": cfg.colsample_bytree, "scale_pos_weight": scale_pos_weight,
-            "seed": cfg.seed, "nthread": cfg.threads}
+            "colsample_bytree": cfg.colsample_bytree, "min_child_weight": cfg.min_child_weight,
+            "scale_pos_weight": spw, "seed": cfg.seed, "nthread": cfg.threads}
+
+
+# ----------------------------------------------------------------------------------- model selection
+
+#: The search space of ``--tune``: every combination of these but the tree count is a candidate
+#: structure; ``tune_candidates`` of them are drawn with the seed (the configured parameters are
+#: always one). Each is fitted once per fold with the most trees and evaluated at every tree count
+#: (xgboost's ``iteration_range``), so the tree count costs no extra fit.
+SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
+    "max_depth": (3, 4, 6),
+    "learning_rate": (0.03, 0.1),
+    "min_child_weight": (1.0, 5.0, 20.0),
+    "subsample": (0.7, 0.9),
+    "class_weight": ("balanced", "sqrt", "none"),
+}
+TREE_COUNTS = (100, 200, 400, 800)
+TUNED = ("max_depth", "learning_rate", "min_child_weight", "subsample", "class_weight")
+
+
+def prequential_folds(cfg: TrainConfig, gap_days: int) -> list[dict[str, date]]:
+    """Consecutive train/gap/validate windows ending on the last training day: the latest
+    validation window is ``[train_end - val_days + 1, train_end]``, the ones before it follow
+    back to back; each fold trains on ``[train_start, validation start - gap - 1]`` (expanding)."""
+    folds = []
+    for i in range(cfg.tune_folds):
+        val_end = cfg.train_end - timedelta(days=(cfg.tune_folds - 1 - i) * cfg.tune_val_days)
+        val_start = val_end - timedelta(days=cfg.tune_val_days - 1)
+        fit_end = val_start - timedelta(days=gap_days + 1)
+        if fit_end < cfg.train_start:
+            raise TrainError(
+                f"--tune: {cfg.tune_folds} validation windows of {cfg.tune_val_days} day(s) after a {gap_days}-day "
+                f"gap do not fit in the training period {cfg.train_start}..{cfg.train_end}: lower --tune-folds or "
+                "--tune-val-days, or start the training period earlier")
+        folds.append({"fit": (cfg.train_start, fit_end), "validate": (val_start, val_end)})
+    return folds
+
+
+def candidate_structures(cfg: TrainConfig) -> list[dict[str, Any]]:
+    import itertools
+
+    base = {k: getattr(cfg, k) for k in TUNED}
+    grid = [dict(zip(TUNED, combo)) for combo in itertools.product(*(SEARCH_SPACE[k] for k in TUNED))]
+    grid = [g for g in grid if g != base]
+    rng = np.random.default_rng(cfg.seed)
+    picks = rng.choice(len(grid), size=min(max(cfg.tune_candidates - 1, 0), len(grid)), replace=False)
+    return [base, *(grid[i] for i in sorted(picks))]
+
+
+def tune(cfg: TrainConfig, base: TrainingSetRequest, train_set: TrainingSet, inputs: list[str], *,
+         gap_days: int, spark: Any = None) -> dict[str, Any]:
+    """Prequential model selection before the test period: every candidate (structure x tree
+    count) is fitted on each fold's training window, with the labels known at its validation
+    start, and scored on its validation window (labels known at the training cut-off). The pick
+    is the highest mean average precision over the folds (ties: fewer trees, then listing order)."""
+    import xgboost as xgb
+    from sklearn.metrics import average_precision_score
+
+    folds = prequential_folds(cfg, gap_days)
+    dates = train_set.table.column("event_date").to_numpy(zero_copy_only=False)
+    x_all, y_all = _xy(train_set, inputs)
+    structures = candidate_structures(cfg)
+    trees = sorted({*TREE_COUNTS, cfg.n_estimators})
+    ap: dict[tuple[int, int], list[float]] = {(i, t): [] for i in range(len(structures)) for t in trees}
+    fold_info = []
+    for f in folds:
+        fit_req = replace(base, start=f["fit"][0], end=f["fit"][1], cutoff=day_start(f["validate"][0]))
+        fit_set = build_training_set(fit_req, engine=cfg.engine, spark=spark)
+        x_fit, y_fit = _xy(fit_set, inputs)
+        sel = (dates >= f["validate"][0]) & (dates <= f["validate"][1])
+        x_val, y_val = x_all[sel], y_all[sel]
+        pos, npos = int(y_fit.sum()), int(y_val.sum())
+        if pos == 0 or npos == 0 or npos == len(y_val):
+            raise TrainError(f"--tune: fold {f['fit'][0]}..{f['fit'][1]} / {f['validate'][0]}..{f['validate'][1]} has "
+                             f"{pos} fraud to learn from and {npos} of {len(y_val)} to validate on: both need fraud "
+                             "and genuine rows (fewer or longer folds: --tune-folds, --tune-val-days)")
+        fold_info.append({"fit": [d.isoformat() for d in f["fit"]], "validate": [d.isoformat() for d in f["validate"]],
+                          "fit_rows": int(len(y_fit)), "fit_fraud": pos, "validate_rows": int(len(y_val)),
+                          "validate_fraud": npos})
+        spw = (len(y_fit) - pos) / pos
+        dfit = xgb.DMatrix(x_fit, label=y_fit.astype(np.float32), missing=np.nan, feature_names=inputs)
+        dval = xgb.DMatrix(x_val, missing=np.nan, feature_names=inputs)
+        for i, st in enumerate(structures):
+            c = replace(cfg, **st)
+            booster = xgb.train(xgb_params(c, spw), dfit, num_boost_round=max(trees))
+            for t in trees:
+                m = booster.predict(dval, output_margin=True, iteration_range=(0, t))
+                ap[(i, t)].append(float(average_precision_score(y_val, m)))
+            _LOG.info("tune: fold %s, candidate %d/%d done", f["validate"][0], i + 1, len(structures))
+    table = []
+    for (i, t), aps in ap.items():
+        table.append({**structures[i], "n_estimators": t, "mean_ap": float(np.mean(aps)),
+                      "std_ap": float(np.std(aps)), "fold_ap": aps, "candidate": i})
+    order = sorted(range(len(table)), key=lambda j: (-table[j]["mean_ap"], table[j]["n_estimators"],
+                                                     table[j]["candidate"]))
+    table = [table[j] for j in order]
+    best = {k: table[0][k] for k in (*TUNED, "n_estimators")}
+    return {"folds": fold_info, "gap_days": gap_days, "candidates": table, "chosen": best,
+            "picked_by": "highest mean average precision over the validation windows"}
+
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
@@ -276,6 +397,16 @@ def train(cfg: TrainConfig, out: str | Path, *, spark: Any = None) -> dict[str, 
         raise TrainError("the test period has no labelled transaction")
     spw = neg / pos
 
+    search = None
+    t_tune = 0.0
+    if cfg.tune:
+        t0 = time.perf_counter()
+        search = tune(cfg, base, train_set, inputs, gap_days=w["gap_days"], spark=spark)
+        cfg = replace(cfg, **search["chosen"])
+        t_tune = time.perf_counter() - t0
+        (Path(out)).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "search.json").write_text(json.dumps(search, indent=2) + "\n")
+
     t0 = time.perf_counter()
     booster = fit_xgboost(x_train, y_train, inputs, cfg, spw)
     t_xgb = time.perf_counter() - t0
@@ -338,12 +469,15 @@ def train(cfg: TrainConfig, out: str | Path, *, spark: Any = None) -> dict[str, 
         "spec_hash": spec_hash,
         "training_set": train_set.manifest, "test_set": test_set.manifest,
         "train_rows": int(len(y_train)), "train_fraud": pos, "train_genuine": neg,
-        "class_imbalance": {"xgboost_scale_pos_weight": spw, "logreg_class_weight": "balanced",
+        "class_imbalance": {"xgboost_scale_pos_weight": spw, "xgboost_class_weight": cfg.class_weight,
+                            "logreg_class_weight": "balanced",
                             "computed_from": "training period (negatives / positives)"},
         "seed": cfg.seed, "xgboost_params": {**xgb_params(cfg, spw), "num_boost_round": cfg.n_estimators},
         "config": {k: (v.isoformat() if isinstance(v, (date, datetime)) else v) for k, v in asdict(cfg).items()},
         "versions": {"xgboost": xgb.__version__, "scikit-learn": sklearn.__version__},
-        "seconds": {"training_sets": round(t_data, 3), "xgboost_fit": round(t_xgb, 3), "logreg_fit": round(t_lr, 3),
+        "search": search,
+        "seconds": {"training_sets": round(t_data, 3), "tune": round(t_tune, 3), "xgboost_fit": round(t_xgb, 3),
+                    "logreg_fit": round(t_lr, 3),
                     "xgboost_score_test": round(t_score, 3), "total": round(time.perf_counter() - started, 3)},
         "model_id": scorer.model_id,
     }
@@ -354,6 +488,29 @@ def train(cfg: TrainConfig, out: str | Path, *, spark: Any = None) -> dict[str, 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def search_md(search: dict[str, Any] | None) -> list[str]:
+    """The model-selection section of the report (empty without ``--tune``)."""
+    if not search:
+        return []
+    ch = search["chosen"]
+    lines = ["## Model selection (prequential)", "",
+             f"{len(search['folds'])} consecutive fit / {search['gap_days']}-day gap / validate windows inside the "
+             "training period, never a random split; each fold learns from the labels known when its validation "
+             f"window starts. Picked by {search['picked_by']}.", "",
+             "| fold | fit (rows, fraud) | validate (rows, fraud) |", "| --- | --- | --- |"]
+    for i, f in enumerate(search["folds"], 1):
+        lines.append(f"| {i} | {f['fit'][0]} .. {f['fit'][1]} ({f['fit_rows']:,}, {f['fit_fraud']:,}) | "
+                     f"{f['validate'][0]} .. {f['validate'][1]} ({f['validate_rows']:,}, {f['validate_fraud']:,}) |")
+    lines += ["", "Chosen: " + ", ".join(f"`{k}={v}`" for k, v in ch.items()) + ".", "",
+              "| rank | depth | learning rate | trees | min child weight | subsample | class weight | mean AP | spread (sd) | per fold |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    for r, c in enumerate(search["candidates"], 1):
+        lines.append(f"| {r} | {c['max_depth']} | {c['learning_rate']} | {c['n_estimators']} | {c['min_child_weight']} "
+                     f"| {c['subsample']} | {c['class_weight']} | {c['mean_ap']:.4f} | {c['std_ap']:.4f} | "
+                     + " ".join(f"{a:.3f}" for a in c["fold_ap"]) + " |")
+    return [*lines, ""]
 
 
 def report_md(run: dict[str, Any], metrics: dict[str, Any], gain: dict[str, float]) -> str:
@@ -380,9 +537,12 @@ def report_md(run: dict[str, Any], metrics: dict[str, Any], gain: dict[str, floa
         "Labels: only labels with `label_time <= cut-off` count; a transaction without one counts as genuine only if "
         "it is older than the cut-off minus the label delay, otherwise it is left out.", "",
         "## Class imbalance", "",
-        f"Training period: {run['train_fraud']:,} fraud vs {run['train_genuine']:,} genuine. xgboost uses "
-        f"`scale_pos_weight = {run['class_imbalance']['xgboost_scale_pos_weight']:.2f}` (genuine / fraud of the "
-        "training period); the logistic regression uses `class_weight=\"balanced\"`. No resampling.", "",
+        f"Training period: {run['train_fraud']:,} fraud vs {run['train_genuine']:,} genuine "
+        f"(genuine / fraud = {run['class_imbalance']['xgboost_scale_pos_weight']:.2f}). xgboost class weighting "
+        f"`{run['class_imbalance']['xgboost_class_weight']}`: `scale_pos_weight = "
+        f"{run['xgboost_params']['scale_pos_weight']:.2f}` (balanced: that ratio; sqrt: its square root; none: 1); "
+        "the logistic regression uses `class_weight=\"balanced\"`. No resampling.", "",
+        *search_md(run.get("search")),
         "## Test metrics", "",
         f"| model | ROC AUC | average precision | card precision@{k} (mean over {metrics['test_days']} day(s)) |",
         "| --- | ---: | ---: | ---: |",
@@ -405,7 +565,9 @@ def report_md(run: dict[str, Any], metrics: dict[str, Any], gain: dict[str, floa
               "![feature importance](feature_importance.png)", "",
               "## Reproducing", "",
               f"Seed {run['seed']}, {run['config']['threads']} thread(s), {run['config']['n_estimators']} trees, "
-              f"max depth {run['config']['max_depth']}, learning rate {run['config']['learning_rate']}; the same "
+              f"max depth {run['config']['max_depth']}, learning rate {run['config']['learning_rate']}, min child "
+              f"weight {run['config']['min_child_weight']}, subsample {run['config']['subsample']}, class weighting "
+              f"{run['config']['class_weight']}; the same "
               "command with the same Delta versions (`--features-version`, `--labels-version`) gives the same model.",
               "", "Files: `model.json`, `features.json`, `run.json`, `metrics.json`, `baseline_logreg.json`, "
               "`test_predictions.parquet`, `pr_curve.png`, `feature_importance.png`.", ""]
@@ -435,9 +597,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--labels-version", type=_version)
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--n-estimators", type=int, default=300)
-    p.add_argument("--max-depth", type=int, default=6)
-    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--n-estimators", type=int, default=TrainConfig.n_estimators)
+    p.add_argument("--max-depth", type=int, default=TrainConfig.max_depth)
+    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    p.add_argument("--min-child-weight", type=float, default=TrainConfig.min_child_weight,
+                   help="least hessian weight in a leaf")
+    p.add_argument("--subsample", type=float, default=TrainConfig.subsample, help="share of rows per tree")
+    p.add_argument("--class-weight", choices=["balanced", "sqrt", "none"], default=TrainConfig.class_weight,
+                   help="fraud weight: genuine/fraud of the training rows, its square root, or 1")
+    p.add_argument("--tune", action="store_true",
+                   help="pick the parameters by prequential validation inside the training period (see above)")
+    p.add_argument("--tune-folds", type=int, default=3, help="--tune: validation windows (default 3)")
+    p.add_argument("--tune-val-days", type=int, default=7, help="--tune: days per validation window (default 7)")
+    p.add_argument("--tune-candidates", type=int, default=8,
+                   help="--tune: parameter sets drawn from the search space, each at 100/200/400/800 trees (default 8)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--k", type=int, default=DEFAULT_K, help="cards per day for card precision@k (default 100)")
     p.add_argument("--engine", choices=["local", "spark"], default="local", help="training-set engine")
@@ -450,7 +623,13 @@ def run(args: argparse.Namespace) -> int:
                       label_delay_days=args.label_delay_days, test_cutoff=args.test_cutoff,
                       features_version=args.features_version, labels_version=args.labels_version, seed=args.seed,
                       n_estimators=args.n_estimators, max_depth=args.max_depth, learning_rate=args.learning_rate,
-                      threads=args.threads, k=args.k, engine=args.engine)
+                      min_child_weight=args.min_child_weight, subsample=args.subsample, class_weight=args.class_weight,
+                      threads=args.threads, k=args.k, engine=args.engine, tune=args.tune, tune_folds=args.tune_folds,
+                      tune_val_days=args.tune_val_days, tune_candidates=args.tune_candidates)
+    if args.tune and (args.tune_folds < 1 or args.tune_val_days < 1 or args.tune_candidates < 1):
+        print("finfeat train: error: --tune-folds, --tune-val-days and --tune-candidates must be at least 1",
+              file=sys.stderr)
+        return 2
     try:
         info = train(cfg, args.out)
     except (TrainError, TrainingSetError) as exc:
@@ -466,6 +645,10 @@ def run(args: argparse.Namespace) -> int:
         r = m[name]
         print(f"  {name:<20} ROC AUC {_fmt(r['roc_auc'])}  AP {_fmt(r['average_precision'])}  "
               f"card P@{k} {_fmt(r[f'card_precision_at_{k}'])}")
+    if info.get("search"):
+        best = info["search"]["candidates"][0]
+        print(f"  tuned over {len(info['search']['folds'])} folds: " + ", ".join(
+            f"{k}={v}" for k, v in info["search"]["chosen"].items()) + f" (mean validation AP {best['mean_ap']:.4f})")
     print(f"  -> {args.out} (report.md, model.json, metrics.json, test_predictions.parquet)")
     return 0
 

@@ -132,3 +132,54 @@ def test_explain_writes_a_waterfall_png(model_dir: Path, sparkov_warehouse: Path
     assert _cli(explain_cli, ["explain", "--model", str(model_dir), "--json", "[1]", "--out", str(png)]) == 2
     assert _cli(explain_cli, ["explain", "--model", str(model_dir), "--json", json.dumps({"amount_minor": 1}),
                               "--out", str(png)]) == 2
+
+
+# ----------------------------------------------------------------------------------- model selection
+
+
+def test_tune_picks_by_prequential_mean_ap_and_reports_the_search(sparkov_warehouse: Path,  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "tuned"
+    # labels arrive 7 days after the transaction: the default gap (the label delay) is 7 days
+    info = train(TrainConfig(warehouse=str(sparkov_warehouse), threads=1, tune=True, tune_folds=2, tune_val_days=2,
+                             tune_candidates=2, **TRAIN), out)
+    search = json.loads((out / "search.json").read_text())
+    assert search == json.loads(json.dumps(info["search"]))
+    folds = search["folds"]
+    # consecutive validation windows ending on the last training day, each after the gap, never overlapping
+    assert [f["validate"] for f in folds] == [["2019-01-12", "2019-01-13"], ["2019-01-14", "2019-01-15"]]
+    assert [f["fit"] for f in folds] == [["2019-01-01", "2019-01-04"], ["2019-01-01", "2019-01-06"]]
+    for f in folds:
+        assert f["fit_fraud"] > 0 and 0 < f["validate_fraud"] < f["validate_rows"]
+    assert folds[0]["fit_rows"] <= folds[1]["fit_rows"]  # expanding (the data has no 5th and 6th of January)
+    cands = search["candidates"]
+    assert len(cands) == 2 * 5  # two structures x tree counts 100, 200, 300 (the configured), 400, 800
+    for c in cands:
+        assert len(c["fold_ap"]) == 2 and all(0 < a <= 1 for a in c["fold_ap"])
+        assert c["mean_ap"] == pytest.approx(np.mean(c["fold_ap"])) and c["std_ap"] == pytest.approx(np.std(c["fold_ap"]))
+    means = [c["mean_ap"] for c in cands]
+    assert means == sorted(means, reverse=True)
+    assert len({tuple(c["fold_ap"]) for c in cands}) > 1  # the candidates really differ
+    best = cands[0]
+    assert search["chosen"] == {k: best[k] for k in ("max_depth", "learning_rate", "min_child_weight", "subsample",
+                                                      "class_weight", "n_estimators")}
+    params = info["xgboost_params"]
+    assert (params["max_depth"], params["learning_rate"], params["num_boost_round"]) == \
+           (best["max_depth"], best["learning_rate"], best["n_estimators"])
+    # the saved model has the chosen number of trees
+    import xgboost as xgb
+
+    booster = xgb.Booster()
+    booster.load_model(str(out / "model.json"))
+    assert booster.num_boosted_rounds() == best["n_estimators"]
+    report = (out / "report.md").read_text()
+    assert "## Model selection (prequential)" in report and f"{best['mean_ap']:.4f}" in report
+    assert report.count("| balanced |") + report.count("| sqrt |") + report.count("| none |") == len(cands)
+
+
+def test_tune_fails_fast_when_the_folds_do_not_fit(sparkov_warehouse: Path, tmp_path: Path) -> None:  # noqa: F811
+    from finfeat.jobs.train import TrainError
+
+    with pytest.raises(TrainError, match="lower --tune-folds"):
+        train(TrainConfig(warehouse=str(sparkov_warehouse), threads=1, tune=True, tune_folds=3, tune_val_days=7,
+                          **TRAIN), tmp_path / "x")
