@@ -24,6 +24,7 @@ DEFAULT_RUNNER = "FnApiRunner"
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
     "train": "finfeat.jobs.train", "score": "finfeat.jobs.score", "explain": "finfeat.jobs.explain",
+    "audit": "finfeat.jobs.audit",
     "serve": "finfeat.jobs.serve", "features": "finfeat.jobs.discover", "init": "finfeat.jobs.project",
 }
 

@@ -254,11 +254,14 @@ def _online_available() -> bool:
 
 def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str | None = None,
                   allow_missing: bool = False, namespace: str | None = None, spec: Any = None,
-                  store: Any = None, reasons: int = DEFAULT_REASONS) -> dict[str, Any]:
+                  store: Any = None, reasons: int = DEFAULT_REASONS, audit: Any = None,
+                  request_id: str | None = None, caller: str | None = None) -> dict[str, Any]:
     """Score one JSON request (see the module docstring); raises the online store's errors.
 
     ``reasons`` > 0 adds ``margin``, ``bias`` and ``reasons``: the decision's top contributions
     (tree SHAP) as ``{"feature", "value", "contribution"}``, largest absolute value first.
+    ``audit``: an open :class:`finfeat.jobs.audit.AuditTrail`; the decision is returned (with its
+    ``request_id``) only after its record is in the trail, else ``AuditUnavailable`` is raised.
     ``store``: an open online store to look features up in (a serving process opens it once);
     else ``store_url`` is opened for this call; with neither, the request is the feature row.
     """
@@ -267,7 +270,7 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
         x = feature_vector([row], scorer.features)
         out = {"score": float(scorer.score_matrix(x)[0]), "model_id": scorer.model_id,
                "features": {c: row.get(c) for c in scorer.features}}
-        return _with_reasons(out, scorer, x, reasons)
+        return _audited(_with_reasons(out, scorer, x, reasons), scorer, request, audit, request_id, caller)
     if not _online_available():
         raise ScoringError("--store needs the online store (finfeat.jobs.online), which is not installed")
     from finfeat.jobs.online import CANDIDATE_TXN_ID, Candidate, lookup, open_store
@@ -304,7 +307,19 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
            "at": iso(datetime.fromtimestamp(at_us / 1e6, tz=timezone.utc)), "at_us": at_us,
            "features": {c: row.get(c) for c in scorer.features},
            "as_of_us": result.as_of_us, "age_s": result.age_s, "missing": result.missing}
-    return _with_reasons(out, scorer, x, reasons)
+    return _audited(_with_reasons(out, scorer, x, reasons), scorer, request, audit, request_id, caller)
+
+
+def _audited(out: dict[str, Any], scorer: Scorer, request: Mapping[str, Any], audit: Any, request_id: str | None,
+             caller: str | None) -> dict[str, Any]:
+    if audit is None:
+        return out
+    from finfeat.jobs.audit import decision_record, new_request_id
+
+    rid = request_id or new_request_id()
+    audit.record(decision_record(out, request_id=rid, caller=caller or audit.caller, spec_hash=scorer.spec_hash,
+                                 request=request))
+    return {"request_id": rid, **out}
 
 
 def _with_reasons(out: dict[str, Any], scorer: Scorer, x: np.ndarray, reasons: int) -> dict[str, Any]:
@@ -342,6 +357,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--allow-missing", action="store_true",
                    help="--json: score a card or merchant without stored state as having no history")
     p.add_argument("--feature-spec", help="--json: feature spec YAML of the store (default: built-in v1)")
+    p.add_argument("--audit", metavar="DIR",
+                   help="--json/--jsonl: append every decision to the hash-chained audit trail in DIR (e.g. "
+                        "warehouse/audit; see `finfeat audit --help`); a decision is printed only once recorded")
+    p.add_argument("--caller", help="--audit: who asks (default cli:<user name>)")
     p.add_argument("--reasons", type=_nonneg, default=DEFAULT_REASONS, metavar="N",
                    help=f"reason codes per decision: the N largest tree-SHAP contributions (default "
                         f"{DEFAULT_REASONS}; 0: none)")
@@ -365,10 +384,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"finfeat score: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.batch:
+        if args.audit:
+            print("finfeat score: error: --audit records online decisions (--json, --jsonl); batch scores are "
+                  "kept in the --out table", file=sys.stderr)
+            return EXIT_USAGE
         return _run_batch(args, scorer)
-    if args.jsonl:
-        return _run_jsonl(args, scorer)
-    return _run_json(args, scorer)
+    audit = None
+    if args.audit:
+        from finfeat.jobs.audit import AuditTrail, AuditUnavailable, cli_caller
+
+        try:
+            audit = AuditTrail.open(args.audit, caller=args.caller or cli_caller())
+        except (OSError, AuditUnavailable) as exc:
+            print(f"finfeat score: error: --audit {args.audit}: {exc}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+    args.audit_trail = audit
+    try:
+        if args.jsonl:
+            return _run_jsonl(args, scorer)
+        return _run_json(args, scorer)
+    finally:
+        if audit is not None:
+            audit.close()
 
 
 def _run_batch(args: argparse.Namespace, scorer: Scorer) -> int:
@@ -403,6 +440,10 @@ def _load_spec(args: argparse.Namespace) -> Any:
 
 def _classify(exc: Exception) -> tuple[int, str] | None:
     """Exit code and error kind of a failed online request (None: not an online-store error)."""
+    from finfeat.jobs.audit import AuditUnavailable
+
+    if isinstance(exc, AuditUnavailable):
+        return EXIT_UNAVAILABLE, "audit_unavailable"
     from finfeat.jobs.online import (
         CandidateBeforeState,
         KeyNotFound,
@@ -439,15 +480,18 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
         return EXIT_USAGE
     if args.store is None:
         try:
-            out = score_request(scorer, request, reasons=args.reasons)
-        except ScoringError as exc:
+            out = score_request(scorer, request, reasons=args.reasons, audit=args.audit_trail)
+        except Exception as exc:  # noqa: BLE001 - mapped to exit codes below, anything else re-raised
+            got = _classify(exc)
+            if got is None:
+                raise
             print(f"finfeat score: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return got[0]
         print(json.dumps(out, indent=2))
         return EXIT_OK
     try:
         out = score_request(scorer, request, store_url=args.store, allow_missing=args.allow_missing,
-                            namespace=args.namespace, spec=spec, reasons=args.reasons)
+                            namespace=args.namespace, spec=spec, reasons=args.reasons, audit=args.audit_trail)
     except Exception as exc:  # noqa: BLE001 - mapped to exit codes below, anything else re-raised
         got = _classify(exc)
         if got is None:
@@ -495,7 +539,7 @@ def _run_jsonl(args: argparse.Namespace, scorer: Scorer) -> int:
                 if not isinstance(request, dict):
                     raise ScoringError("not a JSON object")
                 out = score_request(scorer, request, store=store, allow_missing=args.allow_missing, spec=spec,
-                                    reasons=args.reasons)
+                                    reasons=args.reasons, audit=args.audit_trail)
             except json.JSONDecodeError as exc:
                 out, failed = {"line": n, "error": "bad_request", "message": f"not JSON: {exc}"}, failed + 1
             except Exception as exc:  # noqa: BLE001 - reported in the line's result, anything unknown re-raised

@@ -24,6 +24,7 @@ in a worker thread, so a slow store never blocks ``/healthz``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -63,6 +64,7 @@ class ServeSettings:
     allow_missing: bool = False
     max_batch: int = 1000
     max_age_s: float | None = None   # default: the spec's longest window
+    audit: str | None = None         # the audit folder: every /score decision is recorded there first
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -188,6 +190,10 @@ def error_of(exc: Exception) -> tuple[int, dict[str, Any]] | None:
     )
     from finfeat.jobs.score import ScoringError
 
+    from finfeat.jobs.audit import AuditUnavailable
+
+    if isinstance(exc, AuditUnavailable):
+        return 503, {"error": "audit_unavailable", "message": str(exc)}
     if isinstance(exc, BadRequest):
         return 400, {"error": "bad_request", "message": str(exc), "field": exc.field}
     if isinstance(exc, ScoringError):
@@ -232,11 +238,22 @@ class FeatureService:
             self.store = open_store(settings.store, self.spec, create=False, namespace=settings.namespace)
         except (OnlineStoreError, ValueError) as exc:
             raise ServeError(str(exc)) from None
+        self.audit = None
+        if settings.audit:
+            from finfeat.jobs.audit import AuditTrail, AuditUnavailable
+
+            try:
+                self.audit = AuditTrail.open(settings.audit)
+            except (OSError, AuditUnavailable) as exc:
+                self.store.close()
+                raise ServeError(f"--audit {settings.audit}: {exc}") from None
         self.on_missing = "empty" if settings.allow_missing else "raise"
         self.max_age_s = settings.max_age_s if settings.max_age_s is not None else self.spec.max_window_us / 1e6
 
     def close(self) -> None:
         self.store.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def ready(self) -> None:
         """Raise the store's error unless it answers a read (and holds this spec's state)."""
@@ -263,12 +280,13 @@ class FeatureService:
         return [r if isinstance(r, Exception) else lookup_json(c, r, max_age_s=self.max_age_s)
                 for c, r in zip(cands, results)]
 
-    def score(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def score(self, raw: dict[str, Any], *, request_id: str | None = None, caller: str | None = None
+              ) -> dict[str, Any]:
         from finfeat.jobs.score import score_request
 
         assert self.scorer is not None
         return score_request(self.scorer, raw, store=self.store, allow_missing=self.settings.allow_missing,
-                             spec=self.spec)
+                             spec=self.spec, audit=self.audit, request_id=request_id, caller=caller)
 
 
 # ----------------------------------------------------------------------------------- the app
@@ -294,6 +312,8 @@ def create_app(settings: ServeSettings, *, token: str | None = None) -> Any:
     store_errors = Counter("finfeat_store_errors", "Online store errors by kind (unavailable, spec mismatch, ...)",
                            ["kind"], registry=registry)
     expected = None if token is None else f"Bearer {token}".encode()
+    # who asks, as the audit trail records it: the token's fingerprint, never the token
+    caller = "anonymous" if token is None else "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
     def authorized(request: Request) -> bool:
         if expected is None:
@@ -375,12 +395,15 @@ def create_app(settings: ServeSettings, *, token: str | None = None) -> Any:
             return JSONResponse({"error": "no_model", "message": "this service has no model: start it with --model DIR"},
                                 status_code=404)
         _, raw, batch = await body_of(request)
+        rid = request.headers.get("x-request-id") or None
+        client = request.client.host if request.client else "?"
 
         def run() -> list[Any]:
             out: list[Any] = []
-            for item in raw:
+            for i, item in enumerate(raw):
                 try:
-                    out.append(service.score(item))
+                    out.append(service.score(item, request_id=f"{rid}.{i}" if rid and batch else rid,
+                                             caller=f"{caller}@{client}"))
                 except Exception as exc:  # noqa: BLE001 - typed errors go in the item's place
                     if error_of(exc) is None or (not batch) or error_of(exc)[0] == 503:
                         raise
