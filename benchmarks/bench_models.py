@@ -73,6 +73,13 @@ def _train(wh: Path, out: Path, args: argparse.Namespace, **params) -> tuple[dic
     return info, json.loads((out / "metrics.json").read_text()), time.perf_counter() - t
 
 
+def _call(scorer, req, store, spec, kw: dict) -> dict:  # noqa: ANN001
+    from finfeat.jobs.score import score_request
+
+    kw = dict(kw)
+    return score_request(kw.pop("_scorer", scorer), req, store=store, allow_missing=True, spec=spec, **kw)
+
+
 def _latency(raw: Path, model: Path, work: Path, samples: int, seed: int) -> list[tuple[str, dict]]:
     import numpy as np
     import pyarrow as pa
@@ -102,6 +109,8 @@ def _latency(raw: Path, model: Path, work: Path, samples: int, seed: int) -> lis
     with open_store(f"sqlite:{db}", spec) as store:
         materialize(store, before, spec)
         modes: list[tuple[str, dict]] = [("lookup + score", {"reasons": 0}), ("lookup + score + 5 reasons", {})]
+        saabas_scorer = Scorer.load(model, reason_method="saabas")
+        modes.append(("lookup + score + 5 saabas reasons", {"_scorer": saabas_scorer}))
         audit = None
         try:
             from finfeat.jobs.audit import AuditTrail
@@ -109,18 +118,43 @@ def _latency(raw: Path, model: Path, work: Path, samples: int, seed: int) -> lis
             shutil.rmtree(work / "audit", ignore_errors=True)
             audit = AuditTrail.open(work / "audit", caller="bench")
             modes.append(("lookup + score + reasons + audit", {"audit": audit}))
+            modes.append(("lookup + score + saabas reasons + audit", {"audit": audit, "_scorer": saabas_scorer}))
         except ImportError:
             print("finfeat.jobs.audit is absent: the audit row is skipped", file=sys.stderr)
         try:
-            for name, kw in modes:
-                for req in requests[: max(1, len(requests) // 10)]:  # warm up
-                    score_request(scorer, req, store=store, allow_missing=True, spec=spec, **kw)
-                times = []
-                for req in requests:
+            for req in requests[: max(1, len(requests) // 10)]:  # warm up
+                for _, kw in modes:
+                    _call(scorer, req, store, spec, kw)
+            # the modes take turns on every request, so the machine's noise hits them alike
+            times: dict[str, list[float]] = {name: [] for name, _ in modes}
+            for i, req in enumerate(requests):
+                for name, kw in modes[i % len(modes):] + modes[: i % len(modes)]:
                     t = time.perf_counter_ns()
-                    score_request(scorer, req, store=store, allow_missing=True, spec=spec, **kw)
-                    times.append((time.perf_counter_ns() - t) / 1e6)
-                a = np.array(times)
+                    _call(scorer, req, store, spec, kw)
+                    times[name].append((time.perf_counter_ns() - t) / 1e6)
+            # the model alone, on the same feature rows: what the reasons add
+            rows = [score_request(scorer, req, store=store, allow_missing=True, spec=spec, reasons=0)["features"]
+                    for req in requests]
+            from finfeat.jobs.score import feature_vector
+
+            saabas = Scorer.load(model, reason_method="saabas")
+            for key in ("score only (no lookup)", "score + 5 reasons (no lookup)", "score + 5 saabas reasons (no lookup)"):
+                times[key] = []
+            for row in rows:
+                x = feature_vector([row], scorer.features)
+                t = time.perf_counter_ns()
+                scorer.score_matrix(x)
+                times["score only (no lookup)"].append((time.perf_counter_ns() - t) / 1e6)
+                t = time.perf_counter_ns()
+                scorer.score_matrix(x)
+                scorer.explain_rows(x, top=5)
+                times["score + 5 reasons (no lookup)"].append((time.perf_counter_ns() - t) / 1e6)
+                t = time.perf_counter_ns()
+                saabas.score_matrix(x)
+                saabas.explain_rows(x, top=5)
+                times["score + 5 saabas reasons (no lookup)"].append((time.perf_counter_ns() - t) / 1e6)
+            for name, got in times.items():
+                a = np.array(got)
                 out.append((name, {"n": len(a), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
                                    "p99": float(np.percentile(a, 99))}))
         finally:

@@ -110,11 +110,11 @@ def _latency(name: str, inputs: list[Path], mapping: str, model: Path, test_star
                 materialize(store, before, spec)
                 mat_s = time.perf_counter() - t
                 for req in requests[: max(1, len(requests) // 10)]:  # warm up
-                    score_request(scorer, req, store=store, allow_missing=True, spec=spec)
+                    score_request(scorer, req, store=store, allow_missing=True, spec=spec, reasons=0)
                 times = []
                 for req in requests:
                     t = time.perf_counter_ns()
-                    score_request(scorer, req, store=store, allow_missing=True, spec=spec)
+                    score_request(scorer, req, store=store, allow_missing=True, spec=spec, reasons=0)
                     times.append((time.perf_counter_ns() - t) / 1e6)
             a = np.array(times)
             out.append({"dataset": name, "backend": backend, "store_events": before.num_rows, "materialize_s": mat_s,

@@ -141,6 +141,8 @@ class AuditTrail:
             rec = json.loads(lines[-1])
             self.seq, self.last_hash = int(rec["seq"]), str(rec["hash"])
         self.synced_seq, self.synced_hash = self.seq, self.last_hash
+        if last.stat().st_mode & 0o222 == 0:  # closed by a rotation that crashed before the next opened
+            last = self.stream / f"seg-{int(last.stem.split('-')[1]) + 1:06d}.jsonl"
         self._open_segment(last)
         if torn:
             _LOG.warning("audit %s: an unfinished record of %d bytes at the end of %s (a crash mid-write); "

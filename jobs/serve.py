@@ -40,6 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own store connection")
     p.add_argument("--max-batch", type=int, default=1000, help="most candidates in one request")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    p.add_argument("--reason-method", choices=["shap", "saabas"], default="shap",
+                   help="reason codes of /score: exact tree SHAP, or xgboost's cheaper approximate contributions")
     p.add_argument("--audit", metavar="DIR",
                    help="record every POST /score decision in the hash-chained audit trail in DIR (one stream per "
                         "worker) before answering; 503 audit_unavailable if it cannot be written")
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     settings = ServeSettings(store=args.store, namespace=args.namespace, feature_spec=args.feature_spec,
                              model=args.model, token_env=args.token_env, allow_missing=args.allow_missing,
-                             max_batch=args.max_batch, max_age_s=args.max_age, audit=args.audit)
+                             max_batch=args.max_batch, max_age_s=args.max_age, audit=args.audit,
+                             reason_method=args.reason_method)
     os.environ[SETTINGS_ENV] = settings.to_env()
     try:
         app_from_env().state.service.close()  # open store and model once here: a bad one fails before binding

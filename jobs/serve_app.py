@@ -65,6 +65,7 @@ class ServeSettings:
     max_batch: int = 1000
     max_age_s: float | None = None   # default: the spec's longest window
     audit: str | None = None         # the audit folder: every /score decision is recorded there first
+    reason_method: str = "shap"      # finfeat.jobs.score.REASON_METHODS
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -228,7 +229,7 @@ class FeatureService:
             from finfeat.jobs.score import Scorer, ScoringError
 
             try:
-                self.scorer = Scorer.load(settings.model)
+                self.scorer = Scorer.load(settings.model, reason_method=settings.reason_method)
             except ScoringError as exc:
                 raise ServeError(str(exc)) from None
             if self.scorer.spec_hash and self.scorer.spec_hash != self.spec.spec_hash:

@@ -114,6 +114,26 @@ def test_top_reasons_in_json_jsonl_batch_and_none_on_request(model_dir: Path, sp
         _cli(score_cli, ["score", "--model", str(model_dir), "--json", "{}", "--reasons", "-1"])
 
 
+def test_saabas_reasons_also_add_up_and_are_cheaper_per_tree(model_dir: Path, sparkov_warehouse: Path,  # noqa: F811
+                                                              capsys: pytest.CaptureFixture) -> None:
+    exact = Scorer.load(model_dir)
+    approx = Scorer.load(model_dir, reason_method="saabas")
+    table = DeltaTable(str(sparkov_warehouse / "features")).to_pyarrow_table(filters=[("event_date", "=", DAY[0])])
+    x = feature_matrix(table, exact.features)
+    n = len(exact.features)
+    a, b = exact.explain_rows(x, top=n), approx.explain_rows(x, top=n)
+    for ea, eb in zip(a, b):
+        assert ea["margin"] == eb["margin"] and ea["bias"] == pytest.approx(eb["bias"])
+        assert eb["bias"] + sum(r["contribution"] for r in eb["reasons"]) == pytest.approx(eb["margin"], abs=1e-4)
+    assert any(ea["reasons"] != eb["reasons"] for ea, eb in zip(a, b))  # a different attribution
+    with pytest.raises(ValueError, match="reason method"):
+        Scorer.load(model_dir, reason_method="lime")
+    row = {c: table.column(c)[0].as_py() for c in exact.features}
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--json", json.dumps(row), "--reason-method",
+                            "saabas"]) == 0
+    assert json.loads(capsys.readouterr().out)["reasons"] == b[0]["reasons"][:5]
+
+
 def test_explain_writes_a_waterfall_png(model_dir: Path, sparkov_warehouse: Path, tmp_path: Path,  # noqa: F811
                                         capsys: pytest.CaptureFixture) -> None:
     scorer = Scorer.load(model_dir)
