@@ -9,7 +9,8 @@ PRISM  := $(CACHE)/prism/bin/prism
 BEAM_VERSION := 2.77.0
 WAREHOUSE ?= warehouse
 
-.PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-stream bench-serve \
+.PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-models \
+        bench-stream bench-serve \
         kafka generate clean
 
 help:
@@ -23,6 +24,7 @@ help:
 	@echo "make kafka        - a local Kafka broker on 127.0.0.1:19092 (Ctrl-C stops it)"
 	@echo "make bench        - backfill of 1M generated events vs DuckDB"
 	@echo "make bench-serve  - load test of finfeat serve (concurrent HTTP clients)"
+	@echo "make bench-models - tuned vs default xgboost vs logistic baseline on generated data, scoring latency"
 	@echo "make clean        - remove the virtualenv, caches and demo output"
 	@echo "finfeat on the PATH: . .venv/bin/activate   (or run .venv/bin/finfeat)"
 
@@ -81,6 +83,9 @@ bench-serve: $(FULL)
 
 bench-train: $(FULL) jars
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-models: $(FULL)
+	$(BIN)/python benchmarks/bench_models.py
 
 bench-stream: $(FULL) jars prism
 	$(BIN)/python benchmarks/bench_stream.py

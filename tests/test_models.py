@@ -173,7 +173,9 @@ def test_tune_picks_by_prequential_mean_ap_and_reports_the_search(sparkov_wareho
         assert f["fit_fraud"] > 0 and 0 < f["validate_fraud"] < f["validate_rows"]
     assert folds[0]["fit_rows"] <= folds[1]["fit_rows"]  # expanding (the data has no 5th and 6th of January)
     cands = search["candidates"]
-    assert len(cands) == 2 * 5  # two structures x tree counts 100, 200, 300 (the configured), 400, 800
+    from finfeat.jobs.train import TREE_COUNTS
+
+    assert len(cands) == 2 * len({*TREE_COUNTS, TrainConfig.n_estimators})  # structures x tree counts
     for c in cands:
         assert len(c["fold_ap"]) == 2 and all(0 < a <= 1 for a in c["fold_ap"])
         assert c["mean_ap"] == pytest.approx(np.mean(c["fold_ap"])) and c["std_ap"] == pytest.approx(np.std(c["fold_ap"]))
