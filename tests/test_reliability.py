@@ -340,3 +340,44 @@ def test_outputs_are_not_world_readable(tmp_path: Path) -> None:
     assert any(p.suffix == ".parquet" for p in paths) and any(p.parent.name == "_runs" for p in paths)
     loose = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o007]
     assert loose == []
+
+
+def test_redis_store_with_a_password_and_a_wrong_one(tmp_path: Path) -> None:
+    """``redis://:PASSWORD@HOST:PORT/DB`` as the README documents it, against a redis-server that
+    requires a password; a wrong one is a typed store error that does not echo the password."""
+    from finfeat.jobs.online import open_store
+    from finfeat.jobs.online.base import StoreUnavailable
+    from finfeat.jobs.online.local_redis import free_port
+    from finfeat.transforms.spec import FeatureSpec
+    from tests.conftest import load_events
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port, password = free_port(), "pw-3f9c2a7e51b04d"
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--requirepass", password, "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        spec = FeatureSpec.default()
+        events, _ = load_events(_slice(tmp_path / "in.csv"), "sparkov")
+        events = events.drop_columns(["_source", "_source_row"]).slice(0, 50)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                store = open_store(f"redis://:{password}@127.0.0.1:{port}/0", spec)
+                store.write(events)
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "redis-server did not come up"
+                time.sleep(0.1)
+        assert len(store.snapshot()) > 0
+        assert password not in store.location
+        store.close()
+        with pytest.raises(StoreUnavailable) as exc:
+            wrong = open_store(f"redis://:not-the-{password}@127.0.0.1:{port}/0", spec)
+            wrong.write(events)
+        assert password not in str(exc.value)
+    finally:
+        proc.kill()
+        proc.wait(10)
