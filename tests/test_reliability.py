@@ -161,42 +161,55 @@ def test_dead_letter_fraction_flag_is_checked(capsys: pytest.CaptureFixture[str]
 
 # ------------------------------------------------------------------------------- kill -9, then rerun
 
-KILL_POINTS = ["started", "before:commit", "after:features", "after:dead_letters", "after:labels",
-               "after:quarantine/features"]
+#: (kill point, whether the run validates with a dropping suite, so that it writes a quarantine table);
+#: validation costs seconds per run, so only the points around the quarantine commit use it
+KILL_POINTS = [("started", False), ("before:commit", False), ("after:features", False), ("after:dead_letters", False),
+               ("after:labels", False), ("after:labels", True), ("after:quarantine/features", True)]
 #: what a run killed at each point has committed, as its report says
 COMMITTED_AT = {"started": set(), "before:commit": set(), "after:features": {"features"},
                 "after:dead_letters": {"features", "dead_letters"},
                 "after:labels": {"features", "dead_letters", "labels"},
                 "after:quarantine/features": {"features", "dead_letters", "labels", "quarantine/features"}}
+_CRASH: dict[bool, dict] = {}
+
+
+def _crash_setup(root: Path, validated: bool) -> dict:
+    """A warehouse holding an older run (base), the newer input, and what one clean run of the
+    newer input leaves on top of the base, per table."""
+    if validated not in _CRASH:
+        root = root / ("validated" if validated else "plain")
+        root.mkdir()
+        flags = ("--feature-suite", str(_suite(root / "suite.yaml")), "--max-quarantine-fraction", "0.5") \
+            if validated else ("--no-validate",)
+        old = _slice(root / "old.csv", bad_every=50)
+        new = _slice(root / "new.csv", bad_every=30, bump=7)
+        base = root / "base"
+        done = _backfill(base, [old], "2019-01-01", "2019-01-04", *flags)
+        assert done.returncode == 0, done.stderr
+        clean = root / "clean"
+        shutil.copytree(base, clean)
+        done = _backfill(clean, [new], "2019-01-01", "2019-01-04", *flags)
+        assert done.returncode == 0, done.stderr
+        expected = {t: _rows(clean / t) for t in TABLES}
+        tables = TABLES if validated else TABLES[:3]
+        assert all(expected[t] for t in tables), "every table should hold rows in the clean run"
+        assert all(expected[t] != _rows(base / t) for t in tables)
+        _CRASH[validated] = {"root": root, "base": base, "new": new, "flags": flags, "expected": expected}
+    return _CRASH[validated]
 
 
 @pytest.fixture(scope="module")
-def crash_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A warehouse holding an older run (base), the newer input, and the warehouse one clean run of
-    the newer input leaves on top of the base."""
-    root = tmp_path_factory.mktemp("crash")
-    suite = _suite(root / "suite.yaml")
-    flags = ("--feature-suite", str(suite), "--max-quarantine-fraction", "0.5")
-    old = _slice(root / "old.csv", bad_every=50)
-    new = _slice(root / "new.csv", bad_every=30, bump=7)
-    base = root / "base"
-    done = _backfill(base, [old], "2019-01-01", "2019-01-04", *flags)
-    assert done.returncode == 0, done.stderr
-    clean = root / "clean"
-    shutil.copytree(base, clean)
-    done = _backfill(clean, [new], "2019-01-01", "2019-01-04", *flags)
-    assert done.returncode == 0, done.stderr
-    expected = {t: _rows(clean / t) for t in TABLES}
-    assert all(expected[t] for t in TABLES), "every table should hold rows in the clean run"
-    assert expected != {t: _rows(base / t) for t in TABLES}
-    return {"root": root, "base": base, "new": new, "flags": flags, "expected": expected}
+def crash_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("crash")
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_kill_at_a_commit_boundary_then_rerun_equals_one_clean_run(crash_setup: dict, point: str) -> None:
-    wh = crash_setup["root"] / f"killed_{point.replace(':', '_').replace('/', '_')}"
-    shutil.copytree(crash_setup["base"], wh)
-    args = (wh, [crash_setup["new"]], "2019-01-01", "2019-01-04", *crash_setup["flags"])
+@pytest.mark.parametrize(("point", "validated"), KILL_POINTS)
+def test_kill_at_a_commit_boundary_then_rerun_equals_one_clean_run(crash_root: Path, point: str,
+                                                                   validated: bool) -> None:
+    setup = _crash_setup(crash_root, validated)
+    wh = setup["root"] / f"killed_{point.replace(':', '_').replace('/', '_')}"
+    shutil.copytree(setup["base"], wh)
+    args = (wh, [setup["new"]], "2019-01-01", "2019-01-04", *setup["flags"])
     killed = _backfill(*args, **{testhooks.KILL_AT_ENV: point})
     assert killed.returncode == -9, killed.stderr
     dead_run = next(r for r in _reports(wh) if r["status"] == "running")
@@ -205,7 +218,7 @@ def test_kill_at_a_commit_boundary_then_rerun_equals_one_clean_run(crash_setup: 
     rerun = _backfill(*args)
     assert rerun.returncode == 0, rerun.stderr
     for table in TABLES:
-        assert _rows(wh / table) == crash_setup["expected"][table], f"{table} after a kill at {point} and a rerun"
+        assert _rows(wh / table) == setup["expected"][table], f"{table} after a kill at {point} and a rerun"
     reports = {r["run_id"]: r for r in _reports(wh)}
     assert reports[dead_run["run_id"]]["status"] == "interrupted"
     assert sorted(r["status"] for r in reports.values()) == ["interrupted", "succeeded", "succeeded"]
