@@ -194,7 +194,7 @@ class CommitRunFn(beam.DoFn):
         def committed(name: str, path: str, write: Callable[[], int | None]) -> None:
             before = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
             version = write()
-            if version is not None:
+            if version is not None or not name.startswith("quarantine/"):
                 tables[name] = {"path": path, "version": version}
             if version is not None and version != before:
                 delta.update_run_report(cfg.warehouse, cfg.run_id, committed={name: version})

@@ -4,7 +4,7 @@ must land exactly once. Faster and more direct than whole backfills (tests/test_
 from __future__ import annotations
 
 import multiprocessing as mp
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa

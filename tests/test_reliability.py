@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import pyarrow as pa
@@ -136,6 +135,21 @@ def test_all_rejected_run_fails_before_any_commit_and_the_flags_allow_it(tmp_pat
     assert set(dead.column("reason").to_pylist()) == {"wrong_type"}
 
 
+def test_a_mapping_whose_time_format_matches_nothing_replaces_nothing(tmp_path: Path) -> None:
+    source = _slice(tmp_path / "in.csv")
+    wh = tmp_path / "wh"
+    assert _backfill(wh, [source], "2019-01-01", "2019-01-04", "--no-validate").returncode == 0
+    before = {t: _rows(wh / t) for t in ("features", "labels", "dead_letters")}
+    mapping = tmp_path / "m.yaml"
+    mapping.write_text((Path(__file__).resolve().parents[1] / "jobs" / "mappings" / "sparkov.yaml").read_text()
+                       .replace("%Y-%m-%d %H:%M:%S", "%d/%m/%Y %H:%M"))
+    cmd = _cmd(wh, [source], "2019-01-01", "2019-01-04", "--no-validate")
+    cmd[cmd.index("sparkov")] = str(mapping)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert run.returncode == 1 and "bad_timestamp" in run.stderr and "nothing was committed" in run.stderr
+    assert {t: _rows(wh / t) for t in before} == before
+
+
 def test_a_wider_range_over_a_narrower_input_does_not_wipe_the_other_days(tmp_path: Path) -> None:
     full = _slice(tmp_path / "all.csv")
     wh = tmp_path / "wh"
@@ -222,6 +236,36 @@ def test_kill_at_a_commit_boundary_then_rerun_equals_one_clean_run(crash_root: P
     reports = {r["run_id"]: r for r in _reports(wh)}
     assert reports[dead_run["run_id"]]["status"] == "interrupted"
     assert sorted(r["status"] for r in reports.values()) == ["interrupted", "succeeded", "succeeded"]
+
+
+def test_kill_before_the_online_store_write_then_rerun_completes_the_store(tmp_path: Path) -> None:
+    from finfeat.jobs.online import open_store
+    from finfeat.transforms.spec import FeatureSpec
+
+    source = _slice(tmp_path / "in.csv")
+
+    def run(name: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return _backfill(tmp_path / name, [source], "2019-01-01", "2019-01-04", "--no-validate", "--online-store",
+                         f"sqlite:{tmp_path / name}.db", **env)
+
+    assert run("clean").returncode == 0
+    assert run("killed", **{testhooks.KILL_AT_ENV: "after:labels"}).returncode == -9
+    assert not (tmp_path / "killed.db").exists()
+    assert run("killed").returncode == 0
+    now = time.time_ns() // 1_000
+
+    def states(name: str) -> dict:
+        store = open_store(f"sqlite:{tmp_path / name}.db", FeatureSpec.default(), create=False)
+        try:
+            return {k: v.canonical() for k, v in store.snapshot(now_us=now).items()}
+        finally:
+            store.close()
+
+    assert states("killed") == states("clean") != {}
+    for table in ("features", "labels", "dead_letters"):
+        assert _rows(tmp_path / "killed" / table) == _rows(tmp_path / "clean" / table)
+    assert [r["committed"].get("online_store") for r in _reports(tmp_path / "killed")
+            if r["status"] == "succeeded"] == [f"sqlite:{tmp_path / 'killed'}.db"]
 
 
 # ------------------------------------------------------------------------------- concurrent backfills
