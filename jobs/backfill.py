@@ -79,6 +79,12 @@ class BackfillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value} is not a share between 0 and 1")
 
 
+#: Refusals the committer records in the run report (status failed) instead of raising them through
+#: the runner; run_backfill raises them again by type from the report.
+_REFUSALS = (TooManyDeadLetters, delta.ShrinkRefused, delta.CommitConflict, ReconciliationError)
+_TYPED_ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in _REFUSALS}
+
+
 def _day_us(d: date) -> int:
     return (d - date(1970, 1, 1)).days * _US_PER_DAY
 
@@ -119,6 +125,10 @@ class CommitRunFn(beam.DoFn):
         cfg = self._cfg
         try:
             yield self._commit(item, features)
+        except _REFUSALS as exc:
+            # a clean refusal, said once by run_backfill from the report (no runner traceback)
+            delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
+                                    error={"type": type(exc).__name__, "message": str(exc)})
         except Exception as exc:
             report = delta.read_run_report(cfg.warehouse, cfg.run_id) or {}
             if report.get("status") != "failed":
@@ -355,6 +365,9 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
                                     error={"type": type(exc).__name__, "message": str(exc)})
         raise
     report = delta.read_run_report(cfg.warehouse, cfg.run_id)
+    error = (report or {}).get("error") or {}
+    if report and report.get("status") == "failed" and str(error.get("type")) in _TYPED_ERRORS:
+        raise _TYPED_ERRORS[str(error.get("type"))](str(error.get("message")))
     if report is None or report.get("status") != "succeeded":
         raise RuntimeError(f"the pipeline finished without a finished run report for {cfg.run_id} "
                            f"(status {report.get('status') if report else 'missing'})")
@@ -362,8 +375,3 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
     return report
 
 
-#: Errors the committer raises inside the pipeline, raised again by type from the run report.
-_TYPED_ERRORS: dict[str, type[Exception]] = {
-    "TooManyDeadLetters": TooManyDeadLetters, "ShrinkRefused": delta.ShrinkRefused,
-    "CommitConflict": delta.CommitConflict, "ReconciliationError": ReconciliationError,
-}

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import pyarrow as pa
@@ -133,6 +134,26 @@ def test_all_rejected_run_fails_before_any_commit_and_the_flags_allow_it(tmp_pat
     # the rerun of the same inputs and range replaced the first run's dead letters
     assert dead.num_rows == len(before["features"]) + len(before["dead_letters"])
     assert set(dead.column("reason").to_pylist()) == {"wrong_type"}
+
+
+def test_the_guards_raise_typed_errors_from_run_backfill(tmp_path: Path) -> None:
+    from finfeat.jobs.backfill import BackfillConfig, TooManyDeadLetters, run_backfill
+    from finfeat.jobs.delta import ShrinkRefused
+    from finfeat.schemas.mapping import Mapping
+
+    def cfg(**kw: object) -> BackfillConfig:
+        return BackfillConfig(inputs=[tmp_path / "in.csv"], mapping=Mapping.load("sparkov"), warehouse=tmp_path / "wh",
+                              start=date(2019, 1, 1), end=date(2019, 1, 4), token_key=KEY.encode(),
+                              beam_args=[f"--runner={RUNNER}"], buckets=2, feature_suite=None, event_suite=None, **kw)
+
+    _slice(tmp_path / "in.csv")
+    assert run_backfill(cfg())["status"] == "succeeded"
+    _slice(tmp_path / "in.csv", bad_every=1)
+    with pytest.raises(TooManyDeadLetters, match="100.0%"):
+        run_backfill(cfg())
+    with pytest.raises(ShrinkRefused, match="--allow-shrink"):
+        run_backfill(cfg(max_dead_letter_fraction=1.0))
+    assert run_backfill(cfg(max_dead_letter_fraction=1.0, allow_shrink=True))["features_written"] == 0
 
 
 def test_a_mapping_whose_time_format_matches_nothing_replaces_nothing(tmp_path: Path) -> None:
