@@ -4,7 +4,7 @@ must land exactly once. Faster and more direct than whole backfills (tests/test_
 from __future__ import annotations
 
 import multiprocessing as mp
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -105,3 +105,47 @@ def test_a_dead_letter_table_without_run_keys_gains_the_column(tmp_path: Path) -
     delta.replace_dead_letters(path, DEAD_LETTER_SCHEMA.empty_table(), key="k1", metadata={})
     assert read_table(path).num_rows == 4
     assert DeltaTable(path).version() >= 3
+
+
+def test_a_writer_that_keeps_losing_gives_up_with_a_typed_error(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """Losing every race is a fault the tests cannot cause on purpose: the attempt raises delta-rs's
+    own CommitFailedError, as a lost race does."""
+    from deltalake.exceptions import CommitFailedError
+
+    monkeypatch.setattr(delta, "COMMIT_ATTEMPTS", 3)
+    tries: list[int] = []
+
+    def attempt() -> int:
+        tries.append(1)
+        raise CommitFailedError("Commit failed: a concurrent transactions added new data.")
+
+    races: list[str] = []
+    with pytest.raises(delta.CommitConflict, match="3 commits to .* lost to concurrent writers"):
+        delta._commit("features", str(tmp_path / "features"), attempt, races)
+    assert len(tries) == 3 and races == ["features", "features"]
+
+
+def _features(days: dict[date, int]) -> pa.Table:
+    rows = [(f"{d}-{i}", d) for d, n in days.items() for i in range(n)]
+    return pa.table({"txn_id": [r[0] for r in rows], "event_date": pa.array([r[1] for r in rows], pa.date32())})
+
+
+@pytest.mark.parametrize(("new", "refused"), [
+    ({date(2024, 1, 1): 10, date(2024, 1, 2): 6}, False),   # 16 of 20: a correction
+    ({date(2024, 1, 1): 5, date(2024, 1, 2): 4}, True),     # 9 of 20: fewer than half
+    ({date(2024, 1, 1): 20}, True),                         # as many rows, but 2024-01-02 would be emptied
+    ({}, True),                                             # nothing at all
+])
+def test_shrink_guard(tmp_path: Path, new: dict[date, int], refused: bool) -> None:
+    path = str(tmp_path / "features")
+    lo, hi = date(2024, 1, 1), date(2024, 1, 2)
+    delta.overwrite_partitions(path, _features({lo: 10, hi: 10, date(2024, 1, 3): 5}), start=lo,
+                               end=date(2024, 1, 3), metadata={})
+    table = _features(new) if new else _features({lo: 0})
+    if refused:
+        with pytest.raises(delta.ShrinkRefused, match="--allow-shrink"):
+            delta.overwrite_partitions(path, table, start=lo, end=hi, metadata={})
+        assert read_table(path).num_rows == 25
+    delta.overwrite_partitions(path, table, start=lo, end=hi, metadata={}, allow_shrink=refused)
+    assert read_table(path).num_rows == table.num_rows + 5
