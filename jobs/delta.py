@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import tempfile
+import uuid
 from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -43,7 +44,7 @@ COMMIT_ATTEMPTS = 12
 #: Upper bound of one backoff wait, seconds (the waits are random, exponential, from 0.1 s).
 COMMIT_MAX_WAIT_S = 8.0
 
-#: run reports: owner read-write, group read (mkstemp would leave 0600)
+#: run reports: owner read-write, group read at most, never others (whatever the umask)
 REPORT_MODE = 0o640
 
 T = TypeVar("T")
@@ -312,11 +313,11 @@ def write_run_report(warehouse: str | Path, report: dict[str, object]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{report['run_id']}.json"
     report["report_path"] = str(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{report['run_id']}.", suffix=".tmp")
+    tmp = folder / f".{report['run_id']}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, REPORT_MODE)  # the umask may narrow it
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(report, indent=2, sort_keys=True, default=str))
-        os.chmod(tmp, REPORT_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
