@@ -31,6 +31,8 @@ setup(
         "pydantic>=2.10,<3",
         "tqdm>=4.66",
         "great-expectations>=1.24,<1.25",
+        # retries with backoff for Delta commits that lose a race to a concurrent backfill
+        "tenacity>=9.1,<10",
     ],
     extras_require={
         # hiredis: redis-py's C parser and command packer (twice the write rate, faster reads)

@@ -13,13 +13,16 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from finfeat.jobs.argtypes import iso_date as _date, positive_int as _positive
+from finfeat.jobs.argtypes import fraction as _fraction, iso_date as _date, positive_int as _positive
 
 _LOG = logging.getLogger(__name__)
 
 DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
 TOKEN_KEY_ENV = "FINFEAT_TOKEN_KEY"
 DEFAULT_RUNNER = "FnApiRunner"
+#: the umask of every command: outputs (Delta tables, dead letters, run reports, SQLite stores,
+#: models) are readable by their owner and group, never by others
+OUTPUT_UMASK = 0o027
 #: sub-commands whose module holds both the parser and the command
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
@@ -62,16 +65,39 @@ def _beam_args(rest: list[str]) -> list[str]:
     return rest
 
 
+def check_token_key(key: bytes, *, demo_ok: bool) -> bytes:
+    """Refuse a tokenization key that protects nothing: the public demo key (unless ``demo_ok``),
+    fewer than 16 bytes that are not blanks, or fewer than 8 distinct bytes."""
+    if key == DEMO_TOKEN_KEY.encode() and not demo_ok:
+        raise UsageError(f"{TOKEN_KEY_ENV} holds the public demo key, which anyone can read in the source: "
+                         f"set {TOKEN_KEY_ENV} to a secret of your own (e.g. `openssl rand -hex 32`), or pass "
+                         "--demo-key to use the demo key on test data")
+    if len(key.strip()) < 16:
+        raise UsageError(f"{TOKEN_KEY_ENV} must be a secret of at least 16 bytes, not counting blanks at either "
+                         f"end (it has {len(key.strip())}); e.g. `export {TOKEN_KEY_ENV}=$(openssl rand -hex 32)`")
+    if len(set(key)) < 8:
+        raise UsageError(f"{TOKEN_KEY_ENV} has only {len(set(key))} distinct characters: too easy to guess; use a "
+                         f"random secret, e.g. `export {TOKEN_KEY_ENV}=$(openssl rand -hex 32)`")
+    return key
+
+
 def _token_key(args: argparse.Namespace, *, demo: bool) -> bytes:
+    demo_ok = demo or getattr(args, "demo_key", False)
     key = os.environ.get(TOKEN_KEY_ENV)
     if key:
-        return key.encode()
-    if demo or getattr(args, "demo_key", False):
+        return check_token_key(key.encode(), demo_ok=demo_ok)
+    if demo_ok:
         print(f"note: card numbers are tokenized with the visible DEMO key {DEMO_TOKEN_KEY!r}; "
               f"set {TOKEN_KEY_ENV} to a secret of at least 16 bytes for real data", file=sys.stderr)
         return DEMO_TOKEN_KEY.encode()
     raise UsageError(f"no tokenization key: set {TOKEN_KEY_ENV} to a secret of at least 16 bytes "
                      "(or pass --demo-key to use the public demo key on test data)")
+
+
+def restrict_umask() -> None:
+    """Outputs are not world-readable: files 0640, folders 0750 (or stricter, if the umask already is)."""
+    current = os.umask(OUTPUT_UMASK)
+    os.umask(current | OUTPUT_UMASK)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--no-validate", action="store_true", help="land feature rows without running the suite")
     bf.add_argument("--max-quarantine-fraction", type=float, default=0.01,
                     help="fail the run when more than this share of rows is quarantined (default 0.01)")
+    bf.add_argument("--max-dead-letter-fraction", type=_fraction, default=0.1,
+                    help="fail the run, before any commit, when more than this share of the rows read are dead "
+                         "letters (default 0.1)")
+    bf.add_argument("--allow-shrink", action="store_true",
+                    help="allow replacing feature partitions that hold rows with empty ones or with fewer than "
+                         "half as many rows (refused by default)")
     bf.add_argument("--online-store", help="also materialize card and merchant state into sqlite:PATH or "
                                            "redis://HOST:PORT/DB")
     bf.add_argument("--labels", action="append", default=[],
@@ -231,7 +263,10 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.spec import FeatureSpec
 
+    from finfeat.jobs.delta import check_warehouse
+
     beam_args = _beam_args(rest)
+    check_warehouse(args.warehouse)  # outputs first, before any input is read
     spec = FeatureSpec.from_yaml(args.feature_spec) if getattr(args, "feature_spec", None) else FeatureSpec.default()
     cfg = BackfillConfig(inputs=expand_inputs(args.input), mapping=Mapping.load(args.mapping),
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
@@ -241,6 +276,8 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                              args, "feature_suite", "features"),
                          event_suite=None if getattr(args, "no_validate", False) else "events",
                          max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
+                         max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 0.1),
+                         allow_shrink=getattr(args, "allow_shrink", False),
                          online_store=getattr(args, "online_store", None),
                          beam_args=beam_args)
     print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
@@ -351,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if config is not None and args.command in {"backfill", "stream", "demo"}:
         rest = [*config.runner.flags, *rest]  # the command line's Beam flags come later and win
+    restrict_umask()
     from finfeat.schemas.mapping import MappingError
     from finfeat.transforms.spec import SpecError
 
@@ -404,6 +442,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, ValidationFailed):
             print(f"finfeat {args.command}: data quality check failed, nothing was committed: {exc}", file=sys.stderr)
+            return 1
+        from finfeat.jobs.delta import CommitConflict, ShrinkRefused
+
+        refused = (CommitConflict, ShrinkRefused)
+        if args.command in {"backfill", "demo"}:
+            from finfeat.jobs.backfill import ReconciliationError, TooManyDeadLetters
+
+            refused += (ReconciliationError, TooManyDeadLetters)
+        if isinstance(exc, refused):
+            print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise
 

@@ -462,6 +462,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         if default_prism().exists() and not any(a.startswith("--prism_location") for a in rest):
             rest.append(f"--prism_location={default_prism()}")
     beam_args = _beam_args(rest)
+    delta.check_warehouse(args.warehouse)  # outputs first: a file or an unwritable place fails here
     spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).streaming = True

@@ -42,7 +42,7 @@ class CardTokenizer:
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("the tokenization key must be at least 16 bytes; set FINFEAT_TOKEN_KEY "
-                             "or tokenization.key in the job config")
+                             "to a secret of at least 16 bytes")
         self._key = key
 
     def token(self, digits: str) -> str:
