@@ -289,6 +289,52 @@ class Plan:
         return "\n".join(lines)
 
 
+def unlanded_label_days(*, labels: list[Path], warehouse: Path) -> set[date]:
+    """Days of transactions whose latest feed label (``is_fraud``, ``label_time``) is not what the
+    warehouse holds: the labels table lacks it or has another one. Their feature rows carry the
+    label (``is_fraud``) and their run lands it in the labels table, so those days are stale."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from finfeat.jobs import delta
+    from finfeat.jobs.sources import read_labels_file
+    from finfeat.transforms.labels import latest_per_txn, parse_labels
+
+    parts = []
+    for path in labels:
+        for raw, _ in read_labels_file(path, run_id="catch-up", recorded_at_us=0):
+            parts.append(parse_labels(raw, source=path.name, run_id="catch-up", recorded_at_us=0)[0])
+    features_path = delta.table_path(warehouse, delta.FEATURES)
+    if not parts or not DeltaTable.is_deltatable(features_path):
+        return set()
+    feed = latest_per_txn(pa.concat_tables(parts)).select(["txn_id", "is_fraud", "label_time"])
+    txns = feed.column("txn_id")
+
+    def read(path: str, columns: list[str]) -> pa.Table:
+        # delta-rs may hand strings back as string_view; compare as plain strings
+        table = delta.read_table(path, columns=columns)
+        table = table.set_column(0, "txn_id", table.column("txn_id").cast(pa.string()))
+        return table.filter(pc.is_in(table.column("txn_id"), value_set=txns))
+
+    written = read(features_path, ["txn_id", "event_date"])
+    if written.num_rows == 0:
+        return set()
+    labels_path = delta.table_path(warehouse, delta.LABELS)
+    if DeltaTable.is_deltatable(labels_path):
+        landed = read(labels_path, ["txn_id", "is_fraud", "label_time"]).rename_columns(
+            ["txn_id", "landed_fraud", "landed_time"])
+    else:
+        landed = pa.table({"txn_id": pa.array([], pa.string()), "landed_fraud": pa.array([], pa.bool_()),
+                           "landed_time": pa.array([], feed.schema.field("label_time").type)})
+    joined = feed.join(landed, keys="txn_id", join_type="left outer")
+    same = pc.and_(pc.equal(joined.column("is_fraud"), joined.column("landed_fraud")),
+                   pc.equal(joined.column("label_time"), joined.column("landed_time"))).fill_null(False)
+    late = joined.filter(pc.invert(same)).select(["txn_id"])
+    days = late.join(written, keys="txn_id", join_type="inner").column("event_date").to_pylist()
+    return set(days)
+
+
 def _plain_run_current(report: dict[str, Any], inputs: list[Path], labels: list[Path]) -> bool:
     """A run without fingerprints: current while it read the same files and none changed after it started."""
     from finfeat.jobs.runs import run_started
@@ -346,6 +392,7 @@ def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mappin
         stale_cache[run_id] = out
         return out
 
+    late_labels = unlanded_label_days(labels=labels, warehouse=warehouse) if labels else set()
     for d in _days(start, end):
         w = writers.get(d)
         if w is None:
@@ -372,6 +419,8 @@ def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mappin
                     why.extend(dict.fromkeys(stale_from(w.run_id, rec).get(d, [])))
             elif not _plain_run_current(report, inputs, labels):
                 why.append(f"inputs changed or unknown since run {w.run_id} (no fingerprints)")
+        if d in late_labels:
+            why.append("labels of its transactions arrived or changed")
         if why:
             plan.reasons[d] = why
     return plan
