@@ -14,7 +14,11 @@ A day needs (re)computing when
 * labels arrived after it was computed: the same per-day fingerprint of the labels feed, by the
   day of ``label_time``. A label known at time L changes ``merchant_fraud_rate_*`` of transactions
   up to L + delay + window, so a changed label day C makes C .. C + ceil((delay + window) / 1 day)
-  stale (only for a spec with label-aware features).
+  stale (only for a spec with label-aware features); and the day of each transaction whose latest
+  feed label is not the one in the labels table (its feature row carries ``is_fraud``).
+
+With ``--online-store``, the last day is always in the plan and only its range writes the store,
+so the store holds the state as of the end of that day.
 
 A day last written by a plain ``finfeat backfill`` (no fingerprints) counts as current only while
 the input files are the ones its report names and none was modified after that run started.
@@ -465,7 +469,9 @@ def run_plan(plan: Plan, template: Any, *, log_format: str = "text", on_report: 
     plan_id = new_run_id()
     reports = []
     for lo, hi in plan.ranges:
-        cfg = replace(template, start=lo, end=hi, run_id=new_run_id())
+        # only the range that ends on the plan's last day writes the online store (state as of that day)
+        cfg = replace(template, start=lo, end=hi, run_id=new_run_id(),
+                      online_store=template.online_store if hi == plan.end else None)
         progress.set_run_id(cfg.run_id)
         _LOG.info("catch-up %s: backfill %s..%s as run %s", plan_id, lo, hi, cfg.run_id)
         started = time.monotonic()
@@ -528,6 +534,9 @@ def run(args: argparse.Namespace, *, beam_args: list[str], token_key: bytes,
     except CatchUpError as exc:
         print(f"finfeat backfill --catch-up: error: {exc}", file=sys.stderr)
         return 2
+    if probe.online_store and plan.end not in plan.reasons:
+        # the store gets the state as of the end of the last day: that day's run materializes it
+        plan.reasons[plan.end] = ["refresh the online store"]
     if log_format == "json":
         progress.emit_json("catch_up_plan", sys.stdout, run_id=None, **plan.as_json())
     else:
