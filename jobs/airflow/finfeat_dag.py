@@ -15,7 +15,9 @@ Each daily run (logical date L) works on the previous UTC day D = L - 1 day:
 Configuration, first found wins, key by key: the run's params (``airflow dags trigger --conf``),
 the Airflow Variable ``finfeat`` (a JSON object; also ``AIRFLOW_VAR_FINFEAT`` in the environment),
 then the defaults below. Keys: ``inputs`` (list of files or folders, required), ``warehouse``,
-``mapping``, ``labels`` (list), ``feature_spec``, ``feature_suite``, ``online_store``,
+``mapping``, ``labels`` (list), ``feature_spec``, ``feature_suite`` (the backfill's gate),
+``validate_suite`` (the validate task's suite, default ``feature_suite``), ``validate_args``
+(more ``finfeat validate`` flags, e.g. a drift reference), ``online_store``,
 ``runner_args`` (Beam flags, e.g. ``["--runner=PrismRunner"]``), ``history_start`` (first day the
 catch-up considers; default: the first day of the input), ``finfeat_bin`` (the ``finfeat``
 executable; default: the one beside this Python), ``token_key_variable`` (an Airflow Variable
@@ -51,6 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "labels": [],
     "feature_spec": None,
     "feature_suite": "features",
+    "validate_suite": None,
+    "validate_args": [],
     "online_store": None,
     "runner_args": [],
     "history_start": None,
@@ -75,7 +79,7 @@ def _config(params: dict[str, Any]) -> dict[str, Any]:
     if not cfg["inputs"]:
         raise AirflowFailException("no inputs: set \"inputs\" (a list of files or folders) in the Airflow Variable "
                                    f"{CONFIG_VARIABLE!r} or in the run's params")
-    for key in ("inputs", "labels", "runner_args"):
+    for key in ("inputs", "labels", "runner_args", "validate_args"):
         if isinstance(cfg[key], str):
             cfg[key] = [cfg[key]]
     return cfg
@@ -174,8 +178,9 @@ with DAG(
         cfg = _config(params or {})
         days = [*result["days"], result["day"]]
         lo, hi = min(days), max(days)
-        code, out = _run(cfg, ["validate", "--table", str(Path(cfg["warehouse"]) / "features"),
-                               "--suite", cfg["feature_suite"] or "features", "--start", lo, "--end", hi])
+        suite = cfg["validate_suite"] or cfg["feature_suite"] or "features"
+        code, out = _run(cfg, ["validate", "--table", str(Path(cfg["warehouse"]) / "features"), "--suite", suite,
+                               "--start", lo, "--end", hi, *cfg["validate_args"]])
         if code == 2 and "no rows to check" in out:
             raise AirflowSkipException(f"no feature rows in {lo}..{hi}: nothing to validate")
         if code != 0:
@@ -199,11 +204,16 @@ with DAG(
 
 
 if __name__ == "__main__":
-    # `python finfeat_dag.py YYYY-MM-DD [...]`: one run per logical date, in order, in Airflow's test mode
-    # (no scheduler); exit 1 unless every run succeeds. The file must sit in the DAGs folder.
+    # `python finfeat_dag.py [--conf JSON] YYYY-MM-DD [...]`: one run per logical date, in order, in
+    # Airflow's test mode (no scheduler), with the run conf as params; exit 1 unless every run succeeds.
+    # The file must sit in the DAGs folder.
+    argv = sys.argv[1:]
+    conf = None
+    if argv[:1] == ["--conf"]:
+        conf, argv = json.loads(argv[1]), argv[2:]
     states = []
-    for arg in sys.argv[1:] or [pendulum.now("UTC").to_date_string()]:
-        run = dag.test(logical_date=pendulum.parse(arg, tz="UTC"))
+    for arg in argv or [pendulum.now("UTC").to_date_string()]:
+        run = dag.test(logical_date=pendulum.parse(arg, tz="UTC"), run_conf=conf)
         states.append(run.state)
         print(json.dumps({"finfeat_dag_test": arg, "state": str(run.state)}), flush=True)
     sys.exit(0 if all(s == "success" for s in states) else 1)
