@@ -10,7 +10,9 @@ A day needs (re)computing when
   fingerprint of each input file (path, size, mtime, SHA-256) and, per UTC event day, the number
   of parsed events and an order-free sum of their row hashes. A day C whose events differ now
   (new or changed files, late events, removed rows) changes the features of days C .. C + reach,
-  where reach is the spec's longest window plus label delay, rounded up to whole days;
+  where reach is the spec's longest window plus label delay, rounded up to whole days, and, for
+  features without a window (seconds since the last event, geo velocity), the day of the next
+  event (and next located event) after C of each card with an event on C, however far;
 * labels arrived after it was computed: the same per-day fingerprint of the labels feed, by the
   day of ``label_time``. A label known at time L changes ``merchant_fraud_rate_*`` of transactions
   up to L + delay + window, so a changed label day C makes C .. C + ceil((delay + window) / 1 day)
@@ -339,6 +341,55 @@ def unlanded_label_days(*, labels: list[Path], warehouse: Path) -> set[date]:
     return set(days)
 
 
+def next_event_days(changed: list[date], *, spec: Any, events: Any, features_path: str) -> dict[date, set[date]]:
+    """For each changed day C: the days of the next event, and the next located event, after C of every
+    entity with an event on C (now, or in the feature rows written for C). Features without a window
+    (``*_seconds_since_last``, ``*_geo_velocity_kmh``) of those events reach back to C however far it is."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from finfeat.jobs import delta
+    from finfeat.transforms.features import UNBOUNDED_AGGS
+    from finfeat.transforms.spec import ENTITY_COLUMNS
+
+    entities = sorted({f.entity for f in spec.features if f.agg in UNBOUNDED_AGGS})
+    out: dict[date, set[date]] = {c: set() for c in changed}
+    if not entities or not changed:
+        return out
+    times = events.column("event_time").cast(pa.int64()).to_numpy()
+    days = times // _US_PER_DAY
+    located = (events.column("merchant_lat").is_valid() if "merchant_lat" in events.column_names
+               else pa.array(np.zeros(len(times), bool)))
+    if "merchant_lon" in events.column_names:
+        located = pc.and_(located, events.column("merchant_lon").is_valid())
+    located = located.to_numpy(zero_copy_only=False)
+    written = None
+    if DeltaTable.is_deltatable(features_path):
+        written = delta.read_table(features_path, columns=["event_date", *[ENTITY_COLUMNS[e] for e in entities]])
+    epoch = date(1970, 1, 1)
+    for entity in entities:
+        col = ENTITY_COLUMNS[entity]
+        keys = events.column(col).cast(pa.string())
+        for c in changed:
+            c_day = (c - epoch).days
+            touched = keys.filter(pa.array(days == c_day))
+            if written is not None:
+                old = written.filter(pc.equal(written.column("event_date"), pa.scalar(c)))
+                touched = pa.concat_arrays([touched.combine_chunks(), old.column(col).cast(pa.string()).combine_chunks()])
+            if len(touched) == 0:
+                continue
+            after = (days > c_day) & pc.is_in(keys, value_set=pc.unique(touched)).to_numpy(zero_copy_only=False)
+            for mask in (after, after & located):
+                if not mask.any():
+                    continue
+                firsts = pa.table({"k": keys.filter(pa.array(mask)), "d": pa.array(days[mask])}).group_by("k").aggregate(
+                    [("d", "min")])
+                out[c].update(epoch + timedelta(days=int(d)) for d in pc.unique(firsts.column("d_min")).to_pylist())
+    return out
+
+
 def _plain_run_current(report: dict[str, Any], inputs: list[Path], labels: list[Path]) -> bool:
     """A run without fingerprints: current while it read the same files and none changed after it started."""
     from finfeat.jobs.runs import run_started
@@ -380,6 +431,22 @@ def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mappin
     label_reach = max((_ceil_days(f.reach_us) for f in spec.features if f.agg == "fraud_rate"), default=None)
     plan = Plan(start=start, end=end, fingerprints=fps)
     stale_cache: dict[str, dict[date, list[str]]] = {}
+    next_days: dict[date, set[date]] = {}
+    parsed: list[Any] = []
+
+    def beyond_reach(c: date) -> set[date]:
+        """Days past C + reach that C still reaches through features without a window."""
+        if c + timedelta(days=reach) >= end:
+            return set()
+        if c not in next_days:
+            if not parsed:
+                from finfeat.jobs.sources import parse_files
+                from finfeat.transforms.parse import CardTokenizer
+
+                parsed.append(parse_files(inputs, mapping, CardTokenizer(token_key), run_id="catch-up")[0])
+            next_days.update(next_event_days([c], spec=spec, events=parsed[0],
+                                             features_path=delta.table_path(warehouse, delta.FEATURES)))
+        return {d for d in next_days[c] if d > c + timedelta(days=reach)}
 
     def stale_from(run_id: str, rec: dict[str, Any]) -> dict[date, list[str]]:
         """Days made stale for a run's output by what changed since it ran."""
@@ -389,6 +456,8 @@ def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mappin
         for c in changed_days(merge_days(rec.get("inputs", [])), now_input):
             for i in range(reach + 1):
                 out.setdefault(c + timedelta(days=i), []).append(f"input of {c} changed")
+            for d in sorted(beyond_reach(c)):
+                out.setdefault(d, []).append(f"input of {c} changed (an entity's next event)")
         if label_reach is not None:
             for c in changed_days(merge_days(rec.get("labels", [])), now_labels):
                 for i in range(label_reach + 1):

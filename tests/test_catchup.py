@@ -106,3 +106,55 @@ def test_catch_up_flags_fail_fast(tmp_path: Path, env: None, capsys: pytest.Capt
     assert main(["backfill", "--catch-up", "--input", str(a), "--mapping", "generated", "--warehouse",
                  str(tmp_path / "wh"), "--start", day(3).isoformat(), "--end", day(2).isoformat()]) == 2
     assert f"--end {day(2)} is before --start {day(3)}" in capsys.readouterr().err
+
+
+def test_a_late_event_reaches_the_next_event_of_a_dormant_card(tmp_path: Path, env: None) -> None:
+    """seconds_since_last and geo velocity look back however far: a late event on day 2 changes the
+    features of its card's next event on day 40, beyond the 30-day windows."""
+    from finfeat.jobs.generate import generate
+    from tests.catchup_fixtures import FIRST_DAY
+
+    whole = tmp_path / "gen.parquet"
+    generate(out=whole, events=1500, seed=13, start=FIRST_DAY.isoformat(), days=45, cards=20, merchants=32)
+    table = pq.read_table(whole)
+    # every generated card transacts at least every few days (so only the dormant card reaches far)
+    times = table.column("event_time").cast(pa.int64()).to_numpy()
+    for card in set(table.column("card_number").to_pylist()):
+        t = sorted(times[pc.equal(table.column("card_number"), card).to_numpy(zero_copy_only=False)])
+        assert max((b - a for a, b in zip(t, t[1:])), default=0) < 20 * 86_400_000_000
+
+    def dormant(rows: list[int], when: list[datetime], ids: list[str]) -> pa.Table:
+        picked = table.take(pa.array(rows))
+        picked = picked.set_column(picked.schema.get_field_index("card_number"), "card_number",
+                                   pa.array(["4000000000000002"] * len(rows)))
+        picked = picked.set_column(picked.schema.get_field_index("txn_id"), "txn_id", pa.array(ids))
+        picked = picked.set_column(picked.schema.get_field_index("event_time"), "event_time",
+                                   pa.array(when, table.schema.field("event_time").type))
+        return picked.cast(table.schema)
+
+    def at(n: int, hour: int) -> datetime:
+        return datetime(day(n).year, day(n).month, day(n).day, hour, tzinfo=timezone.utc)
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pq.write_table(pa.concat_tables([table, dormant([0, 1], [at(2, 9), at(40, 9)], ["dorm-1", "dorm-2"])]),
+                   inputs / "events.parquet")
+    wh = tmp_path / "wh"
+    assert _catch_up([inputs], wh, None, tmp_path / "p1.json", end=day(45).isoformat()) == 0
+    assert plan_days(tmp_path / "p1.json") == [day(i) for i in range(1, 46)]
+
+    pq.write_table(dormant([2], [at(2, 18)], ["dorm-late"]), inputs / "late.parquet")
+    plan = tmp_path / "p2.json"
+    assert _catch_up([inputs], wh, None, plan, end=day(45).isoformat(), dry_run=True) == 0
+    # the default spec reaches 30 days; the dormant card's next event is on day 40
+    assert plan_days(plan) == [day(i) for i in range(2, 33)] + [day(40)]
+    assert json.loads(plan.read_text())["plan"]["days"][day(40).isoformat()] == [
+        f"input of {day(2)} changed (an entity's next event)"]
+
+    assert _catch_up([inputs], wh, None, plan, end=day(45).isoformat()) == 0
+    full = tmp_path / "full"
+    assert main(["backfill", "--input", str(inputs), "--mapping", "generated", "--warehouse", str(full),
+                 "--start", day(1).isoformat(), "--end", day(45).isoformat(), f"--runner={RUNNER}"]) == 0
+    got, expected = features_sorted(wh), features_sorted(full)
+    assert got.num_rows == expected.num_rows > 0
+    assert got.equals(expected.select(got.column_names))
