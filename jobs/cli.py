@@ -235,10 +235,14 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                          max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
                          online_store=getattr(args, "online_store", None),
                          beam_args=beam_args)
-    print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
-          f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",
-          file=sys.stderr)
+    runner = next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))
     progress.set_run_id(cfg.run_id)
+    if log_format == "json":
+        progress.emit_json("backfill_start", range=f"{cfg.start}..{cfg.end}", inputs=len(cfg.inputs), runner=runner,
+                           warehouse=str(cfg.warehouse))
+    else:
+        print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner {runner}, "
+              f"warehouse {cfg.warehouse}", file=sys.stderr)
     with progress.Progress(run_id=cfg.run_id, total_files=len(cfg.inputs), log_format=log_format):
         report = run_backfill(cfg)
     if log_format == "json":

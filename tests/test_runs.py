@@ -59,6 +59,10 @@ def test_json_logs_carry_the_run_id_and_the_read_progress(history: tuple[Path, d
                 if line.startswith("{") and json.loads(line).get("event") == "progress"]
     assert progress, ok["stderr"]
     assert {p["run_id"] for p in progress} == {report["run_id"]}
+    # every line is one JSON object carrying the run id
+    every = [json.loads(line) for line in str(ok["stderr"]).splitlines() if line.strip()]
+    assert {x["run_id"] for x in every} == {report["run_id"]}
+    assert every[0]["event"] == "backfill_start"
     final = progress[-1]
     assert final["final"] is True and final["files_done"] == final["files_total"] == 1
     assert final["rows_parsed"] == report["rows_read"] == 500
