@@ -13,18 +13,23 @@ AIRFLOW_VENV    := .venv-airflow
 AIRFLOW_STAMP   := $(AIRFLOW_VENV)/.installed
 AIRFLOW_VERSION := 3.3.2
 
-.PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-stream \
+.PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-stream bench-serve \
         kafka generate clean airflow
 
 help:
+	@echo "prerequisites: Python 3.11 for make demo and make setup-full; make test and make stream-demo also need"
+	@echo "               Go (builds Prism), a JDK 17+ and Maven (Kafka, Spark jars) and redis-server"
 	@echo "make demo         - set up, then run the backfill end to end on the bundled public data"
+	@echo "make setup-full   - install every extra (train, score, serve, stream, spark, online) into .venv"
 	@echo "make test         - set up everything the tests need (Spark, Kafka, Prism), then run them"
 	@echo "make stream-demo  - the stream job on a local Kafka broker and Prism, checked against the demo"
 	@echo "make airflow      - Apache Airflow $(AIRFLOW_VERSION) with finfeat in $(AIRFLOW_VENV) (the DAG's own environment)"
 	@echo "make dq           - data-quality checks of the demo output (exit 1 on failure)"
 	@echo "make kafka        - a local Kafka broker on 127.0.0.1:19092 (Ctrl-C stops it)"
 	@echo "make bench        - backfill of 1M generated events vs DuckDB"
+	@echo "make bench-serve  - load test of finfeat serve (concurrent HTTP clients)"
 	@echo "make clean        - remove the virtualenv, caches and demo output"
+	@echo "finfeat on the PATH: . .venv/bin/activate   (or run .venv/bin/finfeat)"
 
 setup: $(STAMP)
 
@@ -39,7 +44,7 @@ $(STAMP): setup.py constraints.txt
 # Heavy parts only for the targets that need them: Spark + xgboost, the JVM jars, Prism.
 setup-full: $(FULL)
 $(FULL): $(STAMP)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,online,train,spark,stream]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,online,train,spark,stream,serve]"
 	@touch $@
 
 jars: $(FULL)
@@ -84,6 +89,9 @@ bench: $(STAMP)
 
 bench-online: $(FULL)
 	$(BIN)/python benchmarks/bench_online.py
+
+bench-serve: $(FULL)
+	$(BIN)/python benchmarks/bench_serve.py
 
 bench-train: $(FULL) jars
 	$(BIN)/python benchmarks/bench_train.py

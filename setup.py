@@ -42,6 +42,8 @@ setup(
         "train": ["xgboost-cpu>=3,<4", "scikit-learn>=1.9,<2", "matplotlib>=3.11,<4", "duckdb>=1.1"],
         # finfeat produce / stream (the Kafka client; the broker's jars come from Maven)
         "stream": ["confluent-kafka==2.16.1"],
+        # finfeat serve: the HTTP feature service (ASGI app on uvicorn, Prometheus metrics)
+        "serve": ["starlette==1.10.0", "uvicorn==0.54.0", "prometheus-client==0.26.0"],
         "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0", "hiredis==3.5.0"],
     },
     entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},

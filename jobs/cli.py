@@ -24,6 +24,7 @@ DEFAULT_RUNNER = "FnApiRunner"
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
     "train": "finfeat.jobs.train", "score": "finfeat.jobs.score",
+    "serve": "finfeat.jobs.serve", "features": "finfeat.jobs.discover", "init": "finfeat.jobs.project",
 }
 
 
@@ -76,7 +77,11 @@ def _token_key(args: argparse.Namespace, *, demo: bool) -> bytes:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finfeat", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log finfeat's progress at INFO (-vv: every library's too)")
+    parser.add_argument("--version", action="version", version=f"finfeat {_version()}")
+    parser.add_argument("--config", metavar="PATH", help="project file (default ./finfeat.yaml when present; "
+                                                         "flags override it)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="write seeded synthetic transactions with fraud patterns",
@@ -142,17 +147,44 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--warehouse", default="warehouse")
     demo.add_argument("--input", action="append", help="default: the bundled Sparkov files in data/sparkov")
     demo.add_argument("--no-stream", action="store_true", help="skip the streaming replay")
+    from finfeat.jobs.helptext import polish
+
+    polish(parser)
     return parser
 
 
+def _range_counts(report: dict[str, object]) -> tuple[int, int, int]:
+    """Accepted events split into (in the range, history before it, ignored): the run counts
+    the ignored ones; the range's events are the feature rows written or quarantined."""
+    validation = report.get("validation") or {}
+    in_range = int(report["features_written"]) + int(validation.get("quarantined", 0) or 0)
+    ignored = int(report["events_outside_range"])
+    return in_range, int(report["events_accepted"]) - in_range - ignored, ignored
+
+
+def _commands() -> tuple[str, str]:
+    """How to call finfeat and its Python from this shell: the bare names when the virtualenv's
+    are first on the PATH, else their paths (a plain shell has not activated the virtualenv)."""
+    import shutil
+
+    bindir = Path(sys.executable).parent
+    ours = shutil.which("finfeat") == str(bindir / "finfeat")
+    rel = os.path.relpath(bindir) if not os.path.relpath(bindir).startswith("..") else str(bindir)
+    return ("finfeat", "python") if ours else (f"{rel}/finfeat", f"{rel}/python")
+
+
 def _print_report(report: dict[str, object]) -> None:
+    in_range, history, ignored = _range_counts(report)
+    ff, py = _commands()
     lines = [
         "",
         f"finfeat backfill {report['run_id']}  ({report['range']}, spec {report['spec_hash']}, "
         f"{report.get('seconds', '?')} s)",
         f"  rows read          {report['rows_read']:>10,}",
-        f"  events accepted    {report['events_accepted']:>10,}"
-        f"   (of which {report['events_outside_range']:,} outside the range, used as history or ignored)",
+        f"  events accepted    {report['events_accepted']:>10,}",
+        f"    in the range     {in_range:>10,}",
+        f"    history          {history:>10,}   (before the range, within the windows' reach: read, not written)",
+        f"    ignored          {ignored:>10,}   (outside the range and its history)",
         f"  dead letters       {report['dead_letters']:>10,}",
     ]
     for reason, n in report["dead_letters_by_reason"].items():
@@ -179,11 +211,12 @@ def _print_report(report: dict[str, object]) -> None:
         lines.append(f"  delta {name:<13}{info['path']}  (version {info['version']})")
     lines += [
         f"  run report         {report['report_path']}",
-        "next: look at the rows, check them, serve them",
-        f"  python -c \"import deltalake; print(deltalake.DeltaTable('{report['tables']['features']['path']}')"
+        "next: look at the rows, check them, serve them" + ("" if ff == "finfeat" else
+                                                            "   (or `. .venv/bin/activate` first)"),
+        f"  {py} -c \"import deltalake; print(deltalake.DeltaTable('{report['tables']['features']['path']}')"
         ".to_pandas().head())\"",
-        f"  finfeat validate --table {report['tables']['features']['path']} --suite features --docs out/dq",
-        f"  finfeat backfill ... --online-store sqlite:online.db   then   finfeat serve-lookup --store sqlite:online.db ...",
+        f"  {ff} validate --table {report['tables']['features']['path']} --suite features --docs out/dq",
+        f"  {ff} backfill ... --online-store sqlite:online.db   then   {ff} serve-lookup --store sqlite:online.db ...",
         "",
     ]
     print("\n".join(lines))
@@ -249,6 +282,10 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
         progress.emit_json("report", sys.stdout, run_id=report["run_id"], report=report)
     else:
         _print_report(report)
+    if _range_counts(report)[0] == 0:
+        print(f"finfeat backfill: error: no event of the input falls in {cfg.start}..{cfg.end}, so no feature row was "
+              "written; check --start and --end against the dates of your data", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -293,21 +330,61 @@ def _demo_stream(warehouse: Path, inputs: list[str]) -> int:
     return 0 if same else 1
 
 
+def _version() -> str:
+    from finfeat import __version__
+
+    return __version__
+
+
+def _verbosity(argv: list[str]) -> int:
+    """-v / --verbose / -vv before the sub-command."""
+    n = 0
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--config":
+            skip = True
+        elif a == "--verbose":
+            n += 1
+        elif a.startswith("-v") and set(a[1:]) == {"v"}:
+            n += len(a) - 1
+        elif not a.startswith("-"):
+            break
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
-    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbosity = _verbosity(argv)
+    verbose = verbosity > 0
+    # -v: finfeat's own loggers at INFO, libraries at WARNING; -vv: everything at INFO
+    logging.basicConfig(level=logging.INFO if verbosity > 1 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        logging.getLogger("finfeat").setLevel(logging.INFO)
     # Beam warns at import that optional Google Cloud clients are absent; they are not used here.
-    # GX sets its own loggers to INFO when imported; its chatter is for -v only.
-    quiet_gx = not verbose
+    # GX sets its own loggers to INFO when imported; its chatter is for -vv only.
+    quiet_gx = verbosity < 2
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: "apitools not found" not in record.getMessage())
         # string keys are deterministic; Beam only cannot prove it without a type hint
-        handler.addFilter(lambda record: verbose or "Key coder FastPrimitivesCoder" not in record.getMessage())
+        handler.addFilter(lambda record: verbosity > 1 or "Key coder FastPrimitivesCoder" not in record.getMessage())
         handler.addFilter(lambda record: not (quiet_gx and record.name.startswith("great_expectations")
                                               and record.levelno < logging.WARNING))
+    from finfeat.jobs import project
+
+    try:
+        config, config_dir, argv = project.config_for(argv)
+    except project.ConfigError as exc:
+        print(f"finfeat: error: {exc}", file=sys.stderr)
+        return 2
     parser = _parser()
+    if config is not None:
+        project.apply(parser, config, config_dir)
     args, rest = parser.parse_known_args(argv)
+    if config is not None and args.command in {"backfill", "stream", "demo"}:
+        rest = [*config.runner.flags, *rest]  # the command line's Beam flags come later and win
     from finfeat.schemas.mapping import MappingError
     from finfeat.transforms.spec import SpecError
 
@@ -346,8 +423,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return stream_cmd.run(args, rest)
         return _cmd_demo(args, rest)
+    except ModuleNotFoundError as exc:
+        from finfeat.jobs.hints import install_hint
+
+        hint = install_hint(exc.name)
+        if hint is None:
+            raise
+        print(f"finfeat {args.command}: error: no module named {exc.name!r}: {hint}", file=sys.stderr)
+        return 2
     except (UsageError, MappingError, SpecError, ValueError) as exc:
-        print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)
+        hint = ""
+        if "does not have; its columns are" in str(exc) and getattr(args, "input", None):
+            from finfeat.jobs.hints import mapping_hint
+
+            hint = mapping_hint(args.input, getattr(args, "mapping", None))
+        print(f"finfeat {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         from finfeat.validation.validate import ValidationFailed

@@ -3,7 +3,8 @@
 Exit codes: 0 found; 2 usage or configuration error (a bad flag, a store written for another
 feature spec); 3 the card's or the merchant's state is missing or expired (unless
 ``--allow-missing``); 4 the store is unreachable; 5 the candidate is older than the stored
-state can still answer exactly.
+state can still answer exactly; 6 the row was computed but the card's state is stale: its
+newest event is more than --max-age before the candidate (the JSON says "stale": true).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import sys
 from datetime import datetime, timezone
 
-EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNAVAILABLE, EXIT_NOT_EXACT = 0, 2, 3, 4, 5
+EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNAVAILABLE, EXIT_NOT_EXACT, EXIT_STALE = 0, 2, 3, 4, 5, 6
 
 
 def _at(text: str) -> int:
@@ -66,6 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--txn-id", help="the candidate's txn id (decides ties at the same instant; default "
                                     "sorts after every stored id)")
     p.add_argument("--feature-spec", help="feature spec YAML (default: the built-in v1 set)")
+    p.add_argument("--max-age", type=float, metavar="SECONDS",
+                   help="the state is stale (exit 6) when the card's newest event is more than this before the "
+                        "candidate (default: the spec's longest window, 30 days for v1)")
     p.add_argument("--allow-missing", action="store_true",
                    help="compute a missing card or merchant as having no history (listed under 'missing') "
                         "instead of exiting 3")
@@ -127,7 +131,15 @@ def run(args: argparse.Namespace) -> int:
         "entity_as_of": {e: _iso(v) for e, v in result.entity_as_of_us.items()},
         "missing": result.missing,
     }
+    max_age = args.max_age if args.max_age is not None else spec.max_window_us / 1e6
+    out["stale"] = result.age_s is not None and result.age_s > max_age
+    out["max_age_s"] = max_age
     print(json.dumps(out, indent=2))
+    if out["stale"]:
+        print(f"finfeat serve-lookup: warning: the card's state is stale: its newest event is {result.age_s:,.0f} s "
+              f"before the candidate, more than --max-age {max_age:,.0f} s (is the store still being written?)",
+              file=sys.stderr)
+        return EXIT_STALE
     return EXIT_OK
 
 

@@ -111,6 +111,7 @@ class TrainConfig:
         test_cutoff = self.test_cutoff or (day_start(self.test_end + timedelta(days=1))
                                            + timedelta(days=self.label_delay_days))
         return {"train": [self.train_start.isoformat(), self.train_end.isoformat()], "gap_days": gap,
+                "actual_gap_days": (test_start - self.train_end).days - 1,
                 "test": [test_start.isoformat(), self.test_end.isoformat()],
                 "train_cutoff": iso(train_cutoff), "test_cutoff": iso(test_cutoff),
                 "label_delay_days": self.label_delay_days,
@@ -370,8 +371,10 @@ def report_md(run: dict[str, Any], metrics: dict[str, Any], gain: dict[str, floa
         f"| {tr['assumed_negative']:,} | {tr['immature']:,} |",
         f"| test | {w['test'][0]} .. {w['test'][1]} | {w['test_cutoff']} | {te['rows']:,} | {te['matured_fraud']:,} "
         f"| {te['assumed_negative']:,} | {te['immature']:,} |", "",
-        f"Gap between the periods: {w['gap_days']} day(s); label delay (maturity window): {w['label_delay_days']} "
-        "day(s). No random split: the test period is strictly later than the training period plus the gap.",
+        f"Gap between the periods: {w['actual_gap_days']} day(s) without data between the last training day and the "
+        f"first test day (at least {w['gap_days']} required); label delay (maturity window): "
+        f"{w['label_delay_days']} day(s). No random split: the test period is strictly later than the training "
+        "period plus the gap.",
         f"Delta versions: features v{run['delta_versions']['features']}, labels v{run['delta_versions']['labels']} "
         f"({run['tables']['features']}, {run['tables']['labels']}).",
         "Labels: only labels with `label_time <= cut-off` count; a transaction without one counts as genuine only if "

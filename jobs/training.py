@@ -451,13 +451,26 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "training-set", help="features joined with the labels known at a cut-off, pinned to Delta versions",
-        description=__doc__.split("\n\n")[0] + "\n\nRule: " + RULE, allow_abbrev=False)
-    p.add_argument("--start", type=_date, required=True, help="first event date, UTC, inclusive")
-    p.add_argument("--end", type=_date, required=True, help="last event date, UTC, inclusive")
-    p.add_argument("--cutoff", type=parse_time, required=True,
-                   help="label cut-off, ISO-8601 (no offset = UTC): only labels with label_time <= it count")
-    p.add_argument("--out", required=True, help="output folder (Parquet files + _finfeat_manifest.json)")
+        "training-set", help="features joined with the labels known at a cut-off, pinned to Delta versions; "
+                        "or your own rows, point in time (--entities)",
+        description=__doc__.split("\n\n")[0] + "\n\nRule: " + RULE, allow_abbrev=False,
+        epilog="With --entities FILE instead of a date range: your rows (txn_id or card_token, timestamp, any other "
+               "columns, kept as they are) with the feature values as of each row's timestamp, from the features "
+               "table: a txn_id row gets its transaction's row if it happened by then; a card_token row gets the "
+               "windows of a transaction of that card at that time (merchant_id and amount_minor columns, when "
+               "present, fill in the merchant features, the new-merchant flag and the z-score).")
+    p.add_argument("--start", type=_date, help="first event date, UTC, inclusive (required without --entities)")
+    p.add_argument("--end", type=_date, help="last event date, UTC, inclusive (required without --entities)")
+    p.add_argument("--cutoff", type=parse_time,
+                   help="label cut-off, ISO-8601 (no offset = UTC): only labels with label_time <= it count "
+                        "(required without --entities)")
+    p.add_argument("--entities", metavar="FILE",
+                   help="your own rows instead of a date range: a Parquet or CSV file with txn_id or card_token, "
+                        "timestamp and any other columns; each row gets the features as of its timestamp "
+                        "(--out is then a .parquet file)")
+    p.add_argument("--feature-spec", help="--entities: feature spec YAML of the table (default: the built-in v1 set)")
+    p.add_argument("--out", required=True, help="output folder (Parquet files + _finfeat_manifest.json), or with "
+                                                "--entities a .parquet file")
     p.add_argument("--engine", choices=["local", "spark"], default="local",
                    help="local (delta-rs + DuckDB, default) or spark (delta-spark; needs the [spark] extra "
                         "and bash jobs/spark/fetch_jars.sh)")
@@ -465,7 +478,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _run_entities(args: argparse.Namespace) -> int:
+    from finfeat.jobs.historical import EntityRowsError, historical_features
+
+    if args.start or args.end or args.cutoff:
+        print("finfeat training-set: error: --entities takes its times from the rows' timestamp column; "
+              "leave out --start, --end and --cutoff", file=sys.stderr)
+        return 2
+    try:
+        res = historical_features(args.entities, warehouse=args.warehouse, features_version=args.features_version,
+                                  feature_spec=args.feature_spec)
+    except (EntityRowsError, ValueError) as exc:
+        print(f"finfeat training-set: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(res.table, out, compression="zstd")
+    lines = [f"point-in-time features for {res.rows:,} {res.key} rows of {args.entities} "
+             f"(features v{res.features_version}, spec {res.spec_hash})"]
+    if res.key == "txn_id":
+        lines.append(f"  {res.rows - res.rows_without_features:,} rows joined; {res.rows_without_features:,} all null "
+                     "(transaction unknown, or after the row's timestamp)")
+    else:
+        lines.append(f"  {res.rows - res.rows_without_features:,} rows with card history; "
+                     f"{res.rows_without_features:,} without (unknown card or no transaction before the timestamp)")
+        if res.short_history:
+            lines.append(f"  warning: {res.short_history:,} rows reach back before the table's first event: "
+                         "their windows see only what was backfilled")
+        if res.null_features:
+            lines.append(f"  null for every row (the rows lack merchant_id / amount_minor, or the table keeps no "
+                         f"coordinates): {', '.join(res.null_features)}")
+    lines.append(f"  -> {out}")
+    print("\n".join(lines))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.entities:
+        return _run_entities(args)
+    missing = [f"--{n}" for n in ("start", "end", "cutoff") if getattr(args, n) is None]
+    if missing:
+        print(f"finfeat training-set: error: {', '.join(missing)} required (or --entities FILE)", file=sys.stderr)
+        return 2
     try:
         req = TrainingSetRequest.from_warehouse(
             args.warehouse, start=args.start, end=args.end, cutoff=args.cutoff,
