@@ -39,10 +39,18 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy modules load inside the functions that use them (`finfeat --help` stays fast)
+    import pyarrow as pa
+
+    from finfeat.jobs.backfill import BackfillConfig
+    from finfeat.schemas.mapping import Mapping
+    from finfeat.transforms.spec import FeatureSpec
 
 _LOG = logging.getLogger(__name__)
 
@@ -61,7 +69,7 @@ class CatchUpError(RuntimeError):
 # -------------------------------------------------------------------------------- fingerprints
 
 
-def day_fingerprints(table: Any, time_column: str, *, drop: tuple[str, ...] = ()) -> dict[str, str]:
+def day_fingerprints(table: pa.Table, time_column: str, *, drop: tuple[str, ...] = ()) -> dict[str, str]:
     """Per UTC day of ``time_column``: ``"<rows>:<sum of 64-bit row hashes mod 2**64, hex>"``.
 
     The sum does not depend on row order or on how rows are split between files; any change of a
@@ -106,7 +114,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mapping_hash(mapping: Any) -> str:
+def mapping_hash(mapping: Mapping) -> str:
     return hashlib.sha256(mapping.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -157,7 +165,7 @@ def _known_files(reports: dict[str, dict[str, Any]], kind: str, mapping: str, ke
     return by_stat, by_sha
 
 
-def fingerprint_inputs(*, inputs: list[Path], labels: list[Path], mapping: Any, token_key: bytes,
+def fingerprint_inputs(*, inputs: list[Path], labels: list[Path], mapping: Mapping, token_key: bytes,
                        reports: dict[str, dict[str, Any]]) -> Fingerprints:
     """Fingerprints of the current inputs; files unchanged since an earlier catch-up reuse its record."""
     import pyarrow as pa
@@ -290,8 +298,16 @@ class Plan:
                  f"{len(self.ranges)} range(s)"]
         for lo, hi in self.ranges:
             lines.append(f"  backfill {lo}..{hi}")
-            for d in _days(lo, hi):
-                lines.append(f"    {d}  {'; '.join(self.reasons[d])}")
+            # consecutive days with the same reasons share a line
+            first = prev = lo
+            for d in [*_days(lo, hi)[1:], None]:
+                if d is not None and self.reasons[d] == self.reasons[first]:
+                    prev = d
+                    continue
+                span = str(first) if first == prev else f"{first}..{prev}"
+                lines.append(f"    {span:<22}  {'; '.join(self.reasons[first])}")
+                if d is not None:
+                    first = prev = d
         return "\n".join(lines)
 
 
@@ -341,7 +357,7 @@ def unlanded_label_days(*, labels: list[Path], warehouse: Path) -> set[date]:
     return set(days)
 
 
-def next_event_days(changed: list[date], *, spec: Any, events: Any, features_path: str) -> dict[date, set[date]]:
+def next_event_days(changed: list[date], *, spec: FeatureSpec, events: pa.Table, features_path: str) -> dict[date, set[date]]:
     """For each changed day C: the days of the next event, and the next located event, after C of every
     entity with an event on C (now, or in the feature rows written for C). Features without a window
     (``*_seconds_since_last``, ``*_geo_velocity_kmh``) of those events reach back to C however far it is."""
@@ -409,7 +425,7 @@ def _plain_run_current(report: dict[str, Any], inputs: list[Path], labels: list[
     return all(p.stat().st_mtime < started.timestamp() for p in [*inputs, *labels])
 
 
-def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mapping: Any, spec: Any,
+def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mapping: Mapping, spec: FeatureSpec,
               token_key: bytes, start: date | None, end: date | None, code_version: str) -> Plan:
     """Which days of ``[start, end]`` need computing (default: the days the input has events on)."""
     from finfeat.jobs import delta
@@ -432,7 +448,7 @@ def make_plan(*, warehouse: Path, inputs: list[Path], labels: list[Path], mappin
     plan = Plan(start=start, end=end, fingerprints=fps)
     stale_cache: dict[str, dict[date, list[str]]] = {}
     next_days: dict[date, set[date]] = {}
-    parsed: list[Any] = []
+    parsed: list[pa.Table] = []
 
     def beyond_reach(c: date) -> set[date]:
         """Days past C + reach that C still reaches through features without a window."""
@@ -529,7 +545,8 @@ def _in(d: date, rng: object) -> bool:
     return lo <= d <= hi
 
 
-def run_plan(plan: Plan, template: Any, *, log_format: str = "text", on_report: Any = None) -> list[dict[str, Any]]:
+def run_plan(plan: Plan, template: BackfillConfig, *, log_format: str = "text",
+             on_report: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Each range of the plan as a backfill (``template`` is a BackfillConfig; its dates and run id are
     replaced), in order; the first failure stops the catch-up (the days it did not reach stay stale)."""
     from finfeat.jobs import progress
@@ -569,7 +586,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, *, start: date, end: date, beam_args: list[str],
-                     token_key: bytes) -> Any:
+                     token_key: bytes) -> BackfillConfig:
     from finfeat.jobs.backfill import BackfillConfig
     from finfeat.jobs.sources import expand_inputs
     from finfeat.schemas.mapping import Mapping
@@ -587,7 +604,7 @@ def config_from_args(args: argparse.Namespace, *, start: date, end: date, beam_a
 
 
 def run(args: argparse.Namespace, *, beam_args: list[str], token_key: bytes,
-        print_report: Any = None) -> int:
+        print_report: Callable[[dict[str, Any]], None] | None = None) -> int:
     """``finfeat backfill --catch-up``: plan, print the plan, run it (unless ``--dry-run``)."""
     from finfeat import __version__
     from finfeat.jobs import progress
