@@ -94,10 +94,14 @@ class ReadFilesFn(beam.DoFn):
         self._mapping, self._key, self._run_id, self._recorded = mapping, token_key, run_id, recorded_at_us
 
     def process(self, path: str) -> Iterator[tuple[str, pa.Table, pa.Table]]:
+        from finfeat.jobs import progress  # counts per batch for a progress display in this process
+
         tokenizer = CardTokenizer(self._key)
         for raw, unreadable in read_file(path, self._mapping, tokenizer, run_id=self._run_id,
                                          recorded_at_us=self._recorded):
+            progress.rows_parsed(raw.num_rows + unreadable.num_rows)
             yield Path(path).name, raw, unreadable
+        progress.file_done()
 
 
 class ReadLabelsFn(beam.DoFn):

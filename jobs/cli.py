@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--input", action="append", required=True, help="a file or folder; repeatable")
     bf.add_argument("--mapping", default="generated",
                     help="mapping YAML, or a built-in name: sparkov, generated (default), canonical")
-    bf.add_argument("--start", type=_date, required=True, help="first event date, UTC, inclusive")
-    bf.add_argument("--end", type=_date, required=True, help="last event date, UTC, inclusive")
+    bf.add_argument("--start", type=_date, help="first event date, UTC, inclusive (required without --catch-up)")
+    bf.add_argument("--end", type=_date, help="last event date, UTC, inclusive (required without --catch-up)")
     bf.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
     bf.add_argument("--feature-spec", help="feature spec YAML (default: the built-in v1 set)")
     bf.add_argument("--buckets", type=_positive, default=8, help="key partitions per entity (default 8)")
@@ -151,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="a labels feed (txn_id, is_fraud, label_time) as CSV, JSON Lines or Parquet; repeatable")
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
                                                             f"{TOKEN_KEY_ENV} is unset (test data only)")
+    from finfeat.jobs import catchup as catchup_cmd
+    from finfeat.jobs import progress as progress_mod
+    from finfeat.jobs import runs as runs_cmd
+
+    bf.add_argument("--log-format", choices=progress_mod.LOG_FORMATS, default="text",
+                    help="text (default: a progress bar on a terminal, plain lines otherwise) or json "
+                         "(one JSON object per line with the run id, for log shippers)")
+    catchup_cmd.add_arguments(bf)
+    runs_cmd.add_parser(sub)
 
     from finfeat.jobs import produce as produce_cmd
     from finfeat.jobs import stream as stream_cmd
@@ -267,6 +276,22 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
 
     beam_args = _beam_args(rest)
     check_warehouse(args.warehouse)  # outputs first, before any input is read
+    from finfeat.jobs import progress
+
+    log_format = getattr(args, "log_format", "text")
+    progress.configure_logging(log_format)
+    if getattr(args, "catch_up", False):
+        from finfeat.jobs import catchup
+
+        return catchup.run(args, beam_args=beam_args, token_key=_token_key(args, demo=demo),
+                           print_report=(lambda r: progress.emit_json("report", sys.stdout, run_id=r["run_id"],
+                                                                      report=r))
+                           if log_format == "json" else _print_report)
+    if args.start is None or args.end is None:
+        raise UsageError("--start and --end are required (or pass --catch-up to work out the days from the "
+                         "run history)")
+    if getattr(args, "dry_run", False) or getattr(args, "plan_json", None):
+        raise UsageError("--dry-run and --plan-json go with --catch-up")
     spec = FeatureSpec.from_yaml(args.feature_spec) if getattr(args, "feature_spec", None) else FeatureSpec.default()
     cfg = BackfillConfig(inputs=expand_inputs(args.input), mapping=Mapping.load(args.mapping),
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
@@ -280,11 +305,20 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                          allow_shrink=getattr(args, "allow_shrink", False),
                          online_store=getattr(args, "online_store", None),
                          beam_args=beam_args)
-    print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
-          f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",
-          file=sys.stderr)
-    report = run_backfill(cfg)
-    _print_report(report)
+    runner = next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))
+    progress.set_run_id(cfg.run_id)
+    if log_format == "json":
+        progress.emit_json("backfill_start", range=f"{cfg.start}..{cfg.end}", inputs=len(cfg.inputs), runner=runner,
+                           warehouse=str(cfg.warehouse))
+    else:
+        print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner {runner}, "
+              f"warehouse {cfg.warehouse}", file=sys.stderr)
+    with progress.Progress(run_id=cfg.run_id, total_files=len(cfg.inputs), log_format=log_format):
+        report = run_backfill(cfg)
+    if log_format == "json":
+        progress.emit_json("report", sys.stdout, run_id=report["run_id"], report=report)
+    else:
+        _print_report(report)
     if _range_counts(report)[0] == 0:
         print(f"finfeat backfill: error: no event of the input falls in {cfg.start}..{cfg.end}, so no feature row was "
               "written; check --start and --end against the dates of your data", file=sys.stderr)
@@ -416,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
             from finfeat.jobs import validate as validate_cmd
 
             return (serve_lookup_cmd if args.command == "serve-lookup" else validate_cmd).run(args)
+        if args.command == "runs":
+            from finfeat.jobs import runs as runs_cmd
+
+            if rest:
+                raise UsageError(f"unknown flag(s) for runs: {' '.join(rest)}")
+            return runs_cmd.run(args)
         if args.command == "stream":
             from finfeat.jobs import stream as stream_cmd
 

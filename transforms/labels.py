@@ -75,7 +75,10 @@ def attach_labels(events: pa.Table, labels: pa.Table | None) -> pa.Table:
     joined = events.join(feed, keys="txn_id", join_type="left outer")
     fraud = pc.coalesce(joined.column("_feed_fraud"), joined.column("is_fraud"))
     joined = joined.set_column(joined.column_names.index("is_fraud"), "is_fraud", fraud)
-    return joined.drop_columns(["_feed_fraud"]).select([*events.column_names, "label_time"])
+    # a join drops the events' not-null flags; keep the schema of a bucket without feed labels, so that
+    # buckets with and without them concatenate downstream
+    schema = pa.schema([*events.schema, pa.field("label_time", EVENT_TIME_TYPE)])
+    return joined.drop_columns(["_feed_fraud"]).select([*events.column_names, "label_time"]).cast(schema)
 
 
 def label_rows(events: pa.Table, *, delay_us: int, feed_source: str = "labels") -> pa.Table:
