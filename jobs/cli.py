@@ -319,7 +319,9 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
         progress.emit_json("report", sys.stdout, run_id=report["run_id"], report=report)
     else:
         _print_report(report)
-    if _range_counts(report)[0] == 0:
+    # an empty range is an error, unless the user allowed replacing the range with less (--allow-shrink):
+    # then an empty result (every row a dead letter, say) is what they asked for
+    if _range_counts(report)[0] == 0 and not getattr(args, "allow_shrink", False):
         print(f"finfeat backfill: error: no event of the input falls in {cfg.start}..{cfg.end}, so no feature row was "
               "written; check --start and --end against the dates of your data", file=sys.stderr)
         return 1
