@@ -3,62 +3,74 @@
 Each reader yields ``(raw_batch, unreadable)`` pairs: ``raw_batch`` holds the source
 columns plus ``_source_row`` (the record's 0-based number in its file); ``unreadable`` holds
 dead letters for records that could not be read at all (a CSV row with the wrong number of
-fields, a line that is not a JSON object). Nothing is dropped silently.
+fields, a line that is not a JSON object or not UTF-8). Their payload holds no value of the
+record, only its size and the tokens of the card numbers in it: its fields cannot be told apart,
+so none can be trusted to be free of personal data. A file that cannot be read is one
+``unreadable_file`` dead letter and the run goes on (:func:`read_file`). Nothing is dropped
+silently.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from finfeat.schemas.mapping import Mapping, MappingError
+from finfeat.schemas.redaction import card_runs, opaque_payload
 from finfeat.transforms.parse import SOURCE, SOURCE_ROW, CardTokenizer, make_dead_letters, parse_batch
 
 _LOG = logging.getLogger(__name__)
 
-_PAN_RE = re.compile(r"(?<![0-9])[0-9][0-9 \-]{8,22}[0-9](?![0-9])")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # an undecodable byte, read with errors="surrogateescape"
+#: Leading bytes of compressed files: gzip is read directly, the others are refused by name.
+_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+          b"\x28\xb5\x2f\xfd": "zstd"}
+_COMPRESSED_SUFFIXES = {".gz": "gzip", ".zip": "zip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".csv.gz", ".jsonl.gz", ".ndjson.gz")
 
 
-def redact_text(text: str, tokenizer: CardTokenizer, pii_keys: set[str]) -> str:
-    """Best-effort redaction of an unreadable record: card numbers and JSON PII values."""
-    def tokenize(m: re.Match[str]) -> str:
-        digits = re.sub(r"[ \-]", "", m.group(0))
-        return tokenizer.token(digits) if 10 <= len(digits) <= 19 else m.group(0)
-
-    text = _PAN_RE.sub(tokenize, text)
-    for key in pii_keys:
-        text = re.sub(rf'("{re.escape(key)}"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}}\s]+)', r'\1"<redacted>"', text)
-    return text[:4000]
+class BadFile(Exception):
+    """A whole input file (or the rest of it) cannot be read; the message says what to do."""
 
 
-_SAFE_FIELD = re.compile(r"^[0-9.:+\-TZ ]*$|^[0-9a-f]{16,64}$")
+def _opaque(text: str, tokenizer: CardTokenizer, **facts: object) -> str:
+    """Payload of a record whose fields cannot be trusted: its size, the tokens of the card
+    numbers in it, no value (see :func:`finfeat.schemas.redaction.opaque_payload`)."""
+    clean = _SURROGATE.sub("", text)
+    return opaque_payload(chars=len(text), card_tokens=[tokenizer.token(d) for d in card_runs(clean)], **facts)
 
 
-def redact_misaligned(fields: list[str], delimiter: str, tokenizer: CardTokenizer) -> str:
-    """A CSV row whose fields do not line up with the header: no column can be trusted to be
-    free of personal data, so only numbers, times and hex ids are kept (card numbers tokenized)."""
-    shown = []
-    for v in fields:
-        digits = re.sub(r"[ \-]", "", v)
-        if digits.isdigit() and 10 <= len(digits) <= 19:
-            shown.append(tokenizer.token(digits))
-        elif _SAFE_FIELD.match(v):
-            shown.append(v)
-        else:
-            shown.append("<redacted>")
-    return delimiter.join(shown)[:4000]
+def compression_of(path: Path) -> str | None:
+    """``gzip``, another compression's name, or None, from the file's first bytes."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return None
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
 
 
-def _unreadable(rows: list[tuple[int, str, str]], source: str, run_id: str, recorded_at_us: int) -> pa.Table:
+def _open_text(path: Path, compression: str | None):  # noqa: ANN202 - a text file object
+    """The file as text; undecodable bytes kept as surrogates so a record can be refused, not altered."""
+    if compression == "gzip":
+        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="surrogateescape")
+    return path.open(newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _unreadable(rows: list[tuple[int, str, str]], source: str, run_id: str, recorded_at_us: int,
+                reason: str = "unparseable") -> pa.Table:
     return make_dead_letters(
-        run_id=run_id, stage="read", reasons=["unparseable"] * len(rows), details=[r[1] for r in rows],
+        run_id=run_id, stage="read", reasons=[reason] * len(rows), details=[r[1] for r in rows],
         source=source, source_rows=[r[0] for r in rows], txn_ids=[None] * len(rows),
         payloads=[r[2] for r in rows], recorded_at_us=recorded_at_us,
     )
@@ -69,12 +81,30 @@ def _strings_table(columns: list[str], rows: list[list[str | None]], ordinals: l
     return pa.Table.from_arrays([*arrays, pa.array(ordinals, pa.int64())], names=[*columns, SOURCE_ROW])
 
 
+def _unique_names(names: list[str], mapping: Mapping, path: Path) -> list[str]:
+    """Column names made unique (a repeat of a column the mapping does not read is renamed and
+    never read); a repeated column that the mapping reads makes the file unreadable."""
+    read = set(mapping.source_columns())
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] == 1:
+            out.append(name)
+            continue
+        if name in read:
+            raise BadFile(f"column {name!r} appears {names.count(name)} times in its header and the mapping reads "
+                          "it: rename the copies so that one column has that name, then rerun this file")
+        out.append(f"_dup{seen[name]}_{name}")
+    return out
+
+
 def _csv_header(path: Path, mapping: Mapping) -> list[str] | None:
-    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+    with _open_text(path, compression_of(path)) as fh:
         header = next(csv.reader(fh, delimiter=mapping.csv.delimiter, quotechar=mapping.csv.quotechar), None)
     if header is None:
         return None
-    header = [h.strip() for h in header]
+    header = [_SURROGATE.sub("\ufffd", h.strip()) for h in header]
     if header and header[0] == "":
         header[0] = "_index"  # pandas-style unnamed index column
     return header
@@ -82,30 +112,37 @@ def _csv_header(path: Path, mapping: Mapping) -> list[str] | None:
 
 def _read_csv_fast(path: Path, mapping: Mapping, header: list[str], batch_size: int,
                    skipped: list[int]) -> Iterator[pa.Table]:
-    """Arrow's CSV reader; stops (appending the ordinal reached to ``skipped``) at the first bad row."""
+    """Arrow's CSV reader; stops (appending the ordinal reached to ``skipped``) at the first bad
+    row or the first block Arrow cannot read (invalid UTF-8, a field longer than a block)."""
     problems: list[str] = []
 
     def on_invalid(row: pcsv.InvalidRow) -> str:
         problems.append(row.text)
         return "skip"
 
-    reader = pcsv.open_csv(
-        path,
-        read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
-        parse_options=pcsv.ParseOptions(delimiter=mapping.csv.delimiter, quote_char=mapping.csv.quotechar,
-                                        newlines_in_values=True, invalid_row_handler=on_invalid),
-        convert_options=pcsv.ConvertOptions(column_types={h: pa.string() for h in header},
-                                            strings_can_be_null=False, quoted_strings_can_be_null=False),
-    )
     done = 0
-    for batch in reader:
-        if problems:
-            skipped.append(done)
-            return
-        table = pa.Table.from_batches([batch])
-        table = table.append_column(SOURCE_ROW, pa.array(range(done, done + table.num_rows), pa.int64()))
-        done += table.num_rows
-        yield from (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
+    try:
+        reader = pcsv.open_csv(
+            pa.input_stream(str(path), compression="gzip" if compression_of(path) == "gzip" else None),
+            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
+            parse_options=pcsv.ParseOptions(delimiter=mapping.csv.delimiter, quote_char=mapping.csv.quotechar,
+                                            newlines_in_values=True, invalid_row_handler=on_invalid),
+            convert_options=pcsv.ConvertOptions(column_types={h: pa.string() for h in header},
+                                                strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+        for batch in reader:
+            if problems:
+                skipped.append(done)
+                return
+            table = pa.Table.from_batches([batch])
+            table = table.append_column(SOURCE_ROW, pa.array(range(done, done + table.num_rows), pa.int64()))
+            done += table.num_rows
+            yield from (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
+    except pa.ArrowInvalid as exc:
+        _LOG.info("%s: the fast reader stopped after record %d (%s); the rest is read record by record",
+                  path.name, done, exc)
+        skipped.append(done)
+        return
     if problems:
         skipped.append(done)
 
@@ -117,7 +154,9 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
     source = path.name
     header = _csv_header(path, mapping)
     if header is None:
-        return
+        raise BadFile("the file is empty (no header, no records): re-export it if it should hold data, "
+                      "else remove it")
+    header = _unique_names(header, mapping, path)
     resume_at: list[int] = []
     no_dead = _unreadable([], source, run_id, recorded_at_us)
     for table in _read_csv_fast(path, mapping, header, batch_size, resume_at):
@@ -125,7 +164,7 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
     if not resume_at:
         return
     start = resume_at[0]
-    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+    with _open_text(path, compression_of(path)) as fh:
         reader = csv.reader(fh, delimiter=mapping.csv.delimiter, quotechar=mapping.csv.quotechar)
         next(reader, None)
         rows: list[list[str | None]] = []
@@ -133,21 +172,26 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
         bad: list[tuple[int, str, str]] = []
         ordinal = -1
         while True:
+            line = reader.line_num + 1
             try:
                 record = next(reader)
             except StopIteration:
                 break
-            except csv.Error as exc:
+            except csv.Error as exc:  # e.g. a field longer than the csv module's limit
                 ordinal += 1
-                bad.append((ordinal, f"line {reader.line_num}: {exc}", "<unreadable>"))
+                if ordinal >= start:
+                    bad.append((ordinal, f"line {line}: {exc}", opaque_payload(chars=0, error="csv")))
                 continue
             ordinal += 1
             if ordinal < start:
                 continue
+            joined = "\x1f".join(record)
+            if _SURROGATE.search(joined):
+                bad.append((ordinal, f"line {line}: not valid UTF-8 text", _opaque(joined, tokenizer)))
+                continue
             if len(record) != len(header):
-                payload = redact_misaligned(record, mapping.csv.delimiter, tokenizer)
-                bad.append((ordinal, f"line {reader.line_num}: {len(record)} fields, the header has {len(header)}",
-                            payload))
+                bad.append((ordinal, f"line {line}: {len(record)} fields, the header has {len(header)}",
+                            _opaque(joined, tokenizer, fields=len(record))))
                 continue
             rows.append(record)
             ordinals.append(ordinal)
@@ -169,7 +213,6 @@ def _json_value(v: object) -> str | None:
 def read_jsonl(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: str, recorded_at_us: int,
                batch_size: int = 100_000) -> Iterator[tuple[pa.Table, pa.Table]]:
     source = path.name
-    hidden = mapping.redacted_columns()
     wanted = mapping.source_columns()
     records: list[dict[str, object]] = []
     ordinals: list[int] = []
@@ -180,20 +223,24 @@ def read_jsonl(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id
         rows = [[_json_value(r.get(k)) for k in keys] for r in records]
         return _strings_table(keys, rows, ordinals), _unreadable(bad, source, run_id, recorded_at_us)
 
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with _open_text(path, compression_of(path)) as fh:
         ordinal = -1
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             ordinal += 1
+            if _SURROGATE.search(line):
+                bad.append((ordinal, f"line {lineno}: not valid UTF-8 text", _opaque(line.strip(), tokenizer)))
+                continue
             try:
                 rec = json.loads(line, parse_float=str, parse_int=str)
-            except json.JSONDecodeError as exc:
-                bad.append((ordinal, f"line {lineno}: not JSON ({exc.msg})", redact_text(line.strip(), tokenizer, hidden)))
+            except (json.JSONDecodeError, RecursionError) as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                bad.append((ordinal, f"line {lineno}: not JSON ({msg})", _opaque(line.strip(), tokenizer)))
                 continue
             if not isinstance(rec, dict):
                 bad.append((ordinal, f"line {lineno}: a JSON {type(rec).__name__}, not an object",
-                            redact_text(line.strip(), tokenizer, hidden)))
+                            _opaque(line.strip(), tokenizer)))
                 continue
             records.append(rec)
             ordinals.append(ordinal)
@@ -206,44 +253,114 @@ def read_jsonl(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id
 
 def read_parquet(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: str, recorded_at_us: int,
                  batch_size: int = 250_000) -> Iterator[tuple[pa.Table, pa.Table]]:
+    if compression_of(path) is not None:
+        raise BadFile(f"a {compression_of(path)}-compressed file, not Parquet: decompress it (Parquet compresses "
+                      "its own pages; write it with compression inside instead)")
     pf = pq.ParquetFile(path)
+    names = _unique_names(pf.schema_arrow.names, mapping, path)
     start = 0
     empty = _unreadable([], path.name, run_id, recorded_at_us)
     for batch in pf.iter_batches(batch_size=batch_size):
-        table = pa.Table.from_batches([batch])
+        table = pa.Table.from_batches([batch]).rename_columns(names)
         table = table.append_column(SOURCE_ROW, pa.array(range(start, start + table.num_rows), pa.int64()))
         start += table.num_rows
         yield table, empty
 
 
 _READERS = {"csv": read_csv, "jsonl": read_jsonl, "parquet": read_parquet}
+#: What reading a file can raise when the file, not the code, is at fault.
+_FILE_ERRORS = (BadFile, OSError, EOFError, ValueError, pa.ArrowException, csv.Error, zlib.error)
+
+
+def _format_of(path: Path, mapping: Mapping) -> str:
+    """The file's format; compressed files name what to do (gzip is read directly)."""
+    compression = compression_of(path)
+    if compression not in (None, "gzip"):
+        raise BadFile(f"a {compression}-compressed file, which is not supported: decompress it, or compress it "
+                      "with gzip (.csv.gz and .jsonl.gz are read directly)")
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    suffix = Path(name).suffix.lower()
+    if suffix in _COMPRESSED_SUFFIXES and compression is None:
+        raise BadFile(f"named {suffix} but not {_COMPRESSED_SUFFIXES[suffix]}-compressed data: rename or re-export it")
+    try:
+        return mapping.format_for(name)
+    except MappingError as exc:
+        raise BadFile(str(exc)) from None
 
 
 def read_file(path: str | Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: str,
               recorded_at_us: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Every record of one file as ``(raw_batch, unreadable)`` pairs.
+
+    A file that cannot be read (empty, compressed other than gzip, not the format its name says,
+    a repeated column the mapping reads, cut off in the middle) does not stop the run: it ends
+    with one ``unreadable_file`` dead letter naming the file, the first record not read, and
+    what to do; the records before it were yielded and count as usual.
+    """
     path = Path(path)
     if not path.is_file():
         raise MappingError(f"input file {path} does not exist")
-    fmt = mapping.format_for(path)
-    _LOG.info("reading %s as %s", path, fmt)
-    yield from _READERS[fmt](path, mapping, tokenizer, run_id=run_id, recorded_at_us=recorded_at_us)
+    source = path.name
+    next_row = 0
+    try:
+        fmt = _format_of(path, mapping)
+        if path.stat().st_size == 0:
+            raise BadFile("the file is empty (0 bytes): re-export it if it should hold data, else remove it")
+        _LOG.info("reading %s as %s", path, fmt)
+        for raw, unreadable in _READERS[fmt](path, mapping, tokenizer, run_id=run_id, recorded_at_us=recorded_at_us):
+            for rows in (raw.column(SOURCE_ROW), unreadable.column("source_row")):
+                if len(rows):
+                    next_row = max(next_row, pc.max(rows).as_py() + 1)
+            yield raw, unreadable
+    except _FILE_ERRORS as exc:
+        what = str(exc) if isinstance(exc, BadFile) else (
+            f"{type(exc).__name__}: {exc}; check that it is a complete {path.suffix.lstrip('.') or 'data'} file "
+            "(re-export or re-copy it), then rerun")
+        where = "" if next_row == 0 else f" after {next_row:,} records"
+        _LOG.warning("input file %s cannot be read%s: %s", source, where, what)
+        empty = _strings_table(mapping.source_columns(), [], [])
+        yield empty, _unreadable([(next_row, f"file {source} cannot be read{where}: {what}",
+                                   opaque_payload(chars=0, file=source))],
+                                 source, run_id, recorded_at_us, reason="unreadable_file")
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named directly, or every .csv/.jsonl/.parquet file in a named folder, sorted."""
+def list_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files named directly, or the input files of a named folder, sorted; and a note for every
+    file of a folder that was skipped: hidden files (``.DS_Store``, ``._x.csv``) and files that
+    are not ``.csv``, ``.jsonl``, ``.ndjson``, ``.parquet`` (optionally ``.gz``)."""
     out: list[Path] = []
+    skipped: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in {".csv", ".jsonl", ".ndjson", ".parquet"})
+            found = []
+            for q in sorted(p.iterdir()):
+                if q.name.startswith("."):
+                    skipped.append(f"{q}: hidden file, skipped")
+                elif not q.is_file():
+                    skipped.append(f"{q}: not a file, skipped")
+                elif not q.name.lower().endswith(INPUT_SUFFIXES):
+                    compression = _COMPRESSED_SUFFIXES.get(q.suffix.lower())
+                    skipped.append(f"{q}: {compression}-compressed, not supported (decompress it, or use gzip), skipped"
+                                   if compression else f"{q}: not a .csv, .jsonl or .parquet file, skipped")
+                else:
+                    found.append(q)
             if not found:
-                raise MappingError(f"input folder {p} holds no .csv, .jsonl or .parquet file")
+                raise MappingError(f"input folder {p} holds no .csv, .jsonl or .parquet file (.gz allowed)"
+                                   + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
             out.extend(found)
         elif p.is_file():
             out.append(p)
         else:
             raise MappingError(f"input {p} does not exist; pass --input with a file or a folder of files")
-    return out
+    for note in skipped:
+        _LOG.warning("%s", note)
+    return out, skipped
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """The input files of :func:`list_inputs` (skipped files are logged)."""
+    return list_inputs(inputs)[0]
 
 
 def parse_files(inputs: list[str | Path], mapping: Mapping, tokenizer: CardTokenizer, *, run_id: str,
@@ -266,14 +383,20 @@ def check_columns(path: Path, mapping: Mapping) -> None:
     """Fail before any work if a CSV header or Parquet schema lacks a column the mapping reads.
 
     (JSON Lines records carry their own keys; a key absent from a record is that record's
-    ``missing_field`` dead letter, not a configuration error.)
+    ``missing_field`` dead letter, not a configuration error. A file that cannot be read at all
+    is not checked here: reading it gives an ``unreadable_file`` dead letter naming it.)
     """
-    fmt = mapping.format_for(path)
-    if fmt == "csv":
-        columns = _csv_header(path, mapping) or []
-    elif fmt == "parquet":
-        columns = pq.ParquetFile(path).schema_arrow.names
-    else:
+    try:
+        fmt = _format_of(path, mapping)
+        if fmt == "csv":
+            columns = _csv_header(path, mapping)
+        elif fmt == "parquet":
+            columns = pq.ParquetFile(path).schema_arrow.names
+        else:
+            return
+    except _FILE_ERRORS:
+        return
+    if not columns:
         return
     missing = [c for c in mapping.source_columns() if c not in columns]
     if missing:
@@ -303,7 +426,7 @@ def read_labels_file(path: str | Path, *, run_id: str, recorded_at_us: int) -> I
                     if not isinstance(rec, dict):
                         raise ValueError("not an object")
                 except ValueError as exc:
-                    bad.append((i, f"record {i}: {exc}", line.strip()[:4000]))
+                    bad.append((i, f"record {i}: {exc}", opaque_payload(chars=len(line.strip()))))
                     continue
                 records.append([_json_value(rec.get(k)) for k in ("txn_id", "is_fraud", "label_time")])
                 ordinals.append(i)
