@@ -21,14 +21,12 @@ def _at(text: str) -> int:
         from finfeat.jobs.online.base import wall_clock_us
 
         return wall_clock_us()
+    from finfeat.schemas.requests import iso_to_us
+
     try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time, e.g. 2020-06-22T18:30:00Z") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        return iso_to_us(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _minor(text: str) -> int:
@@ -94,6 +92,15 @@ def run(args: argparse.Namespace) -> int:
     if (args.lat is None) != (args.lon is None):
         print("finfeat serve-lookup: error: give both --lat and --lon, or neither", file=sys.stderr)
         return EXIT_USAGE
+    from finfeat.schemas.requests import RequestError, parse_request
+
+    try:  # the bounds every event meets (the same validation as `finfeat score`)
+        req = parse_request({"card_token": args.card_token, "merchant_id": args.merchant_id,
+                             "amount_minor": args.amount_minor, "at_us": args.at, "currency": args.currency,
+                             "merchant_lat": args.lat, "merchant_lon": args.lon, "txn_id": args.txn_id})
+    except RequestError as exc:
+        print(f"finfeat serve-lookup: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
         store = open_store(args.store, spec, create=False, namespace=args.namespace)
@@ -102,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except StoreUnavailable as exc:
         return fail(EXIT_UNAVAILABLE, "store_unavailable", exc)
-    cand = Candidate(card_token=args.card_token, merchant_id=args.merchant_id, amount_minor=args.amount_minor,
-                     at_us=args.at, currency=args.currency, merchant_lat=args.lat, merchant_lon=args.lon,
-                     txn_id=args.txn_id if args.txn_id is not None else CANDIDATE_TXN_ID)
+    cand = Candidate(card_token=req.card_token, merchant_id=req.merchant_id, amount_minor=req.amount_minor,
+                     at_us=req.at_us, currency=req.currency, merchant_lat=req.merchant_lat,
+                     merchant_lon=req.merchant_lon, txn_id=req.txn_id if req.txn_id is not None else CANDIDATE_TXN_ID)
     try:
         with store:
             result = lookup(store, spec, cand, on_missing="empty" if args.allow_missing else "raise")
@@ -127,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
         "entity_as_of": {e: _iso(v) for e, v in result.entity_as_of_us.items()},
         "missing": result.missing,
     }
-    print(json.dumps(out, indent=2))
+    from finfeat.jobs.score import dumps
+
+    print(dumps(out, indent=2))
     return EXIT_OK
 
 
