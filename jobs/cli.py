@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_report(report: dict[str, object]) -> None:
+def _print_report(report: dict[str, object], skipped: list[str] = ()) -> None:
     lines = [
         "",
         f"finfeat backfill {report['run_id']}  ({report['range']}, spec {report['spec_hash']}, "
@@ -148,6 +148,11 @@ def _print_report(report: dict[str, object]) -> None:
     ]
     for reason, n in report["dead_letters_by_reason"].items():
         lines.append(f"    {reason:<22}{n:>8,}")
+    if report["dead_letters_by_reason"].get("unreadable_file"):
+        lines.append("    (unreadable_file: a whole file, or its rest, could not be read; each dead letter's detail "
+                     "names the file and what to do)")
+    for note in skipped:
+        lines.append(f"  input skipped      {note}")
     if report.get("label_rows_read"):
         lines.append(f"  labels feed        {report['label_rows_read']:>10,} read, {report['labels_accepted']:,} accepted, "
                      f"{report['label_dead_letters']:,} dead letters")
@@ -194,13 +199,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = False) -> int:
     from finfeat.jobs.backfill import BackfillConfig, run_backfill
-    from finfeat.jobs.sources import expand_inputs
+    from finfeat.jobs.sources import list_inputs
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.spec import FeatureSpec
 
     beam_args = _beam_args(rest)
+    inputs, skipped = list_inputs(args.input)
     spec = FeatureSpec.from_yaml(args.feature_spec) if getattr(args, "feature_spec", None) else FeatureSpec.default()
-    cfg = BackfillConfig(inputs=expand_inputs(args.input), mapping=Mapping.load(args.mapping),
+    cfg = BackfillConfig(inputs=inputs, mapping=Mapping.load(args.mapping),
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
                          token_key=_token_key(args, demo=demo), spec=spec, buckets=args.buckets,
                          labels=[Path(p) for p in getattr(args, "labels", [])],
@@ -214,7 +220,7 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
           f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",
           file=sys.stderr)
     report = run_backfill(cfg)
-    _print_report(report)
+    _print_report(report, skipped)
     return 0
 
 

@@ -88,6 +88,8 @@ def _unique_names(names: list[str], mapping: Mapping, path: Path) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for name in names:
+        if name in (SOURCE, SOURCE_ROW):  # the reader's own bookkeeping columns
+            name = f"_input{name}"
         seen[name] = seen.get(name, 0) + 1
         if seen[name] == 1:
             out.append(name)
@@ -138,7 +140,7 @@ def _read_csv_fast(path: Path, mapping: Mapping, header: list[str], batch_size: 
             table = table.append_column(SOURCE_ROW, pa.array(range(done, done + table.num_rows), pa.int64()))
             done += table.num_rows
             yield from (table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size))
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:  # the record-by-record reader goes as far as it can
         _LOG.info("%s: the fast reader stopped after record %d (%s); the rest is read record by record",
                   path.name, done, exc)
         skipped.append(done)
@@ -177,6 +179,10 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
                 record = next(reader)
             except StopIteration:
                 break
+            except (OSError, EOFError, zlib.error):  # the file is cut off: hand over what was read, then fail
+                if rows or bad:
+                    yield _strings_table(header, rows, ordinals), _unreadable(bad, source, run_id, recorded_at_us)
+                raise
             except csv.Error as exc:  # e.g. a field longer than the csv module's limit
                 ordinal += 1
                 if ordinal >= start:
@@ -221,32 +227,37 @@ def read_jsonl(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id
     def flush() -> tuple[pa.Table, pa.Table]:
         keys = list(dict.fromkeys([*wanted, *(k for r in records for k in r)]))
         rows = [[_json_value(r.get(k)) for k in keys] for r in records]
-        return _strings_table(keys, rows, ordinals), _unreadable(bad, source, run_id, recorded_at_us)
+        return _strings_table(_unique_names(keys, mapping, path), rows, ordinals), _unreadable(bad, source, run_id, recorded_at_us)
 
     with _open_text(path, compression_of(path)) as fh:
         ordinal = -1
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            ordinal += 1
-            if _SURROGATE.search(line):
-                bad.append((ordinal, f"line {lineno}: not valid UTF-8 text", _opaque(line.strip(), tokenizer)))
-                continue
-            try:
-                rec = json.loads(line, parse_float=str, parse_int=str)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-                bad.append((ordinal, f"line {lineno}: not JSON ({msg})", _opaque(line.strip(), tokenizer)))
-                continue
-            if not isinstance(rec, dict):
-                bad.append((ordinal, f"line {lineno}: a JSON {type(rec).__name__}, not an object",
-                            _opaque(line.strip(), tokenizer)))
-                continue
-            records.append(rec)
-            ordinals.append(ordinal)
-            if len(records) >= batch_size:
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                ordinal += 1
+                if _SURROGATE.search(line):
+                    bad.append((ordinal, f"line {lineno}: not valid UTF-8 text", _opaque(line.strip(), tokenizer)))
+                    continue
+                try:
+                    rec = json.loads(line, parse_float=str, parse_int=str)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                    bad.append((ordinal, f"line {lineno}: not JSON ({msg})", _opaque(line.strip(), tokenizer)))
+                    continue
+                if not isinstance(rec, dict):
+                    bad.append((ordinal, f"line {lineno}: a JSON {type(rec).__name__}, not an object",
+                                _opaque(line.strip(), tokenizer)))
+                    continue
+                records.append(rec)
+                ordinals.append(ordinal)
+                if len(records) >= batch_size:
+                    yield flush()
+                    records, ordinals, bad = [], [], []
+        except (OSError, EOFError, zlib.error):  # the file is cut off: hand over what was read, then fail
+            if records or bad:
                 yield flush()
-                records, ordinals, bad = [], [], []
+            raise
     if records or bad:
         yield flush()
 

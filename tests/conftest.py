@@ -8,7 +8,8 @@ import pytest
 
 from finfeat.jobs.sources import read_file
 from finfeat.schemas.mapping import Mapping
-from finfeat.transforms.parse import CardTokenizer, parse_batch
+from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
+from finfeat.transforms.parse import PARSED_SCHEMA, CardTokenizer, parse_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SPARKOV = REPO / "data" / "sparkov"
@@ -28,7 +29,7 @@ def load_events(path: Path, mapping: Mapping | str) -> tuple[pa.Table, pa.Table]
     """Canonical events and dead letters of one file, through the production parser."""
     mapping = Mapping.load(mapping) if isinstance(mapping, str) else mapping
     tok = CardTokenizer(TOKEN_KEY)
-    events, dead = [], []
+    events, dead = [PARSED_SCHEMA.empty_table()], [DEAD_LETTER_SCHEMA.empty_table()]
     for raw, unreadable in read_file(path, mapping, tok, run_id="test", recorded_at_us=0):
         ev, dl = parse_batch(raw, mapping=mapping, tokenizer=tok, source=path.name, run_id="test",
                              recorded_at_us=0)
