@@ -211,49 +211,64 @@ def _localize(naive: pa.Array, zone: str) -> pa.Array:
 
 
 _FIXED_WIDTH = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2, "y": 2, "j": 3, "I": 2, "%": 1}
+_DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
 
 
-def _day_offset(fmt: str) -> int | None:
-    """Where a zero-padded text in ``fmt`` has its day of the month, when every directive
-    before ``%d`` has a fixed width; else None."""
+def _date_offsets(fmt: str) -> dict[str, int] | None:
+    """Where a zero-padded text in ``fmt`` has its year (%Y), month (%m) and day (%d), when
+    every directive before them has a fixed width; else None."""
+    found: dict[str, int] = {}
     pos, i = 0, 0
-    while i < len(fmt):
+    while i < len(fmt) and len(found) < 3:
         if fmt[i] != "%":
             pos, i = pos + 1, i + 1
             continue
         directive = fmt[i + 1:i + 2]
-        if directive == "d":
-            return pos
-        if directive not in _FIXED_WIDTH:
+        if directive in ("Y", "m", "d"):
+            found[directive] = pos
+        elif directive not in _FIXED_WIDTH:
             return None
         pos, i = pos + _FIXED_WIDTH[directive], i + 2
-    return None
+    return found if len(found) == 3 else None
 
 
 def _rolled_over(text: pa.Array, parsed: pa.Array, fmt: str) -> np.ndarray:
     """Rows whose text names a day the month does not have (``2021-02-29``, ``06-31``).
 
     Arrow's ``strptime`` accepts day 1-31 in any month and carries the excess into the next
-    month, so such a date parses as day 1-3 of the month after (day 1-4 in UTC when the format
-    has an offset). Only those rows are looked at: their day is compared with the text's (a
-    slice, when the format puts it at a fixed place), and rows that still differ are read by
-    Python's ``strptime``, which refuses a day beyond the month's end.
+    month, so such a date parses as day 1-3 of the month after (with an offset, %z, its UTC
+    day is 28-31 or 1-4). Only those rows are looked at: where the format puts year, month and
+    day at fixed places, their text's day is checked against its month's length, vectorized;
+    rows whose text is not laid out that way are read by Python's ``strptime``, which refuses a
+    day beyond the month's end.
     """
     bad = np.zeros(len(text), dtype=bool)
     if "%d" not in fmt and "%e" not in fmt:
         return bad
-    day = pc.day(parsed).fill_null(99).to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(day <= 4)
+    day = pc.day(parsed).fill_null(0).to_numpy(zero_copy_only=False)
+    maybe = (day >= 1) & (day <= 4)
+    if parsed.type.tz:
+        maybe |= day >= 28
+    rows = np.flatnonzero(maybe)
     if rows.size == 0:
         return bad
-    take = pa.array(rows, pa.int64())
-    offset = _day_offset(fmt)
-    if offset is not None and not parsed.type.tz:
-        sliced = pc.utf8_slice_codeunits(text.take(take), offset, offset + 2)
-        digits = pc.match_substring_regex(sliced, r"^[0-9]{2}$").fill_null(False)
-        text_day = pc.if_else(digits, sliced, pa.scalar(None, pa.string())).cast(pa.int64())
-        same = pc.equal(text_day, pa.array(day[rows], pa.int64())).fill_null(False).to_numpy(zero_copy_only=False)
-        rows = rows[~same]
+    offsets = _date_offsets(fmt)
+    if offsets is not None:
+        sub = text.take(pa.array(rows, pa.int64()))
+
+        def number(field: str, width: int) -> np.ndarray:
+            part = pc.utf8_slice_codeunits(sub, offsets[field], offsets[field] + width)
+            digits = pc.match_substring_regex(part, rf"^[0-9]{{{width}}}$").fill_null(False)
+            return pc.if_else(digits, part, pa.scalar(None, pa.string())).cast(pa.int64()).fill_null(-1) \
+                .to_numpy(zero_copy_only=False)
+
+        y, m, d = number("Y", 4), number("m", 2), number("d", 2)
+        laid_out = (y >= 0) & (m >= 1) & (m <= 12) & (d >= 1)
+        mm = np.clip(m, 1, 12) - 1
+        leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0))
+        length = _DAYS_IN_MONTH[mm] + ((mm == 1) & leap)
+        bad[rows[laid_out & (d > length)]] = True
+        rows = rows[~laid_out]
     for i, value in zip(rows, text.take(pa.array(rows, pa.int64())).to_pylist()):
         try:
             datetime.strptime(value, fmt)
