@@ -114,28 +114,20 @@ def _csv_header(path: Path, mapping: Mapping) -> list[str] | None:
 
 def _read_csv_fast(path: Path, mapping: Mapping, header: list[str], batch_size: int,
                    skipped: list[int]) -> Iterator[pa.Table]:
-    """Arrow's CSV reader; stops (appending the ordinal reached to ``skipped``) at the first bad
-    row or the first block Arrow cannot read (invalid UTF-8, a field longer than a block)."""
-    problems: list[str] = []
-
-    def on_invalid(row: pcsv.InvalidRow) -> str:
-        problems.append(row.text)
-        return "skip"
-
+    """Arrow's CSV reader; stops (appending the ordinal reached to ``skipped``) at the first block
+    it cannot read: a row with the wrong number of fields, invalid UTF-8, a field longer than a
+    block, a cut-off compressed file."""
     done = 0
     try:
         reader = pcsv.open_csv(
             pa.input_stream(str(path), compression="gzip" if compression_of(path) == "gzip" else None),
             read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
             parse_options=pcsv.ParseOptions(delimiter=mapping.csv.delimiter, quote_char=mapping.csv.quotechar,
-                                            newlines_in_values=True, invalid_row_handler=on_invalid),
+                                            newlines_in_values=True),
             convert_options=pcsv.ConvertOptions(column_types={h: pa.string() for h in header},
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
         for batch in reader:
-            if problems:
-                skipped.append(done)
-                return
             table = pa.Table.from_batches([batch])
             table = table.append_column(SOURCE_ROW, pa.array(range(done, done + table.num_rows), pa.int64()))
             done += table.num_rows
@@ -143,9 +135,6 @@ def _read_csv_fast(path: Path, mapping: Mapping, header: list[str], batch_size: 
     except (pa.ArrowInvalid, OSError, EOFError) as exc:  # the record-by-record reader goes as far as it can
         _LOG.info("%s: the fast reader stopped after record %d (%s); the rest is read record by record",
                   path.name, done, exc)
-        skipped.append(done)
-        return
-    if problems:
         skipped.append(done)
 
 
@@ -187,6 +176,8 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
                 ordinal += 1
                 if ordinal >= start:
                     bad.append((ordinal, f"line {line}: {exc}", opaque_payload(chars=0, error="csv")))
+                continue
+            if not record:  # a blank line: no record (as Arrow's reader counts them)
                 continue
             ordinal += 1
             if ordinal < start:
