@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finfeat.schemas.requests import RequestError, parse_request
+from finfeat.schemas.requests import RequestError, check_amount, parse_request
 
 # See finfeat.jobs.train: OpenMP threads that spin while waiting crawl on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -240,6 +240,10 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
     """
     if store_url is None and store is None:
         row = dict(request.get("features", request))
+        amount = row.get("amount_minor")
+        if amount is not None:  # a model input from the transaction: the parser's bounds (a feature
+            # row may carry it as a float, e.g. read back from a matrix: integral values only)
+            check_amount(int(amount) if isinstance(amount, float) and amount.is_integer() else amount)
         score = scorer.score_rows([row])[0]
         return {"score": score, "model_id": scorer.model_id, "features": {c: row.get(c) for c in scorer.features}}
     if not _online_available():
@@ -387,7 +391,7 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
     if args.store is None:
         try:
             out = score_request(scorer, request)
-        except ScoringError as exc:
+        except (ScoringError, RequestError) as exc:
             print(f"finfeat score: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         print(dumps(out, indent=2))

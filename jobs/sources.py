@@ -31,6 +31,10 @@ from finfeat.transforms.parse import SOURCE, SOURCE_ROW, CardTokenizer, make_dea
 
 _LOG = logging.getLogger(__name__)
 
+#: Longest field the record-by-record CSV reader accepts (Arrow's reads blocks of the same size);
+#: a longer one makes its record an ``unparseable`` dead letter.
+MAX_FIELD_CHARS = 1 << 24
+csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
 _SURROGATE = re.compile("[\udc80-\udcff]")  # an undecodable byte, read with errors="surrogateescape"
 #: Leading bytes of compressed files: gzip is read directly, the others are refused by name.
 _MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
@@ -68,9 +72,9 @@ def _open_text(path: Path, compression: str | None):  # noqa: ANN202 - a text fi
 
 
 def _unreadable(rows: list[tuple[int, str, str]], source: str, run_id: str, recorded_at_us: int,
-                reason: str = "unparseable") -> pa.Table:
+                reason: str = "unparseable", stage: str = "read") -> pa.Table:
     return make_dead_letters(
-        run_id=run_id, stage="read", reasons=[reason] * len(rows), details=[r[1] for r in rows],
+        run_id=run_id, stage=stage, reasons=[reason] * len(rows), details=[r[1] for r in rows],
         source=source, source_rows=[r[0] for r in rows], txn_ids=[None] * len(rows),
         payloads=[r[2] for r in rows], recorded_at_us=recorded_at_us,
     )
@@ -81,10 +85,9 @@ def _strings_table(columns: list[str], rows: list[list[str | None]], ordinals: l
     return pa.Table.from_arrays([*arrays, pa.array(ordinals, pa.int64())], names=[*columns, SOURCE_ROW])
 
 
-def _unique_names(names: list[str], mapping: Mapping, path: Path) -> list[str]:
-    """Column names made unique (a repeat of a column the mapping does not read is renamed and
-    never read); a repeated column that the mapping reads makes the file unreadable."""
-    read = set(mapping.source_columns())
+def _unique_names(names: list[str], read: list[str]) -> list[str]:
+    """Column names made unique (a repeat of a column that is not ``read`` is renamed and never
+    read); a repeated column that is read makes the file unreadable."""
     seen: dict[str, int] = {}
     out = []
     for name in names:
@@ -95,8 +98,7 @@ def _unique_names(names: list[str], mapping: Mapping, path: Path) -> list[str]:
             out.append(name)
             continue
         if name in read:
-            raise BadFile(f"column {name!r} appears {names.count(name)} times in its header and the mapping reads "
-                          "it: rename the copies so that one column has that name, then rerun this file")
+            raise BadFile(f"column {name!r} appears {names.count(name)} times in its header and is read: rename the copies so that one column has that name, then rerun this file")
         out.append(f"_dup{seen[name]}_{name}")
     return out
 
@@ -147,7 +149,7 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
     if header is None:
         raise BadFile("the file is empty (no header, no records): re-export it if it should hold data, "
                       "else remove it")
-    header = _unique_names(header, mapping, path)
+    header = _unique_names(header, mapping.source_columns())
     resume_at: list[int] = []
     no_dead = _unreadable([], source, run_id, recorded_at_us)
     for table in _read_csv_fast(path, mapping, header, batch_size, resume_at):
@@ -218,7 +220,8 @@ def read_jsonl(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id
     def flush() -> tuple[pa.Table, pa.Table]:
         keys = list(dict.fromkeys([*wanted, *(k for r in records for k in r)]))
         rows = [[_json_value(r.get(k)) for k in keys] for r in records]
-        return _strings_table(_unique_names(keys, mapping, path), rows, ordinals), _unreadable(bad, source, run_id, recorded_at_us)
+        return (_strings_table(_unique_names(keys, mapping.source_columns()), rows, ordinals),
+                _unreadable(bad, source, run_id, recorded_at_us))
 
     with _open_text(path, compression_of(path)) as fh:
         ordinal = -1
@@ -259,7 +262,7 @@ def read_parquet(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_
         raise BadFile(f"a {compression_of(path)}-compressed file, not Parquet: decompress it (Parquet compresses "
                       "its own pages; write it with compression inside instead)")
     pf = pq.ParquetFile(path)
-    names = _unique_names(pf.schema_arrow.names, mapping, path)
+    names = _unique_names(pf.schema_arrow.names, mapping.source_columns())
     start = 0
     empty = _unreadable([], path.name, run_id, recorded_at_us)
     for batch in pf.iter_batches(batch_size=batch_size):
@@ -406,35 +409,100 @@ def check_columns(path: Path, mapping: Mapping) -> None:
                            f"its columns are {[c for c in columns if not c.startswith('_')]}")
 
 
+_LABEL_COLUMNS = ["txn_id", "is_fraud", "label_time"]
+
+
+def _label_records(path: Path, fmt: str, dead: list[tuple[int, str, str]]) -> pa.Table:
+    """A labels file as one table of its columns (strings for CSV and JSON Lines) plus
+    ``_source_row``; records that cannot be read are appended to ``dead``."""
+    compression = compression_of(path)
+    if fmt == "parquet":
+        table = pq.read_table(path)
+        table = table.rename_columns(_unique_names(table.column_names, _LABEL_COLUMNS))
+        return table.append_column(SOURCE_ROW, pa.array(range(table.num_rows), pa.int64()))
+    if fmt == "csv":
+        try:
+            with _open_text(path, compression) as fh:
+                names = next(csv.reader(fh), [])
+            table = pcsv.read_csv(pa.input_stream(str(path), compression=compression),
+                                  convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                                      strings_can_be_null=False))
+            table = table.rename_columns(_unique_names(table.column_names, _LABEL_COLUMNS))
+            return table.append_column(SOURCE_ROW, pa.array(range(table.num_rows), pa.int64()))
+        except pa.ArrowInvalid:  # a bad row: read record by record, bad records become dead letters
+            pass
+        rows, ordinals = [], []
+        with _open_text(path, compression) as fh:
+            reader = csv.reader(fh)
+            names = next(reader, [])
+            ordinal = -1
+            while True:
+                line = reader.line_num + 1
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    ordinal += 1
+                    dead.append((ordinal, f"line {line}: {exc}", opaque_payload(chars=0, error="csv")))
+                    continue
+                if not record:
+                    continue
+                ordinal += 1
+                joined = "\x1f".join(record)
+                if _SURROGATE.search(joined) or len(record) != len(names):
+                    dead.append((ordinal, f"line {line}: not valid UTF-8 text" if _SURROGATE.search(joined)
+                                 else f"line {line}: {len(record)} fields, the header has {len(names)}",
+                                 opaque_payload(chars=len(joined))))
+                    continue
+                rows.append(record)
+                ordinals.append(ordinal)
+        return _strings_table(_unique_names(names, _LABEL_COLUMNS), rows, ordinals)
+    records, ordinals = [], []
+    with _open_text(path, compression) as fh:
+        ordinal = -1
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            ordinal += 1
+            try:
+                if _SURROGATE.search(line):
+                    raise ValueError("not valid UTF-8 text")
+                rec = json.loads(line, parse_float=str, parse_int=str)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, RecursionError) as exc:
+                dead.append((ordinal, f"line {lineno}: {exc}", opaque_payload(chars=len(line.strip()))))
+                continue
+            records.append([_json_value(rec.get(k)) for k in _LABEL_COLUMNS])
+            ordinals.append(ordinal)
+    return _strings_table(_LABEL_COLUMNS, records, ordinals)
+
+
 def read_labels_file(path: str | Path, *, run_id: str, recorded_at_us: int) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """A labels feed (txn_id, is_fraud, label_time) as raw string batches, like :func:`read_file`."""
+    """A labels feed (txn_id, is_fraud, label_time) as raw batches, like :func:`read_file`: bad
+    records and an unreadable file are dead letters of stage ``labels``, and the run goes on."""
     path = Path(path)
     if not path.is_file():
         raise MappingError(f"labels file {path} does not exist")
-    suffix = path.suffix.lower()
-    empty = _unreadable([], path.name, run_id, recorded_at_us)
-    if suffix == ".parquet":
-        table = pq.read_table(path)
-    elif suffix == ".csv":
-        names = next(csv.reader(path.open(newline="")), [])
-        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=False))
-    elif suffix in {".jsonl", ".ndjson", ".json"}:
-        records, ordinals, bad = [], [], []
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for i, line in enumerate(x for x in fh if x.strip()):
-                try:
-                    rec = json.loads(line, parse_float=str, parse_int=str)
-                    if not isinstance(rec, dict):
-                        raise ValueError("not an object")
-                except ValueError as exc:
-                    bad.append((i, f"record {i}: {exc}", opaque_payload(chars=len(line.strip()))))
-                    continue
-                records.append([_json_value(rec.get(k)) for k in ("txn_id", "is_fraud", "label_time")])
-                ordinals.append(i)
-        yield (_strings_table(["txn_id", "is_fraud", "label_time"], records, ordinals),
-               _unreadable(bad, path.name, run_id, recorded_at_us))
-        return
-    else:
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    suffix = Path(name).suffix.lower()
+    formats = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+    if suffix not in formats:
         raise MappingError(f"cannot tell the format of labels file {path}: name it .csv, .jsonl or .parquet")
-    yield table.append_column(SOURCE_ROW, pa.array(range(table.num_rows), pa.int64())), empty
+    dead: list[tuple[int, str, str]] = []
+    try:
+        compression = compression_of(path)
+        if compression not in (None, "gzip") or (compression == "gzip" and formats[suffix] == "parquet"):
+            raise BadFile(f"a {compression}-compressed file, which is not supported here: decompress it")
+        if path.stat().st_size == 0:
+            raise BadFile("the file is empty (0 bytes): re-export it if it should hold labels, else remove it")
+        table = _label_records(path, formats[suffix], dead)
+    except _FILE_ERRORS as exc:
+        what = str(exc) if isinstance(exc, BadFile) else f"{type(exc).__name__}: {exc}; re-export or re-copy it"
+        _LOG.warning("labels file %s cannot be read: %s", path.name, what)
+        yield (_strings_table(_LABEL_COLUMNS, [], []),
+               _unreadable([(0, f"file {path.name} cannot be read: {what}", opaque_payload(chars=0, file=path.name))],
+                           path.name, run_id, recorded_at_us, reason="unreadable_file", stage="labels"))
+        return
+    yield table, _unreadable(dead, path.name, run_id, recorded_at_us, stage="labels")

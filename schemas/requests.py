@@ -13,7 +13,17 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from finfeat.schemas.currencies import ISO_4217
 from finfeat.schemas.events import (
@@ -133,3 +143,14 @@ def parse_request(data: Any) -> TransactionRequest:
         raise RequestError("; ".join(
             (f"{'.'.join(str(p) for p in err['loc'])}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
             for err in exc.errors())) from None
+
+
+_AMOUNT = TypeAdapter(Amount)
+
+
+def check_amount(value: Any, *, name: str = "amount_minor") -> int:
+    """An amount in integer minor units within the parser's bounds, or :class:`RequestError`."""
+    try:
+        return _AMOUNT.validate_python(value)
+    except ValidationError as exc:
+        raise RequestError(f"{name}: {exc.errors()[0]['msg']}") from None

@@ -322,3 +322,46 @@ def test_backfill_over_a_folder_of_bad_files_finishes_and_reconciles(tmp_path: P
     reasons = dead.column("reason").to_pylist()
     assert sorted(r for r in reasons if r != "duplicate_txn_id") == sorted(expected_reasons)
     assert report["dead_letters_by_reason"]["unreadable_file"] == expected_reasons.count("unreadable_file")
+
+
+@pytest.mark.parametrize("kind", ["jsonl_bad_lines", "csv_bad_rows", "csv_dup_unread", "empty", "zip"])
+def test_bad_labels_feeds_are_dead_letters_of_stage_labels(kind: str, tmp_path: Path) -> None:
+    """A labels feed is input too: bad records and unreadable files are dead letters of stage
+    ``labels`` (so the label reconciliation holds) and nothing raises."""
+    from finfeat.jobs.sources import read_labels_file
+    from finfeat.transforms.labels import parse_labels
+
+    if kind == "jsonl_bad_lines":
+        path = tmp_path / "labels.jsonl"
+        path.write_bytes(b'{"txn_id": "a", "is_fraud": 1, "label_time": "2020-01-01T00:00:00Z"}\n{not json\n'
+                         b'[1]\n{"txn_id": "b\xff", "is_fraud": 0, "label_time": "2020-01-01T00:00:00Z"}\n'
+                         b'{"txn_id": "4000 1234 1234 1234", "is_fraud": 1, "label_time": "2020-01-01T00:00:00Z"}\n')
+        want = (1, ["card_number_in_field", "unparseable", "unparseable", "unparseable"])
+    elif kind == "csv_bad_rows":
+        path = tmp_path / "labels.csv"
+        path.write_bytes(b"txn_id,is_fraud,label_time\na,1,2020-01-01T00:00:00Z\nb,1\nc\xff,0,2020-01-01T00:00:00Z\n"
+                         b"d,0,2020-01-01T00:00:00Z\n")
+        want = (2, ["unparseable", "unparseable"])
+    elif kind == "csv_dup_unread":
+        path = tmp_path / "labels.csv"
+        path.write_text("txn_id,is_fraud,label_time,note,note\na,1,2020-01-01T00:00:00Z,x,y\n")
+        want = (1, [])
+    elif kind == "empty":
+        path = tmp_path / "labels.csv"
+        path.write_bytes(b"")
+        want = (0, ["unreadable_file"])
+    else:
+        path = tmp_path / "labels.csv"
+        path.write_bytes(b"PK\x03\x04rest")
+        want = (0, ["unreadable_file"])
+    total_labels, dead_parts, read = 0, [], 0
+    for raw, unreadable in read_labels_file(path, run_id="r", recorded_at_us=0):
+        labels, dead = parse_labels(raw, source=path.name, run_id="r", recorded_at_us=0)
+        total_labels += labels.num_rows
+        dead_parts += [dead, unreadable]
+        read += raw.num_rows + unreadable.num_rows
+    dead = pa.concat_tables(dead_parts)
+    assert (total_labels, sorted(dead.column("reason").to_pylist())) == want
+    assert set(dead.column("stage").to_pylist()) <= {"labels"}
+    assert read == total_labels + dead.num_rows
+    assert "4000 1234 1234 1234" not in json.dumps(dead.to_pylist(), default=str)

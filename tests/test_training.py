@@ -370,6 +370,8 @@ def test_score_loop_survives_every_bad_request(model_dir: Path, sparkov_events: 
     assert _cli(score_cli, ["score", "--model", str(model_dir), "--json",
                             json.dumps({**row, next(iter(row)): float("nan")})]) == 2
     assert "not finite" in capsys.readouterr().err
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--json", json.dumps({**row, "amount_minor": -3})]) == 2
+    assert "amount_minor" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- maintenance
