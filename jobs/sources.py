@@ -341,13 +341,13 @@ def list_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             found = []
             for q in sorted(p.iterdir()):
                 if q.name.startswith("."):
-                    skipped.append(f"{q}: hidden file, skipped")
+                    skipped.append(f"{q}: hidden file")
                 elif not q.is_file():
-                    skipped.append(f"{q}: not a file, skipped")
+                    skipped.append(f"{q}: not a file")
                 elif not q.name.lower().endswith(INPUT_SUFFIXES):
                     compression = _COMPRESSED_SUFFIXES.get(q.suffix.lower())
-                    skipped.append(f"{q}: {compression}-compressed, not supported (decompress it, or use gzip), skipped"
-                                   if compression else f"{q}: not a .csv, .jsonl or .parquet file, skipped")
+                    skipped.append(f"{q}: {compression}-compressed, not supported (decompress it, or use gzip)"
+                                   if compression else f"{q}: not a .csv, .jsonl or .parquet file")
                 else:
                     found.append(q)
             if not found:
@@ -359,7 +359,7 @@ def list_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         else:
             raise MappingError(f"input {p} does not exist; pass --input with a file or a folder of files")
     for note in skipped:
-        _LOG.warning("%s", note)
+        _LOG.warning("input skipped: %s", note)
     return out, skipped
 
 
