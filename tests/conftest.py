@@ -20,6 +20,23 @@ TOKEN_KEY = b"test-key-0123456789abcdef"
 RUNNER = "FnApiRunner"
 
 
+def output_bytes(root: Path) -> bytes:
+    """Every byte written under ``root``, Parquet files also decoded (their pages are compressed)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    parts = []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        parts.append(p.read_bytes())
+        if p.suffix == ".parquet":
+            rows = pq.read_table(p).to_pylist()
+            parts += [json.dumps(rows, default=str, ensure_ascii=False).encode(), json.dumps(rows, default=str).encode()]
+    return b"\n".join(parts)
+
+
 @pytest.fixture(scope="session")
 def token_key() -> bytes:
     return TOKEN_KEY

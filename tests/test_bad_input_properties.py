@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from finfeat.jobs.backfill import BackfillConfig, run_backfill
 from finfeat.jobs.sources import list_inputs
 from finfeat.schemas.mapping import Mapping
-from tests.conftest import RUNNER, SPARKOV_TRAIN, TOKEN_KEY, load_events
+from tests.conftest import RUNNER, SPARKOV_TRAIN, TOKEN_KEY, load_events, output_bytes
 
 with SPARKOV_TRAIN.open(newline="") as _fh:
     _reader = csv.reader(_fh)
@@ -155,19 +154,6 @@ def _leaks(blob: bytes, secrets: set[str]) -> list[str]:
     return found
 
 
-def _everything_written(root: Path) -> bytes:
-    """Every byte under ``root``, with Parquet files also decoded (their pages are compressed)."""
-    parts = []
-    for p in sorted(root.rglob("*")):
-        if not p.is_file():
-            continue
-        parts.append(p.read_bytes())
-        if p.suffix == ".parquet":
-            parts.append(json.dumps(pq.read_table(p).to_pylist(), default=str, ensure_ascii=False).encode())
-            parts.append(json.dumps(pq.read_table(p).to_pylist(), default=str).encode())
-    return b"\n".join(parts)
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(g=records())
@@ -230,6 +216,6 @@ def test_backfill_finishes_reconciles_and_writes_no_personal_data(files: list[Ge
     assert report["rows_read"] == records_written + unreadable
     assert report["rows_read"] == report["events_accepted"] + report["dead_letters"]
     assert report["dead_letters_by_reason"].get("unreadable_file", 0) == unreadable
-    blob = _everything_written(wh) + json.dumps(report, default=str).encode()
+    blob = output_bytes(wh) + json.dumps(report, default=str).encode()
     assert list((wh / "_runs").glob("*.json"))  # the run report is among the bytes checked
     assert _leaks(blob, secrets) == []

@@ -21,7 +21,7 @@ from finfeat.schemas.redaction import looks_like_card_number, mask_card_numbers
 from finfeat.transforms.features import FeatureOverflowError, _ArrayFrame, compute_features
 from finfeat.transforms.parse import CardTokenizer, parse_batch
 from finfeat.transforms.spec import FeatureSpec
-from tests.conftest import SPARKOV_TRAIN, TOKEN_KEY, load_events
+from tests.conftest import RUNNER, SPARKOV_TRAIN, TOKEN_KEY, load_events, output_bytes
 from tests.oracle import compare_features, oracle_features
 
 with SPARKOV_TRAIN.open(newline="") as _fh:
@@ -136,6 +136,33 @@ def test_payloads_hold_only_mapped_columns(tmp_path: Path) -> None:
     text = _all_text(dead)
     for value in [SECRET[k] for k in ("first", "last", "street", "city", "zip", "dob", "job")]:
         assert value not in text
+
+
+def test_backfill_writes_no_card_number_or_personal_data_anywhere(tmp_path: Path) -> None:
+    """The reported cases end to end: card numbers in merchant, txn id, category and an unmapped
+    column, rows with too many or too few fields holding dob, zip and home coordinates; every
+    byte under the warehouse (Delta logs with column statistics, decoded Parquet, run report)."""
+    from datetime import date
+
+    from finfeat.jobs.backfill import BackfillConfig, run_backfill
+
+    path = tmp_path / "in.csv"
+    good = _row(0)
+    _write(path, [good, _row(1, merchant=PAN), _row(2, trans_num=PAN_SPACED), _row(3, category=f"x_{PAN}"),
+                  _row(4, state=OTHER_PAN), [good[h] for h in HEADER][:-2],
+                  [good[h] for h in HEADER] + [SECRET["dob"], OTHER_PAN], _row(5)])
+    wh = tmp_path / "wh"
+    report = run_backfill(BackfillConfig(
+        inputs=[path], mapping=Mapping.load("sparkov"), warehouse=wh, start=date(2018, 12, 1), end=date(2020, 12, 31),
+        token_key=TOKEN_KEY, beam_args=[f"--runner={RUNNER}"], buckets=2))
+    assert report["rows_read"] == 8 and report["events_accepted"] == 3
+    assert report["dead_letters_by_reason"] == {"card_number_in_field": 3, "unparseable": 2}
+    blob = output_bytes(wh) + json.dumps(report).encode()
+    for secret in [PAN, PAN_SPACED, OTHER_PAN, *SECRET.values()]:
+        if secret in (SECRET["lat"], SECRET["long"]):  # mapped (card_lat/lon): written for the good rows
+            continue
+        assert secret.encode() not in blob, secret
+    assert b"<card-number>" in blob
 
 
 # ----------------------------------------------------------------------------------- item 6
