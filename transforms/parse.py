@@ -81,7 +81,8 @@ class _Problems:
     def flag(self, mask: np.ndarray | pa.Array, reason: str, detail: str, values: pa.Array | None = None) -> None:
         if isinstance(mask, (pa.Array, pa.ChunkedArray)):
             mask = mask.fill_null(False).to_numpy(zero_copy_only=False)
-        rows = np.flatnonzero(mask & (self.reason == None))  # noqa: E711 (element-wise)
+        rows = np.flatnonzero(mask)  # few rows, usually none: only they are compared with the reasons so far
+        rows = rows[self.reason[rows] == None]  # noqa: E711 (element-wise)
         if rows.size == 0:
             return
         self.reason[rows] = reason
@@ -383,11 +384,12 @@ def redacted_payloads(raw: pa.Table, rows: np.ndarray, mapping: Mapping, tokens:
             for r in records]
 
 
-def _check_ids(raw: pa.Table, mapping: Mapping, p: _Problems) -> None:
-    """Mapped text columns that reach the feature table: too long, or holding a card number
-    (a misaligned or swapped row, or a source that leaks card numbers into ids)."""
+def _check_ids(texts: dict[str, pa.Array], mapping: Mapping, p: _Problems) -> None:
+    """Mapped text columns that reach the feature table (``texts``: field -> trimmed text): too
+    long, or holding a card number (a misaligned or swapped row, or a source that leaks card
+    numbers into ids)."""
     for field, spec in mapping.id_columns().items():
-        values = _text(_col(raw, spec.column))
+        values = texts[field]
         if field != "txn_id":  # few distinct values: test each once
             encoded = pc.dictionary_encode(values)
             values, indices = encoded.dictionary, encoded.indices
@@ -423,9 +425,10 @@ def parse_batch(raw: pa.Table, *, mapping: Mapping, tokenizer: CardTokenizer, so
         required["currency"] = f.currency.column
     for label, column in required.items():
         p.flag(_missing(_col(raw, column)), "missing_field", f"{label} ({column}) is missing")
-    _check_ids(raw, mapping, p)
+    texts = {field: _text(_col(raw, spec.column)) for field, spec in mapping.id_columns().items()}
+    _check_ids(texts, mapping, p)
 
-    card = _text(_col(raw, card_col))
+    card = texts["card_token"] if f.card_token is not None else _text(_col(raw, card_col))
     tokens: pa.Array | None = None
     if f.card_number is not None:
         digits = pc.replace_substring_regex(card, r"[ \-]", "")
@@ -453,16 +456,16 @@ def parse_batch(raw: pa.Table, *, mapping: Mapping, tokenizer: CardTokenizer, so
                         else pa.nulls(n, pa.float64()))
     label = (_parse_label(_col(raw, f.is_fraud.column), f.is_fraud.true_values, f.is_fraud.false_values, p,
                           f.is_fraud.column) if f.is_fraud else pa.nulls(n, pa.bool_()))
-    category = _text(_col(raw, f.merchant_category.column)) if f.merchant_category else pa.nulls(n, pa.string())
+    category = texts["merchant_category"] if f.merchant_category else pa.nulls(n, pa.string())
 
     ok = p.ok
     keep = pa.array(ok)
     rows = raw.column(SOURCE_ROW).combine_chunks()
     events = pa.Table.from_arrays(
         [
-            _text(_col(raw, f.txn_id.column)).filter(keep),
+            texts["txn_id"].filter(keep),
             tokens.filter(keep),
-            _text(_col(raw, f.merchant_id.column)).filter(keep),
+            texts["merchant_id"].filter(keep),
             category.filter(keep),
             pa.array(amount[ok], pa.int64()),
             currency.filter(keep),
@@ -479,7 +482,7 @@ def parse_batch(raw: pa.Table, *, mapping: Mapping, tokenizer: CardTokenizer, so
     dead = make_dead_letters(
         run_id=run_id, stage="parse", reasons=list(p.reason[bad]), details=list(p.detail[bad]), source=source,
         source_rows=rows.take(pa.array(bad, pa.int64())).to_pylist(),
-        txn_ids=_text(_col(raw, f.txn_id.column)).take(pa.array(bad, pa.int64())).to_pylist(),
+        txn_ids=texts["txn_id"].take(pa.array(bad, pa.int64())).to_pylist(),
         payloads=redacted_payloads(raw, bad, mapping, tokens), recorded_at_us=recorded_at_us,
     )
     return events, dead
