@@ -7,8 +7,9 @@
   online store (:mod:`finfeat.jobs.online`: the card's and merchant's stored history plus this
   transaction, through the batch engine): the JSON has ``card_token``, ``merchant_id``,
   ``amount_minor``, ``at`` (ISO-8601 or ``at_us``) and optionally ``txn_id``, ``currency``,
-  ``merchant_lat``/``merchant_lon``. Without ``--store`` the JSON is the feature row itself
-  (every model input, flat or under ``"features"``).
+  ``merchant_lat``/``merchant_lon``, validated by :mod:`finfeat.schemas.requests` (the parser's
+  bounds). Without ``--store`` the JSON is the feature row itself (every model input, flat or
+  under ``"features"``; finite numbers, booleans or null). Results are strict JSON (no NaN).
 
 Both paths go through :class:`Scorer`: an Arrow table (:func:`feature_matrix`) or a feature dict
 (:func:`feature_vector`) -> the same float64 matrix (booleans 0/1, nulls NaN) -> the same booster

@@ -1,7 +1,7 @@
 """``finfeat serve-lookup``: the online feature row of one candidate transaction, as JSON.
 
-Exit codes: 0 found; 2 usage or configuration error (a bad flag, a store written for another
-feature spec); 3 the card's or the merchant's state is missing or expired (unless
+Exit codes: 0 found; 2 usage or configuration error (a bad flag, a candidate outside the bounds
+every event meets: :mod:`finfeat.schemas.requests`, a store written for another feature spec); 3 the card's or the merchant's state is missing or expired (unless
 ``--allow-missing``); 4 the store is unreachable; 5 the candidate is older than the stored
 state can still answer exactly.
 """
