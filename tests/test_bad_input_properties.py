@@ -7,10 +7,8 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import string
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -15,14 +15,14 @@ import yaml
 
 from finfeat.schemas.events import MAX_AMOUNT_MINOR
 from finfeat.schemas.mapping import Mapping, MappingError
-
-SPARKOV_MAPPING = Path(__file__).parents[1] / "jobs" / "mappings" / "sparkov.yaml"
 from finfeat.schemas.redaction import looks_like_card_number, mask_card_numbers
 from finfeat.transforms.features import FeatureOverflowError, _ArrayFrame, compute_features
 from finfeat.transforms.parse import CardTokenizer, parse_batch
 from finfeat.transforms.spec import FeatureSpec
 from tests.conftest import RUNNER, SPARKOV_TRAIN, TOKEN_KEY, load_events, output_bytes
 from tests.oracle import compare_features, oracle_features
+
+SPARKOV_MAPPING = Path(__file__).parents[1] / "jobs" / "mappings" / "sparkov.yaml"
 
 with SPARKOV_TRAIN.open(newline="") as _fh:
     _reader = csv.reader(_fh)
