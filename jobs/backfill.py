@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from finfeat import __version__
 from finfeat.jobs import delta
-from finfeat.jobs.sources import check_columns, read_file, read_labels_file
+from finfeat.jobs.sources import check_inputs, read_file, read_labels_file
 from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
@@ -239,8 +239,7 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
 
 def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
     """Run the backfill to completion and return its report (also saved under ``_runs/``)."""
-    for path in cfg.inputs:
-        check_columns(path, cfg.mapping)
+    check_inputs(cfg.inputs, cfg.mapping)
     if cfg.feature_suite:
         from finfeat.validation.suite import Suite
 

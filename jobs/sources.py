@@ -149,6 +149,9 @@ def read_csv(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_id: 
     if header is None:
         raise BadFile("the file is empty (no header, no records): re-export it if it should hold data, "
                       "else remove it")
+    lacking = _lacking(header, mapping, path, show=False)
+    if lacking:
+        raise BadFile(f"{lacking}: re-export it with those columns, or read it with its own mapping")
     header = _unique_names(header, mapping.source_columns())
     resume_at: list[int] = []
     no_dead = _unreadable([], source, run_id, recorded_at_us)
@@ -262,6 +265,9 @@ def read_parquet(path: Path, mapping: Mapping, tokenizer: CardTokenizer, *, run_
         raise BadFile(f"a {compression_of(path)}-compressed file, not Parquet: decompress it (Parquet compresses "
                       "its own pages; write it with compression inside instead)")
     pf = pq.ParquetFile(path)
+    lacking = _lacking(pf.schema_arrow.names, mapping, path, show=False)
+    if lacking:
+        raise BadFile(f"{lacking}: re-export it with those columns, or read it with its own mapping")
     names = _unique_names(pf.schema_arrow.names, mapping.source_columns())
     start = 0
     empty = _unreadable([], path.name, run_id, recorded_at_us)
@@ -384,29 +390,64 @@ def parse_files(inputs: list[str | Path], mapping: Mapping, tokenizer: CardToken
     return pa.concat_tables(parts), rejected
 
 
+def _columns(path: Path, mapping: Mapping) -> list[str] | None:
+    """A CSV header or Parquet schema; None for JSON Lines and for a file that cannot be read
+    (reading it gives an ``unreadable_file`` dead letter naming it)."""
+    try:
+        fmt = _format_of(path, mapping)
+        if fmt == "csv":
+            return _csv_header(path, mapping) or None
+        if fmt == "parquet":
+            return pq.ParquetFile(path).schema_arrow.names
+    except _FILE_ERRORS:
+        return None
+    return None
+
+
+def _lacking(columns: list[str], mapping: Mapping, path: Path, *, show: bool = True) -> str | None:
+    """What the file lacks, or None. ``show`` lists its columns (for a message to the person
+    running the job; never in a dead letter: a broken file's first line can be any data)."""
+    missing = [c for c in mapping.source_columns() if c not in columns]
+    if not missing:
+        return None
+    theirs = (f"its columns are {[c for c in columns if not c.startswith('_')][:50]}" if show
+              else f"its first line has {len(columns)} field(s), not shown")
+    return f"the mapping reads column(s) {missing}, which {path.name if not show else path} does not have; {theirs}"
+
+
 def check_columns(path: Path, mapping: Mapping) -> None:
     """Fail before any work if a CSV header or Parquet schema lacks a column the mapping reads.
 
     (JSON Lines records carry their own keys; a key absent from a record is that record's
-    ``missing_field`` dead letter, not a configuration error. A file that cannot be read at all
-    is not checked here: reading it gives an ``unreadable_file`` dead letter naming it.)
+    ``missing_field`` dead letter, not a configuration error.)
     """
-    try:
-        fmt = _format_of(path, mapping)
-        if fmt == "csv":
-            columns = _csv_header(path, mapping)
-        elif fmt == "parquet":
-            columns = pq.ParquetFile(path).schema_arrow.names
+    columns = _columns(path, mapping)
+    problem = _lacking(columns, mapping, path) if columns is not None else None
+    if problem:
+        raise MappingError(problem)
+
+
+def check_inputs(paths: list[Path], mapping: Mapping) -> list[str]:
+    """Fail before any work when the mapping fits none of the CSV and Parquet inputs (the mapping
+    or the input is wrong); when it fits some, the others are bad files: returned as notes, and
+    each becomes an ``unreadable_file`` dead letter when read, while the rest goes on."""
+    problems, fitting = [], 0
+    for path in paths:
+        columns = _columns(path, mapping)
+        if columns is None:
+            continue
+        problem = _lacking(columns, mapping, path, show=False)
+        if problem:
+            problems.append(problem)
         else:
-            return
-    except _FILE_ERRORS:
-        return
-    if not columns:
-        return
-    missing = [c for c in mapping.source_columns() if c not in columns]
-    if missing:
-        raise MappingError(f"the mapping reads column(s) {missing}, which {path} does not have; "
-                           f"its columns are {[c for c in columns if not c.startswith('_')]}")
+            fitting += 1
+    if problems and not fitting:
+        first = next(p for p in paths if _columns(p, mapping) is not None)
+        raise MappingError(_lacking(_columns(first, mapping), mapping, first)
+                           + (f" (and {len(problems) - 1} more file(s) alike)" if len(problems) > 1 else ""))
+    for note in problems:
+        _LOG.warning("%s: the file will be a dead letter (unreadable_file)", note)
+    return problems
 
 
 _LABEL_COLUMNS = ["txn_id", "is_fraud", "label_time"]

@@ -365,3 +365,23 @@ def test_bad_labels_feeds_are_dead_letters_of_stage_labels(kind: str, tmp_path: 
     assert set(dead.column("stage").to_pylist()) <= {"labels"}
     assert read == total_labels + dead.num_rows
     assert "4000 1234 1234 1234" not in json.dumps(dead.to_pylist(), default=str)
+
+
+def test_a_file_without_the_mapped_columns_is_a_bad_file_unless_no_file_fits(tmp_path: Path) -> None:
+    from finfeat.jobs.sources import check_inputs
+    from finfeat.schemas.mapping import MappingError
+
+    good = tmp_path / "good.csv"
+    good.write_text(_header() + "".join(_sparkov_lines(3)))
+    other = tmp_path / "other.csv"
+    other.write_text("a,b,c\n1,2,3\n")
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(bytes(range(256)) * 4)
+    mapping = Mapping.load("sparkov")
+    notes = check_inputs([good, other, junk], mapping)
+    assert len(notes) == 2 and "other.csv" in notes[0]
+    with pytest.raises(MappingError, match="does not have"):
+        check_inputs([other, junk], mapping)  # the mapping fits no file: fail before any work
+    events, dead = load_events(other, "sparkov")
+    assert events.num_rows == 0 and dead.column("reason").to_pylist() == ["unreadable_file"]
+    assert "re-export" in dead.column("detail")[0].as_py()

@@ -174,9 +174,11 @@ def test_parser_accounts_for_every_record_and_leaks_nothing(g: Generated, tmp_pa
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(files=st.lists(records(max_rows=15), min_size=1, max_size=3), gz=st.booleans(),
-       extras=st.lists(st.sampled_from(["hidden", "ds_store", "empty", "header_only", "zip"]), max_size=3, unique=True))
+       extras=st.lists(st.sampled_from(["hidden", "ds_store", "empty", "header_only", "zip", "junk"]), max_size=3,
+                       unique=True), junk=st.binary(max_size=200))
 def test_backfill_finishes_reconciles_and_writes_no_personal_data(files: list[Generated], gz: bool,
-                                                                  extras: list[str], tmp_path_factory) -> None:  # noqa: ANN001
+                                                                  extras: list[str], junk: bytes,
+                                                                  tmp_path_factory) -> None:  # noqa: ANN001
     root = tmp_path_factory.mktemp("run")
     folder = root / "in"
     folder.mkdir()
@@ -201,6 +203,9 @@ def test_backfill_finishes_reconciles_and_writes_no_personal_data(files: list[Ge
             unreadable += 1
         elif extra == "header_only":
             (folder / "header.csv").write_text(",".join(HEADER) + "\n")
+        elif extra == "junk":  # random bytes named .csv, holding a card number
+            (folder / "junk.csv").write_bytes(b"\x00\xff" + junk + secrets.copy().pop().encode())
+            unreadable += 1
         elif extra == "zip":
             (folder / "zipped.csv").write_bytes(b"PK\x03\x04" + secrets.copy().pop().encode())
             unreadable += 1
