@@ -16,7 +16,7 @@ from deltalake import DeltaTable
 
 from finfeat import __version__
 from finfeat.jobs import delta, testhooks
-from finfeat.jobs.sources import check_columns, read_file, read_labels_file
+from finfeat.jobs.sources import check_inputs, read_file, read_labels_file
 from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
@@ -328,8 +328,7 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
     warehouse marks it ``interrupted``.
     """
     delta.check_warehouse(cfg.warehouse)
-    for path in cfg.inputs:
-        check_columns(path, cfg.mapping)
+    check_inputs(cfg.inputs, cfg.mapping)
     if cfg.feature_suite:
         from finfeat.validation.suite import Suite
 

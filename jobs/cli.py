@@ -205,7 +205,7 @@ def _commands() -> tuple[str, str]:
     return ("finfeat", "python") if ours else (f"{rel}/finfeat", f"{rel}/python")
 
 
-def _print_report(report: dict[str, object]) -> None:
+def _print_report(report: dict[str, object], skipped: list[str] = ()) -> None:
     in_range, history, ignored = _range_counts(report)
     ff, py = _commands()
     lines = [
@@ -221,6 +221,11 @@ def _print_report(report: dict[str, object]) -> None:
     ]
     for reason, n in report["dead_letters_by_reason"].items():
         lines.append(f"    {reason:<22}{n:>8,}")
+    if report["dead_letters_by_reason"].get("unreadable_file"):
+        lines.append("    (unreadable_file: a whole file, or its rest, could not be read; each dead letter's detail "
+                     "names the file and what to do)")
+    for note in skipped:
+        lines.append(f"  input skipped      {note}")
     if report.get("label_rows_read"):
         lines.append(f"  labels feed        {report['label_rows_read']:>10,} read, {report['labels_accepted']:,} accepted, "
                      f"{report['label_dead_letters']:,} dead letters")
@@ -268,7 +273,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = False) -> int:
     from finfeat.jobs.backfill import BackfillConfig, run_backfill
-    from finfeat.jobs.sources import expand_inputs
+    from finfeat.jobs.sources import list_inputs
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.spec import FeatureSpec
 
@@ -292,8 +297,9 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                          "run history)")
     if getattr(args, "dry_run", False) or getattr(args, "plan_json", None):
         raise UsageError("--dry-run and --plan-json go with --catch-up")
+    inputs, skipped = list_inputs(args.input)
     spec = FeatureSpec.from_yaml(args.feature_spec) if getattr(args, "feature_spec", None) else FeatureSpec.default()
-    cfg = BackfillConfig(inputs=expand_inputs(args.input), mapping=Mapping.load(args.mapping),
+    cfg = BackfillConfig(inputs=inputs, mapping=Mapping.load(args.mapping),
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
                          token_key=_token_key(args, demo=demo), spec=spec, buckets=args.buckets,
                          labels=[Path(p) for p in getattr(args, "labels", [])],
@@ -318,7 +324,7 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
     if log_format == "json":
         progress.emit_json("report", sys.stdout, run_id=report["run_id"], report=report)
     else:
-        _print_report(report)
+        _print_report(report, skipped)
     # an empty range is an error, unless the user allowed replacing the range with less (--allow-shrink):
     # then an empty result (every row a dead letter, say) is what they asked for
     if _range_counts(report)[0] == 0 and not getattr(args, "allow_shrink", False):

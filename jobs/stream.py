@@ -65,6 +65,7 @@ from finfeat.pipelines.streaming import (
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.schemas.mapping import Mapping
+from finfeat.schemas.redaction import opaque_payload
 from finfeat.transforms.buckets import split_by_bucket
 from finfeat.transforms.parse import SOURCE, SOURCE_ROW, make_dead_letters
 from finfeat.transforms.spec import FeatureSpec
@@ -104,8 +105,7 @@ class DecodeMessagesFn(beam.DoFn):
                 if rec.get("schema") != SCHEMA:
                     raise ValueError(f"schema {rec.get('schema')!r} is not {SCHEMA}")
             except (ValueError, UnicodeDecodeError, TypeError) as exc:
-                text = value.decode("utf-8", "replace")[:4000] if value else ""
-                bad.append((offset, f"offset {offset}: {exc}", text))
+                bad.append((offset, f"offset {offset}: {exc}", opaque_payload(chars=len(value or b""))))
                 continue
             for c in MESSAGE_COLUMNS:
                 columns[c].append(_text(rec.get(c)))
