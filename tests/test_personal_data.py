@@ -154,7 +154,8 @@ def test_backfill_writes_no_card_number_or_personal_data_anywhere(tmp_path: Path
     wh = tmp_path / "wh"
     report = run_backfill(BackfillConfig(
         inputs=[path], mapping=Mapping.load("sparkov"), warehouse=wh, start=date(2018, 12, 1), end=date(2020, 12, 31),
-        token_key=TOKEN_KEY, beam_args=[f"--runner={RUNNER}"], buckets=2))
+        token_key=TOKEN_KEY, beam_args=[f"--runner={RUNNER}"], buckets=2,
+        max_dead_letter_fraction=1.0))  # mostly bad rows on purpose
     assert report["rows_read"] == 8 and report["events_accepted"] == 3
     assert report["dead_letters_by_reason"] == {"card_number_in_field": 3, "unparseable": 2}
     blob = output_bytes(wh) + json.dumps(report).encode()
