@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +45,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
@@ -56,11 +60,13 @@ from finfeat.pipelines.features import DEAD, ParseBatchFn
 from finfeat.pipelines.streaming import (
     DEFAULT_BUCKETS,
     DEFAULT_EMIT_EVERY_MS,
+    _HISTORY_CACHE,
     ComputeFeaturesUnbounded,
     apply_change,
     as_events,
     refuse_runner_splits,
 )
+from finfeat.pipelines.stop import STOP
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.schemas.mapping import Mapping
@@ -93,6 +99,7 @@ class DropRepeatedTxnFn(beam.DoFn):
     """
 
     SEEN = BagStateSpec("seen", PickleCoder())
+    TOKEN = ReadModifyWriteStateSpec("token", PickleCoder())  # names this worker's copy (see WorkerCache)
 
     def __init__(self, *, run_id: str, retention_us: int) -> None:
         self._run_id, self._retention = run_id, retention_us
@@ -100,9 +107,16 @@ class DropRepeatedTxnFn(beam.DoFn):
     def setup(self) -> None:
         refuse_runner_splits()
 
-    def process(self, kv: tuple[int, pa.Table], seen=beam.DoFn.StateParam(SEEN)) -> Iterator[object]:
-        result = drop_repeated(kv[1], SeenTxnIds(seen.read()), run_id=self._run_id, retention_us=self._retention)
+    def process(self, kv: tuple[int, pa.Table], key=beam.DoFn.KeyParam, seen=beam.DoFn.StateParam(SEEN),
+                token=beam.DoFn.StateParam(TOKEN)) -> Iterator[object]:
+        ids = _HISTORY_CACHE.take("seen", key, token.read())
+        if ids is None:
+            ids = SeenTxnIds(seen.read())
+        result = drop_repeated(kv[1], ids, run_id=self._run_id, retention_us=self._retention)
         apply_change(seen, result.change)
+        fresh = uuid.uuid4().hex
+        token.write(fresh)
+        _HISTORY_CACHE.put("seen", key, fresh, ids)
         if result.fresh is not None:
             yield result.fresh
         if result.dead is not None:
@@ -348,21 +362,74 @@ def default_prism() -> Path:
     return Path(__file__).resolve().parents[1] / ".cache" / "prism" / "bin" / "prism"
 
 
-def run(args: argparse.Namespace, rest: list[str]) -> int:
-    import uuid
+def _given(args: list[str], *names: str) -> str | None:
+    """The value of the last of ``names`` in ``args`` (``--x=v`` or ``--x v``), else None."""
+    value = None
+    for i, a in enumerate(args):
+        for name in names:
+            if a.startswith(name + "="):
+                value = a.split("=", 1)[1]
+            elif a == name and i + 1 < len(args):
+                value = args[i + 1]
+    return value
 
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    from finfeat.jobs.cli import _beam_args, _token_key
+def stream_options(beam_args: list[str]) -> PipelineOptions:
+    """The Beam options the stream job runs with: streaming, and no deadline of its own.
 
-    if not any(a.startswith("--runner") for a in rest):
-        rest = ["--runner=PrismRunner", *rest]
-        if default_prism().exists() and not any(a.startswith("--prism_location") for a in rest):
-            rest.append(f"--prism_location={default_prism()}")
-    beam_args = _beam_args(rest)
-    spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
+    Beam's portable runner uses ``--job_server_timeout`` (default 300 s) as the deadline of the
+    job's state and message streams, so a job still running after it fails on the client
+    (``DEADLINE_EXCEEDED``). Unless the user gives one, there is none (connecting to an
+    external ``--job_endpoint`` then waits as long as it takes).
+    """
+    from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
+
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).streaming = True
+    if _given(beam_args, "--job_server_timeout", "--job-server-timeout") is None:
+        options.view_as(PortableOptions).job_server_timeout = None
+    return options
+
+
+class _StopOnSignal:
+    """SIGTERM and SIGINT request a stop (:mod:`finfeat.pipelines.stop`); a second one exits now."""
+
+    def __enter__(self) -> _StopOnSignal:
+        STOP.reset()
+        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if STOP.requested():
+            print("finfeat stream: second stop signal, exiting without draining", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        STOP.request()
+        print(f"finfeat stream: {signal.Signals(signum).name} received: stopping; what is final is committed "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace, rest: list[str]) -> int:
+    from contextlib import ExitStack
+
+    from finfeat.jobs.cli import _beam_args, _token_key
+    from finfeat.jobs.prism import PrismProcess
+
+    prism = None
+    if not any(a.startswith("--runner") for a in rest):
+        rest = ["--runner=PrismRunner", *rest]
+        if default_prism().exists() and _given(rest, "--prism_location") is None:
+            rest.append(f"--prism_location={default_prism()}")
+    if (_given(rest, "--runner") or "").endswith("PrismRunner") and _given(rest, "--job_endpoint") is None:
+        location = _given(rest, "--prism_location")
+        if location and Path(location).is_file():  # else Beam starts (or fetches) Prism itself
+            prism = location
+            rest = [a for a in rest if not a.startswith("--prism_location")]
+    beam_args = _beam_args(rest)
+    spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
     store = None
     if args.online_store:
         from finfeat.jobs.online import OnlineStoreError
@@ -377,13 +444,18 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
     started = time.monotonic()
     try:
-        with beam.Pipeline(options=options) as p:
-            build_stream(p, bootstrap=args.bootstrap, topic=args.topic, warehouse=Path(args.warehouse), spec=spec,
-                         app_id=args.app_id, run_id=run_id, token_key=_token_key(args, demo=False),
-                         bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
-                         stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
-                         emit_every_ms=args.emit_every_ms, batch_wait_s=args.batch_wait_ms / 1000,
-                         online_store=store)
+        with ExitStack() as stack:
+            stack.enter_context(_StopOnSignal())
+            if prism is not None:
+                beam_args = [*beam_args, f"--job_endpoint={stack.enter_context(PrismProcess(prism))}"]
+            options = stream_options(beam_args)
+            with beam.Pipeline(options=options) as p:
+                build_stream(p, bootstrap=args.bootstrap, topic=args.topic, warehouse=Path(args.warehouse),
+                             spec=spec, app_id=args.app_id, run_id=run_id, token_key=_token_key(args, demo=False),
+                             bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
+                             stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
+                             emit_every_ms=args.emit_every_ms, batch_wait_s=args.batch_wait_ms / 1000,
+                             online_store=store)
     except RuntimeError as exc:
         # the runner's message holds the worker's traceback (logged above); name the cause in one line
         cause = next((line.strip() for line in str(exc).splitlines()
@@ -395,5 +467,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         return 1
     features = delta.table_path(args.warehouse, delta.FEATURES)
     rows = delta.read_table(features, columns=["txn_id"]).num_rows if DeltaTable.is_deltatable(features) else 0
-    print(f"stream {run_id} finished after {time.monotonic() - started:.1f} s: {rows:,} feature rows in {features}")
+    how = "stopped on request" if STOP.requested() else "finished"
+    print(f"stream {run_id} {how} after {time.monotonic() - started:.1f} s: {rows:,} feature rows in {features}")
     return 0

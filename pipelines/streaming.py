@@ -52,6 +52,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
+from finfeat.pipelines.stop import STOP
 from finfeat.schemas.features import feature_schema
 from finfeat.transforms.buckets import split_by_bucket
 from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
@@ -140,8 +141,8 @@ def _is_stateful(processor: object) -> bool:
     return cached
 
 
-class _HistoryCache:
-    """This worker's copy of each bucket's history, valid while the state's token matches.
+class WorkerCache:
+    """This worker's copy of each bucket's state object, valid while the state's token matches.
 
     Reading a bucket's whole history back from the runner and scanning its entity keys at every
     flush were the streaming job's largest costs (portable runners such as Prism offer the SDK
@@ -156,19 +157,19 @@ class _HistoryCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: dict[tuple[str, Any], tuple[str, EntityHistory]] = {}
+        self._held: dict[tuple[str, Any], tuple[str, Any]] = {}
 
-    def take(self, entity: str, key: Any, token: str | None) -> EntityHistory | None:
+    def take(self, entity: str, key: Any, token: str | None) -> Any:
         with self._lock:
             got = self._held.pop((entity, key), None)
         return got[1] if got is not None and token is not None and got[0] == token else None
 
-    def put(self, entity: str, key: Any, token: str, held: EntityHistory) -> None:
+    def put(self, entity: str, key: Any, token: str, held: Any) -> None:
         with self._lock:
             self._held[(entity, key)] = (token, held)
 
 
-_HISTORY_CACHE = _HistoryCache()
+_HISTORY_CACHE = WorkerCache()  # entity histories and seen txn ids, by (kind, key)
 
 
 def _shape(value: tuple | None) -> tuple[int, int | None, str | None]:
@@ -193,7 +194,7 @@ class EntityFeaturesFn(beam.DoFn):
 
     PENDING = BagStateSpec("pending", PickleCoder())
     HISTORY = BagStateSpec("history", PickleCoder())
-    SHAPE = ReadModifyWriteStateSpec("shape", PickleCoder())        # (pieces in HISTORY, prune due at, token)
+    SHAPE = ReadModifyWriteStateSpec("shape", PickleCoder())        # (pieces in HISTORY, kept tails, token)
     HORIZON = ReadModifyWriteStateSpec("horizon", VarIntCoder())   # every event <= this is emitted
     FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
 
@@ -230,22 +231,25 @@ class EntityFeaturesFn(beam.DoFn):
                  shape=beam.DoFn.StateParam(SHAPE), horizon=beam.DoFn.StateParam(HORIZON)
                  ) -> Iterator[tuple[int, Part]]:
         cutoff = cutoff_of_timer_us(fired.micros)
+        stop = STOP.cutoff_us()
+        if stop is not None:  # a stop drains the pipeline: release only what was final when it came
+            cutoff = min(cutoff, stop)
         waiting = concat(pending.read())
         if waiting is None:
             return
         if not (event_times_us(waiting) <= cutoff).any():  # released by an earlier timer of this round
             return
-        pieces, prune_at, token = _shape(shape.read())
+        pieces, kept_tails, token = _shape(shape.read())
         held = _HISTORY_CACHE.take(self._entity, key, token) if pieces else None
         if pieces and held is None:
             held = EntityHistory.from_pieces(history.read(), self._entity)
             if held is not None:
-                held.prune_at = prune_at
+                held.kept_tails = kept_tails or 0
         done = flush_bucket(waiting, held, cutoff, step=self._step)
         yield from self._to_join(FEATURES, done.part)
         apply_change(history, done.change)
         token = uuid.uuid4().hex
-        shape.write((done.history.pieces, done.history.prune_at, token))
+        shape.write((done.history.pieces, done.history.kept_tails, token))
         _HISTORY_CACHE.put(self._entity, key, token, done.history)
         before = horizon.read()
         horizon.write(cutoff if before is None else max(before, cutoff))

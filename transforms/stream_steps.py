@@ -71,8 +71,15 @@ MESSAGE_COLUMNS = ("txn_id", "card_token", "merchant_id", "merchant_category", "
 _US_PER_DAY = 86_400_000_000
 _US_PER_MS = 1000
 _DENSE_TIMERS = 16  # up to this many tick timers per batch of new events, else a ladder
-_MAX_HISTORY_PIECES = 64  # history is appended per flush and compacted past this many pieces
-_MAX_SEEN_PIECES = 64
+#: State pieces (one per flush or batch) are rewritten as one, with what fell out of reach left
+#: out, only when at least half as many rows can go as stay (so each row is rewritten a bounded
+#: number of times: the work is amortized), or when there are this many pieces.
+MAX_PIECES = 4096
+_MIN_REWRITE_ROWS = 1024
+
+
+def _rewrite_due(pieces: int, droppable: int, kept: int) -> bool:
+    return pieces + 1 > MAX_PIECES or (droppable >= _MIN_REWRITE_ROWS and 2 * droppable >= kept)
 
 
 def _now_us() -> int:
@@ -120,10 +127,19 @@ def _text(v: object) -> str | None:
     return json.dumps(v)
 
 
+def _text_column(values: list) -> pa.Array:
+    """Field values as text: numbers were read as their text already; booleans and nested values
+    (rare, and wrong types for the parser to report) are spelled as JSON."""
+    try:
+        return pa.array(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_text(v) for v in values], pa.string())
+
+
 def decode_messages(messages: Sequence[tuple[int, bytes | None]], *, source: str, run_id: str,
                     recorded_at_us: int | None = None) -> tuple[pa.Table | None, pa.Table | None]:
     """One poll's messages -> (a raw table for the batch parser, ``unparseable`` dead letters)."""
-    columns: dict[str, list] = {c: [] for c in MESSAGE_COLUMNS}
+    records: list[dict] = []
     offsets: list[int] = []
     bad: list[tuple[int, str, str]] = []
     for offset, value in messages:
@@ -137,8 +153,7 @@ def decode_messages(messages: Sequence[tuple[int, bytes | None]], *, source: str
             text = value.decode("utf-8", "replace")[:4000] if value else ""
             bad.append((offset, f"offset {offset}: {exc}", text))
             continue
-        for c in MESSAGE_COLUMNS:
-            columns[c].append(_text(rec.get(c)))
+        records.append(rec)
         offsets.append(offset)
     dead = None
     if bad:
@@ -148,7 +163,7 @@ def decode_messages(messages: Sequence[tuple[int, bytes | None]], *, source: str
             payloads=[b[2] for b in bad], recorded_at_us=_now_us() if recorded_at_us is None else recorded_at_us)
     raw = None
     if offsets:
-        raw = pa.table({**{c: pa.array(v, pa.string()) for c, v in columns.items()},
+        raw = pa.table({**{c: _text_column([r.get(c) for r in records]) for c in MESSAGE_COLUMNS},
                         SOURCE_ROW: pa.array(offsets, pa.int64())})
     return raw, dead
 
@@ -157,31 +172,55 @@ def decode_messages(messages: Sequence[tuple[int, bytes | None]], *, source: str
 
 class SeenTxnIds:
     """The txn ids a bucket of txn ids has passed, with their event times, as Arrow pieces
-    ``(txn_id string, t int64)``; the runner keeps the pieces in a list (bag) state."""
+    ``(txn_id string, t int64)``; the runner keeps the pieces in a list (bag) state. Lookups use
+    a set of the ids built once per process (not pickled), so a batch costs its own size."""
 
     def __init__(self, pieces: Iterable[pa.Table] = ()) -> None:
         self.pieces = [p for p in pieces if p.num_rows]
+        self.t = np.concatenate([p.column("t").to_numpy() for p in self.pieces]) if self.pieces \
+            else np.zeros(0, dtype=np.int64)
+        self.newest: int | None = int(self.t.max()) if self.t.size else None
+        self._ids: set[str] | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_ids"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ids = None
 
     def __len__(self) -> int:
-        return sum(p.num_rows for p in self.pieces)
+        return len(self.t)
+
+    def _known(self) -> set[str]:
+        if self._ids is None:
+            self._ids = set()
+            for p in self.pieces:
+                self._ids.update(p.column("txn_id").to_pylist())
+        return self._ids
 
     def contains(self, ids: pa.Array) -> np.ndarray:
-        if not self.pieces:
-            return np.zeros(len(ids), dtype=bool)
-        known = pa.concat_tables(self.pieces).column("txn_id")
-        return pc.is_in(ids, value_set=known).to_numpy(zero_copy_only=False)
+        known = self._known()
+        return np.fromiter((i in known for i in ids.to_pylist()), dtype=bool, count=len(ids))
 
     def add(self, ids: pa.Array | pa.ChunkedArray, t_us: pa.Array | pa.ChunkedArray, *,
             retention_us: int) -> StateChange:
+        """Note new ids; forget those ``retention_us`` before the newest when a rewrite is due."""
         entry = pa.table({"txn_id": ids, "t": t_us})
-        if len(self.pieces) + 1 > _MAX_SEEN_PIECES:
-            everything = pa.concat_tables([*self.pieces, entry])
-            newest = pc.max(everything.column("t")).as_py()
-            everything = everything.filter(pc.greater(everything.column("t"), newest - retention_us))
-            self.pieces = [everything]
-            return StateChange(reset=True, add=[everything])
+        self._known().update(entry.column("txn_id").to_pylist())
+        t = entry.column("t").to_numpy()
+        self.t = np.concatenate([self.t, t])
+        self.newest = int(self.t.max())
         self.pieces.append(entry)
-        return StateChange(reset=False, add=[entry])
+        floor = self.newest - retention_us
+        old = int(np.count_nonzero(self.t <= floor))
+        if not _rewrite_due(len(self.pieces) - 1, old, len(self.t) - old):
+            return StateChange(reset=False, add=[entry])
+        everything = pa.concat_tables(self.pieces)
+        keep = self.t > floor
+        everything = everything.filter(pa.array(keep)).combine_chunks()
+        self.pieces, self.t, self._ids = [everything], self.t[keep], None
+        return StateChange(reset=True, add=[everything])
 
 
 @dataclass(frozen=True)
@@ -300,15 +339,21 @@ class EntityHistory:
     """A bucket's history: the events its entities' longest window can still reach, plus, however
     old, each entity's newest and newest located event (``history_tail``). Entity keys are held as
     integer codes, to pick an entity's rows fast. Picklable; the runner's list state holds the
-    pieces (:class:`StateChange`), :meth:`from_pieces` rebuilds it from them."""
+    pieces (:class:`StateChange`), :meth:`from_pieces` rebuilds it from them.
+
+    Events out of reach are dropped only by a rewrite, and a rewrite happens only when at least
+    half as many rows can go as stay (or the state has :data:`MAX_PIECES` pieces): each row is
+    rewritten a bounded number of times, so the cost of a flush follows the events it releases
+    and their entities' histories, not the whole history held.
+    """
 
     _COMBINE_AT = 16  # chunks: appends add one each; past this the table is made contiguous
 
-    def __init__(self, table: pa.Table, entity: str, *, pieces: int = 1, prune_at: int | None = None) -> None:
+    def __init__(self, table: pa.Table, entity: str, *, pieces: int = 1, kept_tails: int = 0) -> None:
         self.entity = entity
         self.column = ENTITY_COLUMNS[entity]
         self.pieces = pieces
-        self.prune_at = prune_at
+        self.kept_tails = kept_tails  # rows out of reach that the last rewrite kept (entities' tails)
         self._index(table.combine_chunks())
 
     @classmethod
@@ -317,11 +362,11 @@ class EntityHistory:
         table = concat(pieces)
         if table is None:
             return None
-        # prune_at: the oldest event that is not in an entity's tail; a rebuild may prune early
-        return cls(table, entity, pieces=len(pieces), prune_at=int(event_times_us(table).min()))
+        return cls(table, entity, pieces=len(pieces))
 
     def _index(self, table: pa.Table) -> None:
         self.table = table
+        self.t = event_times_us(table)
         encoded = pc.dictionary_encode(table.column(self.column).combine_chunks())
         self.codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
@@ -332,43 +377,43 @@ class EntityHistory:
 
     def rows_of(self, keys: pa.Array | pa.ChunkedArray) -> pa.Table:
         """The history rows of these entity keys."""
-        wanted = [self.code_of[k] for k in set(keys.to_pylist()) if k in self.code_of]
+        code_of = self.code_of
+        wanted = [code_of[k] for k in set(keys.to_pylist()) if k in code_of]
         if not wanted:
             return self.table.slice(0, 0)
-        return self.table.take(pa.array(np.flatnonzero(np.isin(self.codes, wanted))))
+        pick = np.zeros(len(code_of), dtype=bool)
+        pick[wanted] = True
+        return self.table.take(pa.array(np.flatnonzero(pick[self.codes])))
 
     def _append(self, ready: pa.Table) -> None:
         code_of = self.code_of
         new = np.fromiter((code_of.setdefault(k, len(code_of)) for k in ready.column(self.column).to_pylist()),
                           dtype=np.int64, count=ready.num_rows)
         self.codes = np.concatenate([self.codes, new])
+        self.t = np.concatenate([self.t, event_times_us(ready)])
         table = pa.concat_tables([self.table, ready.select(self.table.column_names)])
         self.table = table.combine_chunks() if table.column(0).num_chunks > self._COMBINE_AT else table
 
     def add(self, ready: pa.Table, *, floor: int) -> StateChange:
-        """Append released events; prune (a rewrite) when events fell out of reach (at or before
-        ``floor``) or the state has too many pieces."""
-        oldest = int(event_times_us(ready).min())
-        if (self.prune_at is not None and self.prune_at <= floor) or self.pieces + 1 > _MAX_HISTORY_PIECES:
-            everything = pa.concat_tables([self.table, ready.select(self.table.column_names)])
-            keep, self.prune_at = _prune(everything, floor, self.entity)
-            self.pieces = 1
-            self._index(keep.combine_chunks())
-            return StateChange(reset=True, add=[keep])
-        self.pieces += 1
-        self.prune_at = oldest if self.prune_at is None else min(self.prune_at, oldest)
+        """Append released events; rewrite without what is out of reach (at or before ``floor``,
+        entities' tails excepted) when that is due."""
         self._append(ready)
-        return StateChange(reset=False, add=[ready])
+        self.pieces += 1
+        droppable = int(np.count_nonzero(self.t <= floor)) - self.kept_tails
+        if not _rewrite_due(self.pieces - 1, droppable, self.num_rows - droppable):
+            return StateChange(reset=False, add=[ready])
+        keep = _prune(self.table, self.t, floor, self.entity).combine_chunks()
+        self.pieces = 1
+        self._index(keep)
+        self.kept_tails = int(np.count_nonzero(self.t <= floor))
+        return StateChange(reset=True, add=[keep])
 
 
-def _prune(table: pa.Table, floor: int, entity: str) -> tuple[pa.Table, int | None]:
+def _prune(table: pa.Table, t: np.ndarray, floor: int, entity: str) -> pa.Table:
     """Events a later event can still reach: newer than ``floor``, plus each entity's tail."""
-    t = event_times_us(table)
     keep = t > floor
     keep[history_tail(table, entity)] = True
-    kept = table.filter(pa.array(keep))
-    windowed = t[t > floor]
-    return kept, (int(windowed.min()) if windowed.size else None)
+    return table.filter(pa.array(keep))
 
 
 @dataclass(frozen=True)
@@ -425,7 +470,7 @@ def flush_bucket(pending: pa.Table | None, history: EntityHistory | None, cutoff
     part = entity_part(ready, history, step)
     floor = cutoff - step.reach_us
     if history is None:
-        history = EntityHistory(ready, step.entity, pieces=1, prune_at=int(t[is_ready].min()))
+        history = EntityHistory(ready, step.entity)
         change = StateChange(reset=False, add=[ready])
     else:
         change = history.add(ready, floor=floor)

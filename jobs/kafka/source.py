@@ -10,7 +10,8 @@ message, then up to ``batch_wait_s`` for more (or ``max_batch``): the batch wait
 latency of every message (it waits for its batch) for fewer, larger batches. Between polls
 it defers the rest of the restriction, so the runner can checkpoint it.
 ``stop_after_idle_s`` ends a partition after that long without messages (for demos, tests
-and catch-up runs); without it the source is unbounded.
+and catch-up runs); without it the source is unbounded. A stop requested in this process
+(:mod:`finfeat.pipelines.stop`) ends every partition at its next poll.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
+
+from finfeat.pipelines.stop import STOP
 
 _LOG = logging.getLogger(__name__)
 END_OF_TIME = (1 << 62)
@@ -119,6 +122,11 @@ class ReadKafkaPartitionFn(beam.DoFn, RestrictionProvider):
                 watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
                 ) -> Iterator[TimestampedValue]:
         topic, partition = element
+        if STOP.requested():  # end the restriction: the input ends and the pipeline drains
+            before = watermark.current_watermark()
+            STOP.note_watermark((topic, partition), None if before is None else before.micros)
+            tracker.try_claim(END_OF_TIME - 1)
+            return
         offset = tracker.current_restriction().start
         consumer = self._consumer(topic, partition, offset)
         # wait (up to the poll time) for a first message, then up to the batch wait for more:
