@@ -163,12 +163,40 @@ def decode_messages(messages: Sequence[tuple[int, bytes | None]], *, source: str
             payloads=[b[2] for b in bad], recorded_at_us=_now_us() if recorded_at_us is None else recorded_at_us)
     raw = None
     if offsets:
-        raw = pa.table({**{c: _text_column([r.get(c) for r in records]) for c in MESSAGE_COLUMNS},
+        columns = zip(*(tuple(map(r.get, MESSAGE_COLUMNS)) for r in records))
+        raw = pa.table({**{c: _text_column(list(v)) for c, v in zip(MESSAGE_COLUMNS, columns)},
                         SOURCE_ROW: pa.array(offsets, pa.int64())})
     return raw, dead
 
 
 # -- de-duplication -----------------------------------------------------------------------------
+
+class _Growing:
+    """An int64 array grown by appends in amortized constant time per value (capacity doubles)."""
+
+    def __init__(self, values: np.ndarray | None = None) -> None:
+        values = np.zeros(0, dtype=np.int64) if values is None else np.asarray(values, dtype=np.int64)
+        self._buf, self._n = values.copy(), len(values)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def append(self, values: np.ndarray) -> None:
+        need = self._n + len(values)
+        if need > len(self._buf):
+            grown = np.empty(max(need, 2 * len(self._buf), 1024), dtype=np.int64)
+            grown[: self._n] = self.values
+            self._buf = grown
+        self._buf[self._n: need] = values
+        self._n = need
+
+    def __getstate__(self) -> dict:
+        return {"values": self.values.copy()}
+
+    def __setstate__(self, state: dict) -> None:
+        self._buf, self._n = state["values"], len(state["values"])
+
 
 class SeenTxnIds:
     """The txn ids a bucket of txn ids has passed, with their event times, as Arrow pieces
@@ -177,8 +205,8 @@ class SeenTxnIds:
 
     def __init__(self, pieces: Iterable[pa.Table] = ()) -> None:
         self.pieces = [p for p in pieces if p.num_rows]
-        self.t = np.concatenate([p.column("t").to_numpy() for p in self.pieces]) if self.pieces \
-            else np.zeros(0, dtype=np.int64)
+        self._t = _Growing(np.concatenate([p.column("t").to_numpy() for p in self.pieces]) if self.pieces
+                           else None)
         self.newest: int | None = int(self.t.max()) if self.t.size else None
         self._ids: set[str] | None = None
 
@@ -188,6 +216,10 @@ class SeenTxnIds:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._ids = None
+
+    @property
+    def t(self) -> np.ndarray:
+        return self._t.values
 
     def __len__(self) -> int:
         return len(self.t)
@@ -209,8 +241,8 @@ class SeenTxnIds:
         entry = pa.table({"txn_id": ids, "t": t_us})
         self._known().update(entry.column("txn_id").to_pylist())
         t = entry.column("t").to_numpy()
-        self.t = np.concatenate([self.t, t])
-        self.newest = int(self.t.max())
+        self._t.append(t)
+        self.newest = int(t.max()) if self.newest is None else max(self.newest, int(t.max()))
         self.pieces.append(entry)
         floor = self.newest - retention_us
         old = int(np.count_nonzero(self.t <= floor))
@@ -219,7 +251,7 @@ class SeenTxnIds:
         everything = pa.concat_tables(self.pieces)
         keep = self.t > floor
         everything = everything.filter(pa.array(keep)).combine_chunks()
-        self.pieces, self.t, self._ids = [everything], self.t[keep], None
+        self.pieces, self._t, self._ids = [everything], _Growing(self.t[keep]), None
         return StateChange(reset=True, add=[everything])
 
 
@@ -366,14 +398,22 @@ class EntityHistory:
 
     def _index(self, table: pa.Table) -> None:
         self.table = table
-        self.t = event_times_us(table)
+        self._t = _Growing(event_times_us(table))
         encoded = pc.dictionary_encode(table.column(self.column).combine_chunks())
-        self.codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self._codes = _Growing(encoded.indices.to_numpy(zero_copy_only=False))
         self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
 
     @property
     def num_rows(self) -> int:
         return self.table.num_rows
+
+    @property
+    def t(self) -> np.ndarray:
+        return self._t.values
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self._codes.values
 
     def rows_of(self, keys: pa.Array | pa.ChunkedArray) -> pa.Table:
         """The history rows of these entity keys."""
@@ -389,8 +429,8 @@ class EntityHistory:
         code_of = self.code_of
         new = np.fromiter((code_of.setdefault(k, len(code_of)) for k in ready.column(self.column).to_pylist()),
                           dtype=np.int64, count=ready.num_rows)
-        self.codes = np.concatenate([self.codes, new])
-        self.t = np.concatenate([self.t, event_times_us(ready)])
+        self._codes.append(new)
+        self._t.append(event_times_us(ready))
         table = pa.concat_tables([self.table, ready.select(self.table.column_names)])
         self.table = table.combine_chunks() if table.column(0).num_chunks > self._COMBINE_AT else table
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -46,12 +47,30 @@ class _CheckpointOnlyTracker(OffsetRestrictionTracker):
         return None
 
 
+#: ``"event_time":"..."`` as a key: a quote inside a JSON string is always escaped, so these bytes
+#: occur only where the key is (the producer writes compact JSON; other spellings are parsed whole)
+_EVENT_TIME = re.compile(rb'"event_time":"([^"\\]{1,64})"')
+
+
+def _micros(text: str) -> int:
+    dt = datetime.fromisoformat(text)
+    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+
+
 def event_time_of(value: bytes | None) -> int | None:
-    """The message's event time in µs, or None when it cannot be read (a dead letter later)."""
+    """The message's event time in µs, or None when it cannot be read (a dead letter later).
+
+    Only for the watermark and the element's timestamp: the parser reads the whole message."""
+    if not value:
+        return None
+    found = _EVENT_TIME.search(value)
+    if found is not None:
+        try:
+            return _micros(found.group(1).decode())
+        except (UnicodeDecodeError, ValueError):
+            pass
     try:
-        text = json.loads(value)["event_time"]
-        dt = datetime.fromisoformat(text)
-        return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+        return _micros(json.loads(value)["event_time"])
     except (TypeError, ValueError, KeyError):
         return None
 
