@@ -8,9 +8,10 @@ once (no idle stop). A publisher process sends synthetic transactions (``bench_s
 50k cards, Zipf-like merchants) at ``--rate`` per second, event time = send time, one batch of
 data per minute; a poller process follows every ``--sample-every``-th transaction in the online
 store (as ``bench_stream.py`` does). Every minute the job's RSS (the driver with its in-process
-SDK worker, and Prism) is sampled. At the end the job gets SIGTERM (it drains and exits 0), and
-a table is printed, one row per minute of sending: produce -> online store visibility and
-produce -> Delta commit of the feature row, p50 / p99 in seconds, and the RSS. Flat columns mean
+SDK worker, and Prism) is sampled. When the publisher is done, a table is made from what the
+running job committed, one row per minute of sending: produce -> online store visibility and
+produce -> Delta commit of the feature row, p50 / p99 in seconds, rows not there yet, and the
+RSS; then the job gets SIGTERM (it drains and exits 0) and the time it takes to exit is printed. Flat columns mean
 the job keeps up and does not grow. Nothing is asserted.
 """
 from __future__ import annotations
@@ -95,6 +96,35 @@ def _poller(url: str, rate: int, minutes: int, every: int, t0: float, out: str, 
         Path(out).write_text(json.dumps(seen))
 
 
+def _table(args: argparse.Namespace, work: Path, wh: Path, rss_mib: list[float]) -> list[tuple]:
+    """One row per minute of sending: freshness in the store and in Delta, and the RSS."""
+    delta_at: dict[str, float] = {}
+    for ts, ids in commits(wh / "features"):
+        for txn in ids:
+            delta_at.setdefault(txn, ts)
+    seen = work / "seen.json"
+    online_at = json.loads(seen.read_text()) if seen.exists() else {}
+    rows = []
+    for m in range(args.minutes):
+        path = work / f"sent-{m:04d}.npy"
+        if not path.exists():
+            break
+        sent = np.load(path)
+        ids = [f"{_prefix(m)}{j:08d}" for j in range(len(sent))]
+        d = np.array([delta_at.get(t, np.nan) for t in ids]) - sent
+        followed = list(range(0, len(sent), args.sample_every))
+        o = np.array([online_at.get(ids[j], np.nan) for j in followed]) - sent[followed]
+        rows.append((m + 1, len(sent), len(sent) / (sent[-1] - sent[0] + 1 / args.rate),
+                     *_p50_p99(o), int(np.isnan(o).sum()), *_p50_p99(d), int(np.isnan(d).sum()),
+                     rss_mib[m] if m < len(rss_mib) else float("nan")))
+    return rows
+
+
+def _p50_p99(values: np.ndarray) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    return (float(np.percentile(values, 50)), float(np.percentile(values, 99))) if values.size else (np.nan, np.nan)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=int, default=30)
@@ -103,6 +133,7 @@ def main() -> int:
     ap.add_argument("--emit-every-ms", type=int, default=200)
     ap.add_argument("--commit-every-seconds", type=float, default=1.0)
     ap.add_argument("--sample-every", type=int, default=10)
+    ap.add_argument("--stop-timeout", type=float, default=600.0, help="seconds to wait for the job after SIGTERM")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     if not PRISM.exists():
@@ -150,32 +181,20 @@ def main() -> int:
                 time.sleep(args.bound_seconds + args.commit_every_seconds + 5)
                 stop.set()
                 poll.join(60)
+                rows = _table(args, work, wh, rss_mib)  # before the stop: what the running job committed
+                print(json.dumps(rows), file=sys.stderr, flush=True)
+                stopped = time.monotonic()
                 job.send_signal(signal.SIGTERM)
-                rc = job.wait(180)
+                try:
+                    rc: int | str = job.wait(args.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    rc = f"none: still running {args.stop_timeout:.0f} s after SIGTERM, killed"
+                stop_s = time.monotonic() - stopped
             finally:
                 stop.set()
                 if job.poll() is None:
                     os.killpg(job.pid, signal.SIGKILL)
                     job.wait()
-            delta_at: dict[str, float] = {}
-            for ts, ids in commits(wh / "features"):
-                for txn in ids:
-                    delta_at.setdefault(txn, ts)
-            online_at = json.loads((work / "seen.json").read_text())
-            rows = []
-            for m in range(args.minutes):
-                path = work / f"sent-{m:04d}.npy"
-                if not path.exists():
-                    break
-                sent = np.load(path)
-                ids = [f"{_prefix(m)}{j:08d}" for j in range(len(sent))]
-                d = np.array([delta_at.get(t, np.nan) for t in ids]) - sent
-                followed = range(0, len(sent), args.sample_every)
-                o = np.array([online_at.get(ids[j], np.nan) for j in followed]) - sent[list(followed)]
-                rows.append((m + 1, len(sent), len(sent) / (sent[-1] - sent[0] + 1 / args.rate),
-                             *np.nanpercentile(o, [50, 99]), int(np.isnan(o).sum()),
-                             *np.nanpercentile(d, [50, 99]), int(np.isnan(d).sum()),
-                             rss_mib[m] if m < len(rss_mib) else float("nan")))
     finally:
         if args.keep:
             print(f"work folder: {work}", file=sys.stderr)
@@ -185,7 +204,7 @@ def main() -> int:
     print(f"\nsoak: finfeat stream on Prism, {args.rate:,} events/s for {args.minutes} min, {os.cpu_count()} cores, "
           f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; bound {args.bound_seconds:g} s, "
           f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s; the job's exit code "
-          f"after SIGTERM: {rc}")
+          f"after SIGTERM: {rc} ({stop_s:.1f} s to exit)")
     print(f"{'minute':>6}{'sent':>8}{'sent/s':>8}{'online p50':>12}{'p99':>8}{'missing':>9}"
           f"{'Delta p50':>11}{'p99':>8}{'missing':>9}{'RSS MiB':>9}")
     for r in rows:

@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -236,8 +237,9 @@ class CommitMicroBatchFn(beam.DoFn):
 
     def __init__(self, *, path: str, app_id: str, kind: str, schema: pa.Schema, key_columns: list[str],
                  partition_by: str, metadata: dict[str, str], every_s: float,
-                 match_partitions: bool = True) -> None:
+                 match_partitions: bool = True, time_column: str | None = None) -> None:
         self._path, self._app, self._kind, self._schema = path, app_id, kind, schema
+        self._time = time_column
         self._keys, self._partition, self._meta = key_columns, partition_by, metadata
         self._every, self._match_partitions = every_s, match_partitions
 
@@ -276,7 +278,8 @@ class CommitMicroBatchFn(beam.DoFn):
         armed.clear()
         done = commit_micro_batch(self._path, tables, app_id=self._app, kind=self._kind, schema=self._schema,
                                   key_columns=self._keys, partition_by=self._partition, metadata=self._meta,
-                                  last_version=last.read(), match_partitions=self._match_partitions)
+                                  last_version=last.read(), match_partitions=self._match_partitions,
+                                  time_column=self._time)
         if done is not None:
             last.write(done.app_version)
             yield {"table": done.table, "rows": done.rows, "app_version": done.app_version}
@@ -317,18 +320,18 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
     dead = (decoded[DEAD], parsed[DEAD], unique[DEAD], late) | "FlattenDeadLetters" >> beam.Flatten()
     meta = {"finfeat.run_id": run_id, "finfeat.code_version": __version__, "finfeat.spec_hash": spec.spec_hash,
             "finfeat.stream.app_id": app_id}
-    for kind, pcoll, schema, keys, part, match in (
-            ("features", out["features"], feature_schema(spec), ["txn_id"], PARTITION_COLUMN, True),
+    for kind, pcoll, schema, keys, part, match, at in (
+            ("features", out["features"], feature_schema(spec), ["txn_id"], PARTITION_COLUMN, True, "event_time"),
             # a replay records its dead letters on another day: look for them in every partition
             ("dead_letters", dead, DEAD_LETTER_SCHEMA, ["source", "source_row", "reason", "txn_id"],
-             "recorded_date", False)):
+             "recorded_date", False, None)):
         label = "".join(w.capitalize() for w in kind.split("_"))
         (pcoll
          | f"Key{label}" >> beam.Map(lambda t: (0, t)).with_output_types(Tuple[int, pa.Table])
          | f"Commit{label}" >> beam.ParDo(CommitMicroBatchFn(
              path=delta.table_path(warehouse, kind), app_id=f"{app_id}:{kind}", kind=kind, schema=schema,
              key_columns=keys, partition_by=part, metadata=meta, every_s=commit_every_s,
-             match_partitions=match)))
+             match_partitions=match, time_column=at)))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -396,7 +399,9 @@ class _StopOnSignal:
 
     def __enter__(self) -> _StopOnSignal:
         STOP.reset()
-        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._before = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum: int, frame: object) -> None:

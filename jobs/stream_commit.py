@@ -37,12 +37,16 @@ def row_key(table: pa.Table, columns: Sequence[str]) -> pa.Array:
 
 def commit_micro_batch(path: str, tables: Sequence[pa.Table], *, app_id: str, kind: str, schema: pa.Schema,
                        key_columns: Sequence[str], partition_by: str, metadata: dict[str, str],
-                       last_version: int | None = None, match_partitions: bool = True) -> Committed | None:
+                       last_version: int | None = None, match_partitions: bool = True,
+                       time_column: str | None = None) -> Committed | None:
     """Append ``tables`` to the Delta table at ``path`` as one commit with the next application
     transaction of ``app_id``, without the rows whose ``key_columns`` the table already holds
     (looked up in the batch's ``partition_by`` partitions when ``match_partitions``, else in the
-    whole table). ``last_version``: the version this committer wrote last, if it remembers one
-    (the next is above both it and the table's). None when there was nothing new to commit."""
+    whole table). ``time_column``: a column that a key's row holds with the same value in every
+    copy (the feature rows' ``event_time``): only files whose statistics overlap the batch's range
+    of it are read, so a commit reads about its own size, not the day's rows. ``last_version``:
+    the version this committer wrote last, if it remembers one (the next is above both it and the
+    table's). None when there was nothing new to commit."""
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return None
@@ -52,6 +56,10 @@ def commit_micro_batch(path: str, tables: Sequence[pa.Table], *, app_id: str, ki
         filters = None
         if match_partitions:
             filters = pc.field(partition_by).isin(pc.unique(batch.column(partition_by)))
+        if time_column is not None:
+            span = pc.min_max(batch.column(time_column))
+            within = (pc.field(time_column) >= span["min"]) & (pc.field(time_column) <= span["max"])
+            filters = within if filters is None else filters & within
         held = delta.read_table(path, columns=list(key_columns), filters=filters)
         if held.num_rows:
             seen = pc.is_in(row_key(batch, key_columns), value_set=row_key(held, key_columns))

@@ -41,6 +41,15 @@ API (t = event time, int64 µs since the epoch, UTC):
   received exactly one part row: features, or a late marker (``late_part``).
 * ``late_dead_letters(rows, run_id=, recorded_at_us=) -> table``: dead letters of late events.
 
+State and its cost: ``SeenTxnIds`` and ``EntityHistory`` are picklable objects (a per-process
+lookup set is rebuilt after unpickling). A runner that keeps the object itself (Flink heap or
+RocksDB value state, a worker cache) needs nothing else; a runner with list (bag) state applies
+each step's :class:`StateChange`: usually one appended piece (the step's own rows), and now and
+then a rewrite (``reset``) that drops what fell out of reach. A rewrite happens only when at
+least half as many rows can go as stay, or at :data:`MAX_PIECES` pieces, so each row is
+rewritten a bounded number of times. A flush's work follows the events it releases and their
+entities' histories (each entity's newest and newest located event are kept however old).
+
 The Delta micro-batch commit (exactly once) is ``finfeat.jobs.stream_commit.commit_micro_batch``.
 """
 from __future__ import annotations
