@@ -32,10 +32,31 @@ class FeatureOverflowError(ArithmeticError):
     """A window sum would not fit in int64 (millions of maximal amounts in one window)."""
 
 
-def _sorted_order(table: pa.Table, key: str) -> np.ndarray:
-    return pc.sort_indices(
-        table, sort_keys=[(key, "ascending"), ("event_time", "ascending"), ("txn_id", "ascending")]
-    ).to_numpy()
+def _sorted_order(table: pa.Table, key: str, key_codes: np.ndarray | None = None) -> np.ndarray:
+    """Row order that groups rows by ``key`` and sorts each group by ``(event_time, txn_id)``.
+
+    Groups come in the order of their dictionary codes (which group comes first changes no
+    feature). Sorting by integer codes and times with numpy is much cheaper than Arrow's sort
+    on the key's strings; txn ids are compared only within runs of equal ``(key, time)``.
+    """
+    codes = _codes(table.column(key)) if key_codes is None else key_codes
+    t = _numpy(table.column("event_time").cast(pa.int64()))
+    order = np.lexsort((t, codes))
+    if len(order) < 2:
+        return order
+    c, ts = codes[order], t[order]
+    same = (c[1:] == c[:-1]) & (ts[1:] == ts[:-1])
+    if same.any():  # ties on (key, time): order each run by txn id
+        tied = np.zeros(len(order), dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        at = np.flatnonzero(tied)
+        run = np.cumsum(np.concatenate([[True], ~same]))[at]
+        txn = table.column("txn_id").take(pa.array(order[at]))
+        within = pc.sort_indices(pa.table({"run": run, "txn": txn}),
+                                 sort_keys=[("run", "ascending"), ("txn", "ascending")]).to_numpy()
+        order[at] = order[at][within]
+    return order
 
 
 def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.ndarray:
@@ -294,8 +315,9 @@ class _TableFrame(_EntityFrame):
     """A frame over an Arrow table in any row order; columns are read once, sorted with numpy."""
 
     def __init__(self, table: pa.Table, entity: str) -> None:
-        order = _sorted_order(table, ENTITY_COLUMNS[entity])
-        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[order]
+        codes = _codes(table.column(ENTITY_COLUMNS[entity]))
+        order = _sorted_order(table, ENTITY_COLUMNS[entity], codes)
+        key_codes = codes[order]
         new_group = np.ones(len(order), dtype=bool)
         if len(order) > 1:
             np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
