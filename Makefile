@@ -8,10 +8,13 @@ CACHE  := .cache
 PRISM  := $(CACHE)/prism/bin/prism
 BEAM_VERSION := 2.77.0
 WAREHOUSE ?= warehouse
+# Airflow lives in its own virtualenv with its own pins, so its dependencies never reach the lean install.
+AIRFLOW_VENV    := .venv-airflow
+AIRFLOW_STAMP   := $(AIRFLOW_VENV)/.installed
+AIRFLOW_VERSION := 3.3.2
 
 .PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-models \
-        bench-stream bench-serve \
-        kafka generate clean
+        bench-stream bench-serve kafka generate clean airflow
 
 help:
 	@echo "prerequisites: Python 3.11 for make demo and make setup-full; make test and make stream-demo also need"
@@ -20,6 +23,7 @@ help:
 	@echo "make setup-full   - install every extra (train, score, serve, stream, spark, online) into .venv"
 	@echo "make test         - set up everything the tests need (Spark, Kafka, Prism), then run them"
 	@echo "make stream-demo  - the stream job on a local Kafka broker and Prism, checked against the demo"
+	@echo "make airflow      - Apache Airflow $(AIRFLOW_VERSION) with finfeat in $(AIRFLOW_VENV) (the DAG's own environment)"
 	@echo "make dq           - data-quality checks of the demo output (exit 1 on failure)"
 	@echo "make kafka        - a local Kafka broker on 127.0.0.1:19092 (Ctrl-C stops it)"
 	@echo "make bench        - backfill of 1M generated events vs DuckDB"
@@ -57,7 +61,16 @@ $(PRISM):
 demo: $(STAMP)
 	$(BIN)/finfeat demo --warehouse $(WAREHOUSE)
 
-test: $(FULL) jars prism
+# Apache Airflow and finfeat in a virtualenv of their own, pinned by constraints-airflow.txt.
+airflow: $(AIRFLOW_STAMP)
+$(AIRFLOW_STAMP): setup.py constraints-airflow.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade "pip==26.3"
+	$(AIRFLOW_VENV)/bin/pip install --quiet -c constraints-airflow.txt "apache-airflow==$(AIRFLOW_VERSION)" -e ".[online]"
+	@touch $@
+
+test: $(FULL) jars prism airflow
 	$(BIN)/python -m pytest -q tests
 
 dq: $(STAMP)
@@ -94,4 +107,4 @@ generate: $(STAMP)
 	$(BIN)/finfeat generate --events 1000000 --out out/generated_1m.parquet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis $(WAREHOUSE) $(WAREHOUSE)-stream out build *.egg-info
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache .hypothesis $(WAREHOUSE) $(WAREHOUSE)-stream out build *.egg-info

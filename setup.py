@@ -20,7 +20,7 @@ setup(
     packages=["finfeat", *(f"finfeat.{name}" for name in _SUBPACKAGES), *(f"finfeat.jobs.{n}" for n in _JOB_PACKAGES)],
     package_dir={"finfeat": "finfeat", **{f"finfeat.{name}": name for name in _SUBPACKAGES},
                  **{f"finfeat.jobs.{n}": f"jobs/{n}" for n in _JOB_PACKAGES}},
-    package_data={"finfeat.jobs": ["mappings/*.yaml"], "finfeat.validation": ["suites/*.yaml"]},
+    package_data={"finfeat.jobs": ["mappings/*.yaml", "airflow/*.py"], "finfeat.validation": ["suites/*.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "deltalake>=1.6,<1.7",
@@ -31,6 +31,8 @@ setup(
         "pydantic>=2.10,<3",
         "tqdm>=4.66",
         "great-expectations>=1.24,<1.25",
+        # retries with backoff for Delta commits that lose a race to a concurrent backfill
+        "tenacity>=9.1,<10",
     ],
     extras_require={
         # hiredis: redis-py's C parser and command packer (twice the write rate, faster reads)

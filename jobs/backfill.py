@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -12,10 +12,11 @@ from pathlib import Path
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
+from deltalake import DeltaTable
 
 from finfeat import __version__
-from finfeat.jobs import delta
-from finfeat.jobs.sources import check_columns, read_file, read_labels_file
+from finfeat.jobs import delta, testhooks
+from finfeat.jobs.sources import check_inputs, read_file, read_labels_file
 from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
@@ -28,10 +29,15 @@ from finfeat.transforms.spec import FeatureSpec
 
 _LOG = logging.getLogger(__name__)
 _US_PER_DAY = 86_400_000_000
+DEFAULT_MAX_DEAD_LETTER_FRACTION = 0.1
 
 
 class ReconciliationError(RuntimeError):
     """Rows read != events accepted + dead letters: something was lost; nothing is committed."""
+
+
+class TooManyDeadLetters(RuntimeError):
+    """More than ``max_dead_letter_fraction`` of the rows read were rejected; nothing is committed."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class BackfillConfig:
     event_suite: str | None = "events"
     #: stop the run when more than this share of feature rows is quarantined
     max_quarantine_fraction: float = 0.01
+    #: stop the run, before any commit, when more than this share of the rows read are dead letters
+    max_dead_letter_fraction: float = DEFAULT_MAX_DEAD_LETTER_FRACTION
+    #: allow replacing partitions that hold feature rows with empty ones or with fewer than half
+    allow_shrink: bool = False
     #: also materialize the latest state per card and merchant into this online store
     #: (``sqlite:PATH`` or ``redis://HOST:PORT/DB``), after the Delta commits
     online_store: str | None = None
@@ -63,6 +73,16 @@ class BackfillConfig:
             raise ValueError(f"--end {self.end} is before --start {self.start}; give an inclusive date range")
         if not self.inputs:
             raise ValueError("no input files; pass --input with a file or folder")
+        for name in ("max_quarantine_fraction", "max_dead_letter_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} {value} is not a share between 0 and 1")
+
+
+#: Refusals the committer records in the run report (status failed) instead of raising them through
+#: the runner; run_backfill raises them again by type from the report.
+_REFUSALS = (TooManyDeadLetters, delta.ShrinkRefused, delta.CommitConflict, ReconciliationError)
+_TYPED_ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in _REFUSALS}
 
 
 def _day_us(d: date) -> int:
@@ -74,10 +94,14 @@ class ReadFilesFn(beam.DoFn):
         self._mapping, self._key, self._run_id, self._recorded = mapping, token_key, run_id, recorded_at_us
 
     def process(self, path: str) -> Iterator[tuple[str, pa.Table, pa.Table]]:
+        from finfeat.jobs import progress  # counts per batch for a progress display in this process
+
         tokenizer = CardTokenizer(self._key)
         for raw, unreadable in read_file(path, self._mapping, tokenizer, run_id=self._run_id,
                                          recorded_at_us=self._recorded):
+            progress.rows_parsed(raw.num_rows + unreadable.num_rows)
             yield Path(path).name, raw, unreadable
+        progress.file_done()
 
 
 class ReadLabelsFn(beam.DoFn):
@@ -90,13 +114,33 @@ class ReadLabelsFn(beam.DoFn):
 
 
 class CommitRunFn(beam.DoFn):
-    """The one committer: checks reconciliation, then writes features and dead letters."""
+    """The one committer: checks reconciliation and the guards, then writes every table.
+
+    Each table is replaced under a key (features by date range, labels by txn id, dead letters
+    and quarantined rows by the run key), so a rerun after a kill between two commits leaves every
+    table as one clean run would; the run report names each table as soon as it is committed.
+    """
 
     def __init__(self, *, cfg: BackfillConfig, recorded_at_us: int) -> None:
         self._cfg, self._recorded = cfg, recorded_at_us
 
     def process(self, item: tuple[int, list[tuple[str, object]]], features: list[pa.Table]
                 ) -> Iterator[dict[str, object]]:
+        cfg = self._cfg
+        try:
+            yield self._commit(item, features)
+        except _REFUSALS as exc:
+            # a clean refusal, said once by run_backfill from the report (no runner traceback)
+            delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
+                                    error={"type": type(exc).__name__, "message": str(exc)})
+        except Exception as exc:
+            report = delta.read_run_report(cfg.warehouse, cfg.run_id) or {}
+            if report.get("status") != "failed":
+                delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
+                                        error={"type": type(exc).__name__, "message": str(exc)})
+            raise
+
+    def _commit(self, item: tuple[int, list[tuple[str, object]]], features: list[pa.Table]) -> dict[str, object]:
         cfg = self._cfg
         _, tagged = item
         schema = feature_schema(cfg.spec)
@@ -112,8 +156,8 @@ class CommitRunFn(beam.DoFn):
         feature_table = pa.concat_tables(features).cast(schema) if features else schema.empty_table()
         dead_table = pa.concat_tables(dead).cast(DEAD_LETTER_SCHEMA) if dead else DEAD_LETTER_SCHEMA.empty_table()
         if event_failures:
-            delta.write_run_report(cfg.warehouse, {"run_id": cfg.run_id, "status": "failed",
-                                                   "failures": event_failures, "suite": cfg.event_suite})
+            delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed", failures=event_failures,
+                                    suite=cfg.event_suite)
             from finfeat.validation.validate import ValidationFailed
 
             raise ValidationFailed(event_failures, suite=cfg.event_suite)
@@ -128,6 +172,17 @@ class CommitRunFn(beam.DoFn):
         if label_read != label_ok + label_dead:
             raise ReconciliationError(f"label rows read {label_read} != labels accepted {label_ok} + dead letters "
                                       f"{label_dead}; nothing was committed")
+        by_reason: dict[str, int] = {}
+        for stage, reason in zip(dead_table.column("stage").to_pylist(), dead_table.column("reason").to_pylist()):
+            if stage != "labels":
+                by_reason[reason] = by_reason.get(reason, 0) + 1
+        if read and event_dead > cfg.max_dead_letter_fraction * read:
+            top = ", ".join(f"{r} {n:,}" for r, n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:4])
+            raise TooManyDeadLetters(
+                f"{event_dead:,} of {read:,} rows read ({event_dead / read:.1%}) are dead letters ({top}), more "
+                f"than --max-dead-letter-fraction {cfg.max_dead_letter_fraction:g} allows; nothing was committed. "
+                "Check the input and the mapping (format, time format, columns), or raise "
+                "--max-dead-letter-fraction if this share is expected")
         metadata = {
             "finfeat.run_id": cfg.run_id, "finfeat.code_version": __version__,
             "finfeat.schema_version": SCHEMA_VERSION, "finfeat.spec_hash": cfg.spec.spec_hash,
@@ -141,30 +196,53 @@ class CommitRunFn(beam.DoFn):
                                      policy=QuarantinePolicy(cfg.max_quarantine_fraction),
                                      missing_columns="skip")
             if outcome.failures:
-                failed = {"run_id": cfg.run_id, "status": "failed", "failures": list(outcome.failures),
-                          "suite": cfg.feature_suite, "validation": outcome.summary()}
-                delta.write_run_report(cfg.warehouse, failed)
+                delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
+                                        failures=list(outcome.failures), suite=cfg.feature_suite,
+                                        validation=outcome.summary())
                 outcome.raise_for_failures()
             feature_table = outcome.passed
+        key = delta.run_key(inputs=cfg.inputs, labels=cfg.labels, start=cfg.start, end=cfg.end)
+        tables: dict[str, dict[str, object]] = {}
+        races: list[str] = []  # commits lost to concurrent writers (then retried)
+
+        def committed(name: str, path: str, write: Callable[[], int | None]) -> None:
+            before = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
+            version = write()
+            if version is not None or not name.startswith("quarantine/"):
+                tables[name] = {"path": path, "version": version}
+            if version is not None and version != before:
+                delta.update_run_report(cfg.warehouse, cfg.run_id, committed={name: version})
+            testhooks.reached(f"after:{name}")
+
+        testhooks.commit_barrier()
+        testhooks.reached("before:commit")
         features_path = delta.table_path(cfg.warehouse, delta.FEATURES)
+        committed("features", features_path, lambda: delta.overwrite_partitions(
+            features_path, feature_table, start=cfg.start, end=cfg.end, metadata=metadata,
+            allow_shrink=cfg.allow_shrink, races=races))
         dead_path = delta.table_path(cfg.warehouse, delta.DEAD_LETTERS)
-        features_version = delta.overwrite_partitions(features_path, feature_table, start=cfg.start, end=cfg.end,
-                                                      metadata=metadata)
-        dead_version = delta.append_dead_letters(dead_path, dead_table, metadata=metadata)
+        committed("dead_letters", dead_path, lambda: delta.replace_dead_letters(dead_path, dead_table, key=key,
+                                                                               metadata=metadata, races=races))
         labels_path = delta.table_path(cfg.warehouse, delta.LABELS)
         label_table = pa.concat_tables(labels) if labels else LABEL_SCHEMA.empty_table()
-        labels_version = delta.upsert_labels(labels_path, label_table, metadata=metadata)
-        quarantine_version = None
-        if outcome is not None and outcome.quarantined.num_rows:
-            from finfeat.validation.quarantine import append_quarantine, quarantine_path
+        committed("labels", labels_path, lambda: delta.upsert_labels(labels_path, label_table, metadata=metadata,
+                                                                      races=races))
+        from finfeat.schemas.quarantine import PARTITION_COLUMN as QUARANTINED_DATE
+        from finfeat.validation.quarantine import quarantine_path
 
-            quarantine_version = append_quarantine(quarantine_path(cfg.warehouse, "features"), outcome.quarantined,
-                                                   metadata)
-        if quarantined_events:
-            from finfeat.validation.quarantine import append_quarantine, quarantine_path
-
-            append_quarantine(quarantine_path(cfg.warehouse, "events"), pa.concat_tables(quarantined_events),
-                              metadata)
+        for suite, rows in (("features", outcome.quarantined if outcome is not None else None),
+                            ("events", pa.concat_tables(quarantined_events) if quarantined_events else None)):
+            path = quarantine_path(cfg.warehouse, suite)
+            if rows is None or rows.num_rows == 0:
+                # nothing quarantined now; still clear what an earlier run of this key left there
+                if not DeltaTable.is_deltatable(path):
+                    continue
+                held = pa.schema(DeltaTable(path).schema().to_arrow())
+                rows = held.remove(held.get_field_index(delta.RUN_KEY)).empty_table() \
+                    if delta.RUN_KEY in held.names else held.empty_table()
+            rows = _fill_run_id(rows, cfg.run_id)
+            committed(f"quarantine/{suite}", path, lambda: delta.replace_run_rows(
+                path, rows, key=key, partition_by=[QUARANTINED_DATE], metadata=metadata, races=races))
         online = None
         if cfg.online_store:
             from finfeat.jobs.online import open_store
@@ -178,13 +256,12 @@ class CommitRunFn(beam.DoFn):
                 store.close()
             online = {"store": cfg.online_store, **{k: v for k, v in vars(written).items()
                                                     if isinstance(v, (int, float, str))}}
-        by_reason: dict[str, int] = {}
-        for stage, reason in zip(dead_table.column("stage").to_pylist(), dead_table.column("reason").to_pylist()):
-            if stage != "labels":
-                by_reason[reason] = by_reason.get(reason, 0) + 1
+            delta.update_run_report(cfg.warehouse, cfg.run_id, committed={"online_store": cfg.online_store})
+            testhooks.reached("after:online_store")
         report = {
             **{k.removeprefix("finfeat."): v for k, v in metadata.items()},
             "inputs": [str(p) for p in cfg.inputs],
+            "run_key": key,
             "rows_read": read, "events_accepted": accepted, "dead_letters": event_dead,
             "events_quarantined": quarantined_n,
             "label_rows_read": label_read, "labels_accepted": label_ok, "label_dead_letters": label_dead,
@@ -195,14 +272,19 @@ class CommitRunFn(beam.DoFn):
             "status": "succeeded",
             "online_store": online,
             "validation": outcome.summary() if outcome is not None else None,
-            "tables": {"features": {"path": features_path, "version": features_version},
-                       "dead_letters": {"path": dead_path, "version": dead_version},
-                       "labels": {"path": labels_path, "version": labels_version},
-                       **({"quarantine": {"path": str(Path(cfg.warehouse) / "quarantine" / "features"),
-                                          "version": quarantine_version}} if quarantine_version is not None else {})},
+            "tables": tables,
+            "commit_races_lost": races,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
         }
-        delta.write_run_report(cfg.warehouse, report)
-        yield report
+        return delta.update_run_report(cfg.warehouse, cfg.run_id, **report)
+
+
+def _fill_run_id(rows: pa.Table, run_id: str) -> pa.Table:
+    """Quarantined rows carry the run's id (validation leaves it empty outside a run)."""
+    index = rows.column_names.index("run_id")
+    col = rows.column(index)
+    filled = pa.compute.if_else(pa.compute.fill_null(pa.compute.equal(col, ""), True), pa.scalar(run_id), col)
+    return rows.set_column(index, rows.schema.field(index), filled)
 
 
 def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_us: int) -> None:
@@ -238,9 +320,15 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
 
 
 def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
-    """Run the backfill to completion and return its report (also saved under ``_runs/``)."""
-    for path in cfg.inputs:
-        check_columns(path, cfg.mapping)
+    """Run the backfill to completion and return its report (also saved under ``_runs/``).
+
+    The warehouse is checked first, before any input is read. The report is written at once with
+    status ``running`` (host, pid), names each table as it is committed, and ends ``succeeded`` or
+    ``failed``; a run killed on the way stays ``running`` until the next backfill into the same
+    warehouse marks it ``interrupted``.
+    """
+    delta.check_warehouse(cfg.warehouse)
+    check_inputs(cfg.inputs, cfg.mapping)
     if cfg.feature_suite:
         from finfeat.validation.suite import Suite
 
@@ -249,28 +337,44 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
         from finfeat.validation.suite import Suite
 
         Suite.load(cfg.event_suite)
+    delta.mark_interrupted_runs(cfg.warehouse)
     recorded_at_us = int(time.time() * 1_000_000)
     started = time.monotonic()
     options = PipelineOptions(cfg.beam_args)
-    report_path = Path(cfg.warehouse) / delta.RUNS / f"{cfg.run_id}.json"
+    delta.write_run_report(cfg.warehouse, {
+        "run_id": cfg.run_id, "status": "running", "started_at": datetime.now(timezone.utc).isoformat(),
+        "range": f"{cfg.start.isoformat()}..{cfg.end.isoformat()}", "inputs": [str(p) for p in cfg.inputs],
+        "label_inputs": [str(p) for p in cfg.labels],
+        "run_key": delta.run_key(inputs=cfg.inputs, labels=cfg.labels, start=cfg.start, end=cfg.end),
+        "committed": {}, **delta.process_identity()})
+    testhooks.reached("started")
     try:
         with beam.Pipeline(options=options) as pipeline:
             build_backfill(pipeline, cfg, recorded_at_us=recorded_at_us)
-    except Exception:
-        # The runner wraps errors raised in workers; a failed validation left a report saying so.
-        if report_path.is_file():
-            import json
-
-            failed = json.loads(report_path.read_text())
-            if failed.get("status") == "failed":
+    except Exception as exc:
+        # The runner wraps errors raised in workers; the committer's report says what it was.
+        failed = delta.read_run_report(cfg.warehouse, cfg.run_id) or {}
+        if failed.get("status") == "failed":
+            if failed.get("failures"):
                 from finfeat.validation.validate import ValidationFailed
 
                 raise ValidationFailed(failed["failures"], suite=failed.get("suite")) from None
+            error = failed.get("error") or {}
+            typed = _TYPED_ERRORS.get(str(error.get("type")))
+            if typed is not None:
+                raise typed(str(error.get("message"))) from None
+        else:
+            delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
+                                    error={"type": type(exc).__name__, "message": str(exc)})
         raise
-    if not report_path.is_file():
-        raise RuntimeError(f"the pipeline finished without a run report at {report_path}")
-    import json
-
-    report = json.loads(report_path.read_text())
+    report = delta.read_run_report(cfg.warehouse, cfg.run_id)
+    error = (report or {}).get("error") or {}
+    if report and report.get("status") == "failed" and str(error.get("type")) in _TYPED_ERRORS:
+        raise _TYPED_ERRORS[str(error.get("type"))](str(error.get("message")))
+    if report is None or report.get("status") != "succeeded":
+        raise RuntimeError(f"the pipeline finished without a finished run report for {cfg.run_id} "
+                           f"(status {report.get('status') if report else 'missing'})")
     report["seconds"] = round(time.monotonic() - started, 2)
     return report
+
+

@@ -13,13 +13,16 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from finfeat.jobs.argtypes import iso_date as _date, positive_int as _positive
+from finfeat.jobs.argtypes import fraction as _fraction, iso_date as _date, positive_int as _positive
 
 _LOG = logging.getLogger(__name__)
 
 DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
 TOKEN_KEY_ENV = "FINFEAT_TOKEN_KEY"
 DEFAULT_RUNNER = "FnApiRunner"
+#: the umask of every command: outputs (Delta tables, dead letters, run reports, SQLite stores,
+#: models) are readable by their owner and group, never by others
+OUTPUT_UMASK = 0o027
 #: sub-commands whose module holds both the parser and the command
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
@@ -63,16 +66,39 @@ def _beam_args(rest: list[str]) -> list[str]:
     return rest
 
 
+def check_token_key(key: bytes, *, demo_ok: bool) -> bytes:
+    """Refuse a tokenization key that protects nothing: the public demo key (unless ``demo_ok``),
+    fewer than 16 bytes that are not blanks, or fewer than 8 distinct bytes."""
+    if key == DEMO_TOKEN_KEY.encode() and not demo_ok:
+        raise UsageError(f"{TOKEN_KEY_ENV} holds the public demo key, which anyone can read in the source: "
+                         f"set {TOKEN_KEY_ENV} to a secret of your own (e.g. `openssl rand -hex 32`), or pass "
+                         "--demo-key to use the demo key on test data")
+    if len(key.strip()) < 16:
+        raise UsageError(f"{TOKEN_KEY_ENV} must be a secret of at least 16 bytes, not counting blanks at either "
+                         f"end (it has {len(key.strip())}); e.g. `export {TOKEN_KEY_ENV}=$(openssl rand -hex 32)`")
+    if len(set(key)) < 8:
+        raise UsageError(f"{TOKEN_KEY_ENV} has only {len(set(key))} distinct characters: too easy to guess; use a "
+                         f"random secret, e.g. `export {TOKEN_KEY_ENV}=$(openssl rand -hex 32)`")
+    return key
+
+
 def _token_key(args: argparse.Namespace, *, demo: bool) -> bytes:
+    demo_ok = demo or getattr(args, "demo_key", False)
     key = os.environ.get(TOKEN_KEY_ENV)
     if key:
-        return key.encode()
-    if demo or getattr(args, "demo_key", False):
+        return check_token_key(key.encode(), demo_ok=demo_ok)
+    if demo_ok:
         print(f"note: card numbers are tokenized with the visible DEMO key {DEMO_TOKEN_KEY!r}; "
               f"set {TOKEN_KEY_ENV} to a secret of at least 16 bytes for real data", file=sys.stderr)
         return DEMO_TOKEN_KEY.encode()
     raise UsageError(f"no tokenization key: set {TOKEN_KEY_ENV} to a secret of at least 16 bytes "
                      "(or pass --demo-key to use the public demo key on test data)")
+
+
+def restrict_umask() -> None:
+    """Outputs are not world-readable: files 0640, folders 0750 (or stricter, if the umask already is)."""
+    current = os.umask(OUTPUT_UMASK)
+    os.umask(current | OUTPUT_UMASK)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--input", action="append", required=True, help="a file or folder; repeatable")
     bf.add_argument("--mapping", default="generated",
                     help="mapping YAML, or a built-in name: sparkov, generated (default), canonical")
-    bf.add_argument("--start", type=_date, required=True, help="first event date, UTC, inclusive")
-    bf.add_argument("--end", type=_date, required=True, help="last event date, UTC, inclusive")
+    bf.add_argument("--start", type=_date, help="first event date, UTC, inclusive (required without --catch-up)")
+    bf.add_argument("--end", type=_date, help="last event date, UTC, inclusive (required without --catch-up)")
     bf.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
     bf.add_argument("--feature-spec", help="feature spec YAML (default: the built-in v1 set)")
     bf.add_argument("--buckets", type=_positive, default=8, help="key partitions per entity (default 8)")
@@ -114,12 +140,27 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--no-validate", action="store_true", help="land feature rows without running the suite")
     bf.add_argument("--max-quarantine-fraction", type=float, default=0.01,
                     help="fail the run when more than this share of rows is quarantined (default 0.01)")
+    bf.add_argument("--max-dead-letter-fraction", type=_fraction, default=0.1,
+                    help="fail the run, before any commit, when more than this share of the rows read are dead "
+                         "letters (default 0.1)")
+    bf.add_argument("--allow-shrink", action="store_true",
+                    help="allow replacing feature partitions that hold rows with empty ones or with fewer than "
+                         "half as many rows (refused by default)")
     bf.add_argument("--online-store", help="also materialize card and merchant state into sqlite:PATH or "
                                            "redis://HOST:PORT/DB")
     bf.add_argument("--labels", action="append", default=[],
                     help="a labels feed (txn_id, is_fraud, label_time) as CSV, JSON Lines or Parquet; repeatable")
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
                                                             f"{TOKEN_KEY_ENV} is unset (test data only)")
+    from finfeat.jobs import catchup as catchup_cmd
+    from finfeat.jobs import progress as progress_mod
+    from finfeat.jobs import runs as runs_cmd
+
+    bf.add_argument("--log-format", choices=progress_mod.LOG_FORMATS, default="text",
+                    help="text (default: a progress bar on a terminal, plain lines otherwise) or json "
+                         "(one JSON object per line with the run id, for log shippers)")
+    catchup_cmd.add_arguments(bf)
+    runs_cmd.add_parser(sub)
 
     from finfeat.jobs import produce as produce_cmd
     from finfeat.jobs import stream as stream_cmd
@@ -165,7 +206,7 @@ def _commands() -> tuple[str, str]:
     return ("finfeat", "python") if ours else (f"{rel}/finfeat", f"{rel}/python")
 
 
-def _print_report(report: dict[str, object]) -> None:
+def _print_report(report: dict[str, object], skipped: list[str] = ()) -> None:
     in_range, history, ignored = _range_counts(report)
     ff, py = _commands()
     lines = [
@@ -181,6 +222,11 @@ def _print_report(report: dict[str, object]) -> None:
     ]
     for reason, n in report["dead_letters_by_reason"].items():
         lines.append(f"    {reason:<22}{n:>8,}")
+    if report["dead_letters_by_reason"].get("unreadable_file"):
+        lines.append("    (unreadable_file: a whole file, or its rest, could not be read; each dead letter's detail "
+                     "names the file and what to do)")
+    for note in skipped:
+        lines.append(f"  input skipped      {note}")
     if report.get("label_rows_read"):
         lines.append(f"  labels feed        {report['label_rows_read']:>10,} read, {report['labels_accepted']:,} accepted, "
                      f"{report['label_dead_letters']:,} dead letters")
@@ -228,13 +274,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = False) -> int:
     from finfeat.jobs.backfill import BackfillConfig, run_backfill
-    from finfeat.jobs.sources import expand_inputs
+    from finfeat.jobs.sources import list_inputs
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.spec import FeatureSpec
 
+    from finfeat.jobs.delta import check_warehouse
+
     beam_args = _beam_args(rest)
+    check_warehouse(args.warehouse)  # outputs first, before any input is read
+    from finfeat.jobs import progress
+
+    log_format = getattr(args, "log_format", "text")
+    progress.configure_logging(log_format)
+    if getattr(args, "catch_up", False):
+        from finfeat.jobs import catchup
+
+        return catchup.run(args, beam_args=beam_args, token_key=_token_key(args, demo=demo),
+                           print_report=(lambda r: progress.emit_json("report", sys.stdout, run_id=r["run_id"],
+                                                                      report=r))
+                           if log_format == "json" else _print_report)
+    if args.start is None or args.end is None:
+        raise UsageError("--start and --end are required (or pass --catch-up to work out the days from the "
+                         "run history)")
+    if getattr(args, "dry_run", False) or getattr(args, "plan_json", None):
+        raise UsageError("--dry-run and --plan-json go with --catch-up")
+    inputs, skipped = list_inputs(args.input)
     spec = FeatureSpec.from_yaml(args.feature_spec) if getattr(args, "feature_spec", None) else FeatureSpec.default()
-    cfg = BackfillConfig(inputs=expand_inputs(args.input), mapping=Mapping.load(args.mapping),
+    cfg = BackfillConfig(inputs=inputs, mapping=Mapping.load(args.mapping),
                          warehouse=Path(args.warehouse), start=args.start, end=args.end,
                          token_key=_token_key(args, demo=demo), spec=spec, buckets=args.buckets,
                          labels=[Path(p) for p in getattr(args, "labels", [])],
@@ -242,14 +308,27 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                              args, "feature_suite", "features"),
                          event_suite=None if getattr(args, "no_validate", False) else "events",
                          max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
+                         max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 0.1),
+                         allow_shrink=getattr(args, "allow_shrink", False),
                          online_store=getattr(args, "online_store", None),
                          beam_args=beam_args)
-    print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner "
-          f"{next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))}, warehouse {cfg.warehouse}",
-          file=sys.stderr)
-    report = run_backfill(cfg)
-    _print_report(report)
-    if _range_counts(report)[0] == 0:
+    runner = next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))
+    progress.set_run_id(cfg.run_id)
+    if log_format == "json":
+        progress.emit_json("backfill_start", range=f"{cfg.start}..{cfg.end}", inputs=len(cfg.inputs), runner=runner,
+                           warehouse=str(cfg.warehouse))
+    else:
+        print(f"backfill {cfg.start}..{cfg.end}: {len(cfg.inputs)} input file(s), runner {runner}, "
+              f"warehouse {cfg.warehouse}", file=sys.stderr)
+    with progress.Progress(run_id=cfg.run_id, total_files=len(cfg.inputs), log_format=log_format):
+        report = run_backfill(cfg)
+    if log_format == "json":
+        progress.emit_json("report", sys.stdout, run_id=report["run_id"], report=report)
+    else:
+        _print_report(report, skipped)
+    # an empty range is an error, unless the user allowed replacing the range with less (--allow-shrink):
+    # then an empty result (every row a dead letter, say) is what they asked for
+    if _range_counts(report)[0] == 0 and not getattr(args, "allow_shrink", False):
         print(f"finfeat backfill: error: no event of the input falls in {cfg.start}..{cfg.end}, so no feature row was "
               "written; check --start and --end against the dates of your data", file=sys.stderr)
         return 1
@@ -352,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if config is not None and args.command in {"backfill", "stream", "demo"}:
         rest = [*config.runner.flags, *rest]  # the command line's Beam flags come later and win
+    restrict_umask()
     from finfeat.schemas.mapping import MappingError
     from finfeat.transforms.spec import SpecError
 
@@ -379,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
             from finfeat.jobs import validate as validate_cmd
 
             return (serve_lookup_cmd if args.command == "serve-lookup" else validate_cmd).run(args)
+        if args.command == "runs":
+            from finfeat.jobs import runs as runs_cmd
+
+            if rest:
+                raise UsageError(f"unknown flag(s) for runs: {' '.join(rest)}")
+            return runs_cmd.run(args)
         if args.command == "stream":
             from finfeat.jobs import stream as stream_cmd
 
@@ -405,6 +491,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, ValidationFailed):
             print(f"finfeat {args.command}: data quality check failed, nothing was committed: {exc}", file=sys.stderr)
+            return 1
+        from finfeat.jobs.delta import CommitConflict, ShrinkRefused
+
+        refused = (CommitConflict, ShrinkRefused)
+        if args.command in {"backfill", "demo"}:
+            from finfeat.jobs.backfill import ReconciliationError, TooManyDeadLetters
+
+            refused += (ReconciliationError, TooManyDeadLetters)
+        if isinstance(exc, refused):
+            print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise
 

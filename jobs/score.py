@@ -7,8 +7,9 @@
   online store (:mod:`finfeat.jobs.online`: the card's and merchant's stored history plus this
   transaction, through the batch engine): the JSON has ``card_token``, ``merchant_id``,
   ``amount_minor``, ``at`` (ISO-8601 or ``at_us``) and optionally ``txn_id``, ``currency``,
-  ``merchant_lat``/``merchant_lon``. Without ``--store`` the JSON is the feature row itself
-  (every model input, flat or under ``"features"``).
+  ``merchant_lat``/``merchant_lon``, validated by :mod:`finfeat.schemas.requests` (the parser's
+  bounds). Without ``--store`` the JSON is the feature row itself (every model input, flat or
+  under ``"features"``; finite numbers, booleans or null). Results are strict JSON (no NaN).
 
 Both paths go through :class:`Scorer`: an Arrow table (:func:`feature_matrix`) or a feature dict
 (:func:`feature_vector`) -> the same float64 matrix (booleans 0/1, nulls NaN) -> the same booster
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -39,8 +41,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from finfeat.schemas.requests import RequestError, check_amount, parse_request
+
 # See finfeat.jobs.train: OpenMP threads that spin while waiting crawl on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_LOG = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 #: Reason codes per decision by default: the largest contributions by absolute value.
@@ -68,6 +74,22 @@ REASON_TYPE = pa.struct([pa.field("feature", pa.string()), pa.field("value", pa.
 
 class ScoringError(ValueError):
     """The model or the input does not fit; the message says what is missing."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinity) as None: results are strict JSON."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (never NaN or Infinity) of a result."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def model_inputs(feature_columns: Sequence[str]) -> list[str]:
@@ -103,7 +125,12 @@ def feature_vector(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
             if v is None:
                 out[i, j] = np.nan
             elif isinstance(v, (bool, int, float, np.number, np.bool_)):
-                out[i, j] = float(v)
+                try:
+                    out[i, j] = float(v)
+                except OverflowError:
+                    raise ScoringError(f"feature {c!r}: {v!r} is too large for a number") from None
+                if not np.isfinite(out[i, j]):
+                    raise ScoringError(f"feature {c!r}: {v!r} is not finite (give null for an unknown value)")
             else:
                 raise ScoringError(f"feature {c!r}: {v!r} is not a number or a boolean")
     return out
@@ -274,6 +301,10 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
     """
     if store_url is None and store is None:
         row = dict(request.get("features", request))
+        amount = row.get("amount_minor")
+        if amount is not None:  # a model input from the transaction: the parser's bounds (a feature
+            # row may carry it as a float, e.g. read back from a matrix: integral values only)
+            check_amount(int(amount) if isinstance(amount, float) and amount.is_integer() else amount)
         x = feature_vector([row], scorer.features)
         out = {"score": float(scorer.score_matrix(x)[0]), "model_id": scorer.model_id,
                "features": {c: row.get(c) for c in scorer.features}}
@@ -281,20 +312,14 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
     if not _online_available():
         raise ScoringError("--store needs the online store (finfeat.jobs.online), which is not installed")
     from finfeat.jobs.online import CANDIDATE_TXN_ID, Candidate, lookup, open_store
-    from finfeat.jobs.training import iso, parse_time, to_us
+    from finfeat.jobs.training import iso
     from finfeat.transforms.spec import FeatureSpec
 
-    need = ["card_token", "merchant_id", "amount_minor"]
-    absent = [k for k in need if request.get(k) in (None, "")]
-    if absent or ("at" not in request and "at_us" not in request):
-        raise ScoringError(f"the request needs {need + ['at (or at_us)']}; missing {absent or ['at']}")
-    at_us = int(request["at_us"]) if "at_us" in request else to_us(parse_time(str(request["at"])))
-    lat = request.get("merchant_lat", request.get("lat"))
-    lon = request.get("merchant_lon", request.get("lon"))
-    cand = Candidate(card_token=str(request["card_token"]), merchant_id=str(request["merchant_id"]),
-                     amount_minor=int(request["amount_minor"]), at_us=at_us, currency=str(request.get("currency", "")),
-                     merchant_lat=None if lat is None else float(lat), merchant_lon=None if lon is None else float(lon),
-                     txn_id=str(request.get("txn_id") or CANDIDATE_TXN_ID))
+    req = parse_request(request)  # the same bounds as the batch parser's; RequestError names the field
+    at_us = req.at_us
+    cand = Candidate(card_token=req.card_token, merchant_id=req.merchant_id, amount_minor=req.amount_minor,
+                     at_us=at_us, currency=req.currency, merchant_lat=req.merchant_lat,
+                     merchant_lon=req.merchant_lon, txn_id=req.txn_id or CANDIDATE_TXN_ID)
     spec = spec or FeatureSpec.default()
     if scorer.spec_hash and spec.spec_hash != scorer.spec_hash:
         raise ScoringError(f"the model was trained on feature spec {scorer.spec_hash}, the store serves "
@@ -310,7 +335,7 @@ def score_request(scorer: Scorer, request: Mapping[str, Any], *, store_url: str 
     score = float(scorer.score_matrix(x)[0])
     from datetime import datetime, timezone
 
-    out = {"score": score, "model_id": scorer.model_id, "txn_id": request.get("txn_id"),
+    out = {"score": score, "model_id": scorer.model_id, "txn_id": req.txn_id,
            "at": iso(datetime.fromtimestamp(at_us / 1e6, tz=timezone.utc)), "at_us": at_us,
            "features": {c: row.get(c) for c in scorer.features},
            "as_of_us": result.as_of_us, "age_s": result.age_s, "missing": result.missing}
@@ -324,8 +349,8 @@ def _audited(out: dict[str, Any], scorer: Scorer, request: Mapping[str, Any], au
     from finfeat.jobs.audit import decision_record, new_request_id
 
     rid = request_id or new_request_id()
-    rec = decision_record(out, request_id=rid, caller=caller or audit.caller, spec_hash=scorer.spec_hash,
-                          request=request)
+    rec = json_safe(decision_record(out, request_id=rid, caller=caller or audit.caller, spec_hash=scorer.spec_hash,
+                                    request=request))  # strict JSON: a non-finite value is recorded as null
     if "reasons" in out:
         rec["reason_method"] = scorer.reason_method
     audit.record(rec)
@@ -465,7 +490,7 @@ def _classify(exc: Exception) -> tuple[int, str] | None:
         StoreUnavailable,
     )
 
-    if isinstance(exc, (ScoringError, StoreSpecMismatch, ValueError)):
+    if isinstance(exc, (ScoringError, RequestError, StoreSpecMismatch, ValueError)):
         return EXIT_USAGE, "bad_request"
     if isinstance(exc, KeyNotFound):
         return EXIT_MISSING, exc.reason
@@ -500,7 +525,7 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
                 raise
             print(f"finfeat score: error: {exc}", file=sys.stderr)
             return got[0]
-        print(json.dumps(out, indent=2))
+        print(dumps(out, indent=2))
         return EXIT_OK
     try:
         out = score_request(scorer, request, store_url=args.store, allow_missing=args.allow_missing,
@@ -513,10 +538,10 @@ def _run_json(args: argparse.Namespace, scorer: Scorer) -> int:
         if code == EXIT_USAGE:
             print(f"finfeat score: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        print(json.dumps({"error": kind, "message": str(exc)}))
+        print(dumps({"error": kind, "message": str(exc)}))
         print(f"finfeat score: {exc}", file=sys.stderr)
         return code
-    print(json.dumps(out, indent=2))
+    print(dumps(out, indent=2))
     return EXIT_OK
 
 
@@ -555,12 +580,17 @@ def _run_jsonl(args: argparse.Namespace, scorer: Scorer) -> int:
                                     reasons=args.reasons, audit=args.audit_trail)
             except json.JSONDecodeError as exc:
                 out, failed = {"line": n, "error": "bad_request", "message": f"not JSON: {exc}"}, failed + 1
-            except Exception as exc:  # noqa: BLE001 - reported in the line's result, anything unknown re-raised
+            except Exception as exc:  # noqa: BLE001 - one line's failure is that line's result
                 got = _classify(exc)
-                if got is None:
-                    raise
+                if got is None:  # not a known kind: still that line's error, the loop goes on
+                    _LOG.error("line %d: unexpected %s", n, type(exc).__name__, exc_info=exc)
+                    got = (1, "internal_error")
                 out, failed = {"line": n, "error": got[1], "message": str(exc)}, failed + 1
-            sys.stdout.write(json.dumps(out) + "\n")
+            try:
+                text = dumps(out)
+            except (TypeError, ValueError) as exc:
+                text, failed = dumps({"line": n, "error": "internal_error", "message": str(exc)}), failed + 1
+            sys.stdout.write(text + "\n")
             sys.stdout.flush()
     finally:
         if store is not None:

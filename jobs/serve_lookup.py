@@ -1,7 +1,7 @@
 """``finfeat serve-lookup``: the online feature row of one candidate transaction, as JSON.
 
-Exit codes: 0 found; 2 usage or configuration error (a bad flag, a store written for another
-feature spec); 3 the card's or the merchant's state is missing or expired (unless
+Exit codes: 0 found; 2 usage or configuration error (a bad flag, a candidate outside the bounds
+every event meets: :mod:`finfeat.schemas.requests`, a store written for another feature spec); 3 the card's or the merchant's state is missing or expired (unless
 ``--allow-missing``); 4 the store is unreachable; 5 the candidate is older than the stored
 state can still answer exactly; 6 the row was computed but the card's state is stale: its
 newest event is more than --max-age before the candidate (the JSON says "stale": true).
@@ -22,14 +22,12 @@ def _at(text: str) -> int:
         from finfeat.jobs.online.base import wall_clock_us
 
         return wall_clock_us()
+    from finfeat.schemas.requests import iso_to_us
+
     try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time, e.g. 2020-06-22T18:30:00Z") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        return iso_to_us(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _minor(text: str) -> int:
@@ -98,6 +96,15 @@ def run(args: argparse.Namespace) -> int:
     if (args.lat is None) != (args.lon is None):
         print("finfeat serve-lookup: error: give both --lat and --lon, or neither", file=sys.stderr)
         return EXIT_USAGE
+    from finfeat.schemas.requests import RequestError, parse_request
+
+    try:  # the bounds every event meets (the same validation as `finfeat score`)
+        req = parse_request({"card_token": args.card_token, "merchant_id": args.merchant_id,
+                             "amount_minor": args.amount_minor, "at_us": args.at, "currency": args.currency,
+                             "merchant_lat": args.lat, "merchant_lon": args.lon, "txn_id": args.txn_id})
+    except RequestError as exc:
+        print(f"finfeat serve-lookup: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
         store = open_store(args.store, spec, create=False, namespace=args.namespace)
@@ -106,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except StoreUnavailable as exc:
         return fail(EXIT_UNAVAILABLE, "store_unavailable", exc)
-    cand = Candidate(card_token=args.card_token, merchant_id=args.merchant_id, amount_minor=args.amount_minor,
-                     at_us=args.at, currency=args.currency, merchant_lat=args.lat, merchant_lon=args.lon,
-                     txn_id=args.txn_id if args.txn_id is not None else CANDIDATE_TXN_ID)
+    cand = Candidate(card_token=req.card_token, merchant_id=req.merchant_id, amount_minor=req.amount_minor,
+                     at_us=req.at_us, currency=req.currency, merchant_lat=req.merchant_lat,
+                     merchant_lon=req.merchant_lon, txn_id=req.txn_id if req.txn_id is not None else CANDIDATE_TXN_ID)
     try:
         with store:
             result = lookup(store, spec, cand, on_missing="empty" if args.allow_missing else "raise")
@@ -134,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
     max_age = args.max_age if args.max_age is not None else spec.max_window_us / 1e6
     out["stale"] = result.age_s is not None and result.age_s > max_age
     out["max_age_s"] = max_age
-    print(json.dumps(out, indent=2))
+    from finfeat.jobs.score import dumps
+
+    print(dumps(out, indent=2))
     if out["stale"]:
         print(f"finfeat serve-lookup: warning: the card's state is stale: its newest event is {result.age_s:,.0f} s "
               f"before the candidate, more than --max-age {max_age:,.0f} s (is the store still being written?)",

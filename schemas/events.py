@@ -15,6 +15,8 @@ Channel = Literal["pos", "online", "atm", "other", "unknown"]
 CHANNELS: tuple[str, ...] = ("pos", "online", "atm", "other", "unknown")
 
 EVENT_TIME_TYPE = pa.timestamp("us", tz="UTC")
+#: The ``schema`` field of a transaction message on Kafka (JSON, one canonical event each).
+MESSAGE_SCHEMA = "finfeat.txn.v1"
 
 #: Arrow schema of a canonical event, in the order the columns are kept.
 EVENT_SCHEMA = pa.schema(
@@ -73,3 +75,16 @@ def table_to_events(table: pa.Table) -> list[TransactionEvent]:
     times = table.column("event_time").cast(pa.int64()).to_pylist()
     cols = [table.column(n).to_pylist() if n != "event_time" else times for n in EVENT_SCHEMA.names]
     return [TransactionEvent(*row) for row in zip(*cols)]
+
+
+#: Largest amount accepted, in minor units: 10**12, i.e. 10,000,000,000.00 in a currency with two
+#: decimals (ten billion). Larger amounts are dead letters (``amount_out_of_range``) and requests
+#: are refused. With it, a window sum of fewer than 9,223,372 events cannot exceed int64.
+MAX_AMOUNT_MINOR = 10**12
+#: Event times accepted: from 1970-01-01 (inclusive) to 2100-01-01 (exclusive), UTC microseconds.
+MIN_EVENT_US = 0
+MAX_EVENT_US = 4_102_444_800_000_000
+#: Coordinates accepted, degrees (inclusive, finite).
+MAX_ABS_LAT, MAX_ABS_LON = 90.0, 180.0
+#: Longest txn id, merchant id, category or card token accepted (characters).
+MAX_ID_CHARS = 256

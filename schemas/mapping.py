@@ -32,6 +32,14 @@ class ColumnField(_Strict):
     column: str
 
 
+class IdField(ColumnField):
+    """A text column that reaches the feature table. A value holding a card-number-like run
+    (see :mod:`finfeat.schemas.redaction`) is refused as a dead letter, unless ``numeric_ids``
+    says the column's values are long numbers by design (e.g. 15-digit merchant ids)."""
+
+    numeric_ids: bool = False
+
+
 class OptionalColumnField(_Strict):
     column: str | None = None
     constant: str | None = None
@@ -106,11 +114,11 @@ class CsvOptions(_Strict):
 
 
 class Fields(_Strict):
-    txn_id: ColumnField
+    txn_id: IdField
     card_number: ColumnField | None = None
-    card_token: ColumnField | None = None
-    merchant_id: ColumnField
-    merchant_category: ColumnField | None = None
+    card_token: IdField | None = None
+    merchant_id: IdField
+    merchant_category: IdField | None = None
     amount: AmountField
     currency: CurrencyField
     event_time: EventTimeField
@@ -135,6 +143,20 @@ class Mapping(_Strict):
     fields: Fields
     pii_columns: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _pii_not_mapped(self) -> Mapping:
+        pii = set(self.pii_columns)
+        card = self.fields.card_number.column if self.fields.card_number is not None else None
+        for name in Fields.model_fields:
+            spec = getattr(self.fields, name)
+            col = getattr(spec, "column", None) if spec is not None else None
+            if col is not None and col in pii and col != card:
+                raise ValueError(
+                    f"column {col!r} is listed in pii_columns and mapped onto fields.{name}, which is written "
+                    "to the feature table: personal data is never written; map another column, or remove "
+                    f"{col!r} from pii_columns if it holds no personal data")
+        return self
+
     def source_columns(self) -> list[str]:
         """Every source column the mapping reads."""
         cols: list[str] = []
@@ -150,6 +172,19 @@ class Mapping(_Strict):
         if self.fields.card_number is not None:
             cols.add(self.fields.card_number.column)
         return cols
+
+    def safe_columns(self) -> list[str]:
+        """The only source columns ever copied out of a raw record (into dead-letter payloads):
+        those mapped onto event fields, the raw card number excepted (it is copied as its token)."""
+        hidden = self.redacted_columns()
+        return [c for c in self.source_columns() if c not in hidden]
+
+    def id_columns(self) -> dict[str, IdField]:
+        """Mapped text columns that reach the feature table, by event field name."""
+        f = self.fields
+        return {name: spec for name, spec in (("txn_id", f.txn_id), ("card_token", f.card_token),
+                                              ("merchant_id", f.merchant_id),
+                                              ("merchant_category", f.merchant_category)) if spec is not None}
 
     def format_for(self, path: str | Path) -> Format:
         if self.format:

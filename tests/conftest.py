@@ -8,7 +8,8 @@ import pytest
 
 from finfeat.jobs.sources import read_file
 from finfeat.schemas.mapping import Mapping
-from finfeat.transforms.parse import CardTokenizer, parse_batch
+from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
+from finfeat.transforms.parse import PARSED_SCHEMA, CardTokenizer, parse_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SPARKOV = REPO / "data" / "sparkov"
@@ -17,6 +18,23 @@ SPARKOV_TEST = SPARKOV / "fraudTest_rows_0-5115.csv"
 TOKEN_KEY = b"test-key-0123456789abcdef"
 #: Tests name the runner explicitly (the default DirectRunner would first try Prism).
 RUNNER = "FnApiRunner"
+
+
+def output_bytes(root: Path) -> bytes:
+    """Every byte written under ``root``, Parquet files also decoded (their pages are compressed)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    parts = []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        parts.append(p.read_bytes())
+        if p.suffix == ".parquet":
+            rows = pq.read_table(p).to_pylist()
+            parts += [json.dumps(rows, default=str, ensure_ascii=False).encode(), json.dumps(rows, default=str).encode()]
+    return b"\n".join(parts)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +46,7 @@ def load_events(path: Path, mapping: Mapping | str) -> tuple[pa.Table, pa.Table]
     """Canonical events and dead letters of one file, through the production parser."""
     mapping = Mapping.load(mapping) if isinstance(mapping, str) else mapping
     tok = CardTokenizer(TOKEN_KEY)
-    events, dead = [], []
+    events, dead = [PARSED_SCHEMA.empty_table()], [DEAD_LETTER_SCHEMA.empty_table()]
     for raw, unreadable in read_file(path, mapping, tok, run_id="test", recorded_at_us=0):
         ev, dl = parse_batch(raw, mapping=mapping, tokenizer=tok, source=path.name, run_id="test",
                              recorded_at_us=0)

@@ -625,6 +625,29 @@ def test_serve_lookup_cli(tmp_path: Path, sparkov_test_events: pa.Table, capsys:
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("change", [
+    ["--amount-minor", "1000000000000000000000000"], ["--amount-minor", "1000000000001"], ["--lat", "1000"],
+    ["--lon", "-181"], ["--lat", "nan"], ["--lon", "inf"], ["--at", "2300-01-01T00:00:00Z"],
+    ["--at", "0001-01-01T00:00:00+05:00"], ["--card-token", "4000123412341234"], ["--currency", "XYZ"],
+])
+def test_serve_lookup_refuses_out_of_bounds_requests(tmp_path: Path, change: list[str],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The bounds every event meets: exit 2 with a message naming the field, no traceback."""
+    path = tmp_path / "online.db"
+    SqliteOnlineStore(path, SPEC).close()
+    args = {"--store": f"sqlite:{path}", "--card-token": "tok_a", "--merchant-id": "m1", "--amount-minor": "1",
+            "--currency": "USD", "--at": "2020-06-23T08:00:00Z", "--lat": "40.5", "--lon": "-74.25"}
+    args[change[0]] = change[1]
+    argv = [x for kv in args.items() for x in kv]
+    try:
+        code = _cli(argv)
+    except SystemExit as exc:  # argparse refusing the value: also exit 2
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error" in err
+
+
 def _iso_us(text: str) -> int:
     from datetime import datetime
 

@@ -11,6 +11,8 @@ Skipped when Kafka's jars or Prism are missing, unless CI is set (then they fail
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -157,6 +159,44 @@ def test_kill_and_restart_leaves_every_row_once(kafka, tmp_path: Path) -> None: 
     _assert_equals_batch(_features(wh), events)
     after_version = DeltaTable(str(features)).transaction_version(f"{APP_ID}:features")
     assert after_version is not None and after_version > before
+
+
+@pytest.mark.parametrize("how", ["sigterm_to_the_job", "ctrl_c_to_the_group"])
+def test_a_stop_commits_what_is_final_and_exits_0(kafka, tmp_path: Path, how: str) -> None:  # noqa: ANN001
+    """SIGTERM to the job (as a service manager sends it), or SIGINT to its whole process group
+    (Ctrl-C in a terminal): the job drains, commits the rows that were final, exits 0; a restart
+    completes the rest, every row once."""
+    events = sparkov_events(1000)
+    first, rest = events.slice(0, 700), events.slice(700)
+    topic = f"stop-{how}"
+    _produce(first, kafka.bootstrap, topic)
+    wh, log = tmp_path / "wh", tmp_path / "stream.log"
+    proc = start_stream(kafka.bootstrap, topic, wh, log, idle_s=None)
+    try:
+        wait_until(lambda: commits(wh / "features") >= 1, 90, "the first features commit", proc, log)
+        if how == "sigterm_to_the_job":
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        rc = wait_for(proc, log, 90)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert rc == 0, tail(log)
+    assert "stopped on request" in log.read_text(), tail(log)
+    got = _features(wh)
+    # final at the stop: every event the watermark (newest - bound) had passed, and only those
+    t = pc.cast(first.column("event_time"), pa.int64()).to_numpy()
+    final = first.filter(pa.array(t <= t.max() - BOUND_S * 1_000_000))
+    assert pc.count_distinct(got.column("txn_id")).as_py() == got.num_rows, "duplicate feature rows"
+    assert sorted(got.column("txn_id").to_pylist()) == sorted(final.column("txn_id").to_pylist())
+    problems = compare_features(got.select(["txn_id", *SPEC.names]),
+                                compute_features(events, SPEC).filter(
+                                    pc.is_in(pc.field("txn_id"), value_set=final.column("txn_id"))))
+    assert problems == [], problems[:5]
+    _produce(rest, kafka.bootstrap, topic)
+    run_stream(kafka.bootstrap, topic, wh, log)
+    _assert_equals_batch(_features(wh), events)
 
 
 class _SlowBufferFn(beam.DoFn):

@@ -314,6 +314,66 @@ def test_score_json_feature_dict_and_online_store(model_dir: Path, sparkov_wareh
     assert "4 requests, 2 scored, 2 failed" in captured.err
 
 
+def _strict_json(line: str) -> dict:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in JSON output: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_score_loop_survives_every_bad_request(model_dir: Path, sparkov_events: pa.Table, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """Each malformed request gets its own error line and the loop goes on; the output is strict
+    JSON (no NaN); the same bounds as the batch parser's."""
+    from finfeat.jobs.online import materialize, open_store
+    from finfeat.transforms.spec import FeatureSpec
+
+    spec = FeatureSpec.default()
+    url = f"sqlite:{tmp_path / 'online.db'}"
+    with open_store(url, spec) as store:
+        materialize(store, sparkov_events, spec)
+    me = sparkov_events.to_pylist()[-1]
+    good = {"card_token": me["card_token"], "merchant_id": me["merchant_id"], "amount_minor": 1250,
+            "at": "2020-12-31T23:00:00Z", "merchant_lat": 40.0, "merchant_lon": -74.0}
+    bad_changes = [
+        '"amount_minor": 1e30', '"amount_minor": 100000000000000000000000000000', '"at": "not a time"',
+        '"amount_minor": -5', '"amount_minor": true', '"amount_minor": 12.5', '"amount_minor": 1000000000001',
+        '"merchant_lat": NaN', '"merchant_lon": Infinity', '"merchant_lat": -Infinity', '"merchant_lat": 1000',
+        '"merchant_lon": -181', '"merchant_lat": true', '"at": "2021-02-29T10:00:00Z"', '"at": "2300-01-01"',
+        '"at_us": -1', '"card_token": "4000 1234 1234 1234"', '"card_token": 12', '"currency": "XYZ"',
+    ]
+    lines = [json.dumps(good)]
+    for change in bad_changes:
+        key = change.split(":")[0].strip('"')
+        rest = {k: v for k, v in good.items() if k != key and not (key == "at_us" and k == "at")}
+        lines.append(json.dumps(rest)[:-1] + ", " + change + "}")
+    lines += ["[1, 2]", json.dumps({**good, "merchant_lat": None, "merchant_lon": None})]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    rc = _cli(score_cli, ["score", "--model", str(model_dir), "--jsonl", str(requests), "--store", url])
+    captured = capsys.readouterr()
+    results = [_strict_json(line) for line in captured.out.splitlines()]
+    assert rc == 1 and len(results) == len(lines)
+    assert "error" not in results[0] and "error" not in results[-1]
+    assert 0.0 <= results[0]["score"] <= 1.0
+    for i, (change, result) in enumerate(zip(bad_changes + ["[1, 2]"], results[1:-1]), start=2):
+        assert result.get("error") == "bad_request", (change, result)
+        assert result["line"] == i and result["message"]
+    assert f"{len(lines)} requests, 2 scored, {len(lines) - 2} failed" in captured.err
+
+    # one request on the command line: the same validation, exit 2 and no traceback
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--json",
+                            json.dumps({**good, "amount_minor": 10**30}), "--store", url]) == 2
+    assert "amount_minor" in capsys.readouterr().err
+    # a feature row with a non-finite value is refused, not scored
+    row = {c: 0.0 for c in Scorer.load(model_dir).features}
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--json",
+                            json.dumps({**row, next(iter(row)): float("nan")})]) == 2
+    assert "not finite" in capsys.readouterr().err
+    assert _cli(score_cli, ["score", "--model", str(model_dir), "--json", json.dumps({**row, "amount_minor": -3})]) == 2
+    assert "amount_minor" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- maintenance
 
 

@@ -28,10 +28,35 @@ _US_PER_DAY = 86_400_000_000
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _sorted_order(table: pa.Table, key: str) -> np.ndarray:
-    return pc.sort_indices(
-        table, sort_keys=[(key, "ascending"), ("event_time", "ascending"), ("txn_id", "ascending")]
-    ).to_numpy()
+class FeatureOverflowError(ArithmeticError):
+    """A window sum would not fit in int64 (millions of maximal amounts in one window)."""
+
+
+def _sorted_order(table: pa.Table, key: str, key_codes: np.ndarray | None = None) -> np.ndarray:
+    """Row order that groups rows by ``key`` and sorts each group by ``(event_time, txn_id)``.
+
+    Groups come in the order of their dictionary codes (which group comes first changes no
+    feature). Sorting by integer codes and times with numpy is much cheaper than Arrow's sort
+    on the key's strings; txn ids are compared only within runs of equal ``(key, time)``.
+    """
+    codes = _codes(table.column(key)) if key_codes is None else key_codes
+    t = _numpy(table.column("event_time").cast(pa.int64()))
+    order = np.lexsort((t, codes))
+    if len(order) < 2:
+        return order
+    c, ts = codes[order], t[order]
+    same = (c[1:] == c[:-1]) & (ts[1:] == ts[:-1])
+    if same.any():  # ties on (key, time): order each run by txn id
+        tied = np.zeros(len(order), dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        at = np.flatnonzero(tied)
+        run = np.cumsum(np.concatenate([[True], ~same]))[at]
+        txn = table.column("txn_id").take(pa.array(order[at]))
+        within = pc.sort_indices(pa.table({"run": run, "txn": txn}),
+                                 sort_keys=[("run", "ascending"), ("txn", "ascending")]).to_numpy()
+        order[at] = order[at][within]
+    return order
 
 
 def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.ndarray:
@@ -226,9 +251,44 @@ class _EntityFrame:
         return self._cache[key]
 
     def prefix(self, column: str) -> np.ndarray:
+        """Prefix sums in int64. They may wrap around on a long partition, which is harmless:
+        numpy's int64 arithmetic is modulo 2**64, so a difference of two prefix sums is the
+        window's sum modulo 2**64, which is the sum itself whenever it lies in [0, 2**63).
+        Read window sums through :meth:`window_sum`, which guarantees that."""
         key = f"prefix:{column}"
         if key not in self._cache:
             self._cache[key] = np.concatenate([[0], np.cumsum(self.ints(column))])
+        return self._cache[key]
+
+    def window_sum(self, column: str, window: int) -> np.ndarray:
+        """Sum of a non-negative integer column over each row's window, exact in int64.
+
+        Every value is in [0, biggest], so a window of k events sums to at most k * biggest;
+        when that is below 2**63 for the fullest window, the prefix-sum difference is exact (see
+        :meth:`prefix`). Amounts are bounded at parse (``MAX_AMOUNT_MINOR`` = 10**12), so this
+        holds for any window of fewer than 9,223,372 events; past that, the rows that could
+        overflow are summed in Python integers and a sum beyond int64 raises
+        :class:`FeatureOverflowError` instead of wrapping.
+        """
+        key = f"wsum:{column}:{window}"
+        if key not in self._cache:
+            x = self.ints(column)
+            count, _ = self.count(window)
+            p = self.prefix(column)
+            total = p[self.idx] - p[self.lo(window)]
+            if self.n:
+                low, biggest = int(x.min()), int(x.max())
+                if low < 0:
+                    raise FeatureOverflowError(f"{column} holds a negative value ({low}); window sums expect "
+                                               "amounts validated at parse (0 to MAX_AMOUNT_MINOR)")
+                risky = np.flatnonzero(count.astype(np.float64) * biggest >= 2.0**63)
+                if risky.size:
+                    lo = self.lo(window)
+                    exact = [sum(x[a:b].tolist()) for a, b in zip(lo[risky], self.idx[risky])]
+                    if max(exact) > _INT64_MAX:
+                        raise FeatureOverflowError(f"a {column} window sum exceeds int64 ({max(exact)})")
+                    total[risky] = exact
+            self._cache[key] = total
         return self._cache[key]
 
     def prev_same(self, column: str) -> np.ndarray:
@@ -255,8 +315,9 @@ class _TableFrame(_EntityFrame):
     """A frame over an Arrow table in any row order; columns are read once, sorted with numpy."""
 
     def __init__(self, table: pa.Table, entity: str) -> None:
-        order = _sorted_order(table, ENTITY_COLUMNS[entity])
-        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[order]
+        codes = _codes(table.column(ENTITY_COLUMNS[entity]))
+        order = _sorted_order(table, ENTITY_COLUMNS[entity], codes)
+        key_codes = codes[order]
         new_group = np.ones(len(order), dtype=bool)
         if len(order) > 1:
             np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
@@ -331,10 +392,10 @@ def _window_std(frame: _EntityFrame, col: str, window: int) -> tuple[np.ndarray,
     count, _ = frame.count(window)
     # Exact integer sums of the window, then n*S2 - S1^2 in Python integers (exact, and a
     # function of the window's values alone, so every run and every path agrees bit for bit).
-    p, q = frame.prefix(col), frame.square_prefix(col)
+    q = frame.square_prefix(col)
     varies = count >= 2
     rows = np.flatnonzero(varies)
-    s1, s2, k = p[i[rows]] - p[lo[rows]], q[i[rows]] - q[lo[rows]], count[rows]
+    s1, s2, k = frame.window_sum(col, window)[rows], q[i[rows]] - q[lo[rows]], count[rows]
     if s2.dtype != object and (k.astype(np.float64) * s2.astype(np.float64)).max(initial=0) < 2.0**62:
         numerator = k * s2 - s1 * s1  # exact in int64
         denominator = k * (k - 1)
@@ -366,8 +427,7 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.nda
     if agg == "count":
         return count, everywhere
     if agg in {"sum", "avg"}:
-        p = frame.prefix(FIELD_COLUMNS[f.field])
-        total = p[i] - p[lo]
+        total = frame.window_sum(FIELD_COLUMNS[f.field], f.window_us)
         if agg == "sum":
             return total, everywhere
         return total / np.maximum(count, 1), nonempty
@@ -381,8 +441,8 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.nda
         std, varies = _window_std(frame, col, f.window_us)
         if agg == "std":
             return std, varies
-        x, p = frame.ints(col), frame.prefix(col)
-        avg = (p[i] - p[lo]) / np.maximum(count, 1)
+        x = frame.ints(col)
+        avg = frame.window_sum(col, f.window_us) / np.maximum(count, 1)
         z = np.zeros(n)
         z[varies] = (x[varies] - avg[varies]) / std[varies]
         return z, varies

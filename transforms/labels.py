@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from finfeat.schemas.events import EVENT_TIME_TYPE
 from finfeat.schemas.labels import LABEL_FILE_COLUMNS, LABEL_SCHEMA
 from finfeat.schemas.mapping import MappingError
+from finfeat.schemas.redaction import CARD_IN_ID_RE2
 from finfeat.transforms.parse import SOURCE_ROW, _parse_label, _parse_time, _Problems, make_dead_letters
 
 _US_PER_DAY = 86_400_000_000
@@ -29,6 +30,8 @@ def parse_labels(raw: pa.Table, *, source: str, run_id: str, recorded_at_us: int
     p = _Problems.new(n)
     txn = pc.utf8_trim_whitespace(raw.column("txn_id").combine_chunks().cast(pa.string()))
     p.flag(pc.or_(pc.is_null(txn), pc.equal(txn, "")).fill_null(True), "missing_field", "txn_id is missing")
+    p.flag(pc.match_substring_regex(txn, CARD_IN_ID_RE2), "card_number_in_field",
+           "txn_id holds a card-number-like value (value not shown)")
     label_raw = raw.column("is_fraud").combine_chunks()
     label = _parse_label(label_raw, ["1", "true", "True", "TRUE"], ["0", "false", "False", "FALSE"], p, "is_fraud")
     p.flag(pc.is_null(label), "missing_field", "is_fraud is missing")
@@ -75,7 +78,10 @@ def attach_labels(events: pa.Table, labels: pa.Table | None) -> pa.Table:
     joined = events.join(feed, keys="txn_id", join_type="left outer")
     fraud = pc.coalesce(joined.column("_feed_fraud"), joined.column("is_fraud"))
     joined = joined.set_column(joined.column_names.index("is_fraud"), "is_fraud", fraud)
-    return joined.drop_columns(["_feed_fraud"]).select([*events.column_names, "label_time"])
+    # a join drops the events' not-null flags; keep the schema of a bucket without feed labels, so that
+    # buckets with and without them concatenate downstream
+    schema = pa.schema([*events.schema, pa.field("label_time", EVENT_TIME_TYPE)])
+    return joined.drop_columns(["_feed_fraud"]).select([*events.column_names, "label_time"]).cast(schema)
 
 
 def label_rows(events: pa.Table, *, delay_us: int, feed_source: str = "labels") -> pa.Table:

@@ -10,12 +10,14 @@ message, then up to ``batch_wait_s`` for more (or ``max_batch``): the batch wait
 latency of every message (it waits for its batch) for fewer, larger batches. Between polls
 it defers the rest of the restriction, so the runner can checkpoint it.
 ``stop_after_idle_s`` ends a partition after that long without messages (for demos, tests
-and catch-up runs); without it the source is unbounded.
+and catch-up runs); without it the source is unbounded. A stop requested in this process
+(:mod:`finfeat.pipelines.stop`) ends every partition at its next poll.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -26,6 +28,8 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
+
+from finfeat.pipelines.stop import STOP
 
 _LOG = logging.getLogger(__name__)
 END_OF_TIME = (1 << 62)
@@ -43,12 +47,30 @@ class _CheckpointOnlyTracker(OffsetRestrictionTracker):
         return None
 
 
+#: ``"event_time":"..."`` as a key: a quote inside a JSON string is always escaped, so these bytes
+#: occur only where the key is (the producer writes compact JSON; other spellings are parsed whole)
+_EVENT_TIME = re.compile(rb'"event_time":"([^"\\]{1,64})"')
+
+
+def _micros(text: str) -> int:
+    dt = datetime.fromisoformat(text)
+    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+
+
 def event_time_of(value: bytes | None) -> int | None:
-    """The message's event time in µs, or None when it cannot be read (a dead letter later)."""
+    """The message's event time in µs, or None when it cannot be read (a dead letter later).
+
+    Only for the watermark and the element's timestamp: the parser reads the whole message."""
+    if not value:
+        return None
+    found = _EVENT_TIME.search(value)
+    if found is not None:
+        try:
+            return _micros(found.group(1).decode())
+        except (UnicodeDecodeError, ValueError):
+            pass
     try:
-        text = json.loads(value)["event_time"]
-        dt = datetime.fromisoformat(text)
-        return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+        return _micros(json.loads(value)["event_time"])
     except (TypeError, ValueError, KeyError):
         return None
 
@@ -119,6 +141,11 @@ class ReadKafkaPartitionFn(beam.DoFn, RestrictionProvider):
                 watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
                 ) -> Iterator[TimestampedValue]:
         topic, partition = element
+        if STOP.requested():  # end the restriction: the input ends and the pipeline drains
+            before = watermark.current_watermark()
+            STOP.note_watermark((topic, partition), None if before is None else before.micros)
+            tracker.try_claim(END_OF_TIME - 1)
+            return
         offset = tracker.current_restriction().start
         consumer = self._consumer(topic, partition, offset)
         # wait (up to the poll time) for a first message, then up to the batch wait for more:
