@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(problem)
         total = sum(report.streams.values())
-        print(f"finfeat audit: {total:,} records in {len(report.streams)} stream(s): "
+        print(f"finfeat audit: {total:,} record(s) in {len(report.streams)} stream(s): "
               f"{'chain intact' if report.ok else f'{len(report.problems)} problem(s)'}", file=sys.stderr)
         return EXIT_OK if report.ok else EXIT_BAD
     if not (args.request_id or args.txn_id):

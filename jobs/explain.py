@@ -36,15 +36,23 @@ def plot_waterfall(path: str | Path, explained: dict[str, Any], *, top: int = DE
         steps.append((f"{len(rest)} other inputs", sum(r["contribution"] for r in rest)))
     fig, ax = plt.subplots(figsize=(8, 0.42 * (len(steps) + 2) + 1.2), dpi=100)
     level = explained["bias"]
+    seen = [0.0, level, explained["margin"]]
     labels = ["bias (base log-odds)"]
     ax.barh(0, level, color="#999999")
+    ax.text(level, 0, f" {level:+.3f} ", va="center", ha="left" if level > 0 else "right", fontsize=8)
     for i, (label, c) in enumerate(steps, start=1):
         ax.barh(i, c, left=level, color="#c0392b" if c > 0 else "#2e86c1")
         ax.text(level + c, i, f" {c:+.3f}", va="center", ha="left" if c > 0 else "right", fontsize=8)
         level += c
+        seen.append(level)
         labels.append(label)
     end = len(steps) + 1
     ax.barh(end, explained["margin"], color="#555555")
+    ax.text(explained["margin"], end, f" {explained['margin']:+.3f} ", va="center",
+            ha="left" if explained["margin"] > 0 else "right", fontsize=8)
+    lo, hi = min(seen), max(seen)
+    pad = 0.18 * (hi - lo or 1.0)
+    ax.set_xlim(lo - pad, hi + pad)
     labels.append("decision (log-odds)")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
