@@ -20,19 +20,29 @@ _LOG = logging.getLogger(__name__)
 DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
 TOKEN_KEY_ENV = "FINFEAT_TOKEN_KEY"
 DEFAULT_RUNNER = "FnApiRunner"
-#: sub-commands whose module holds both the parser and the command
+#: sub-commands whose module holds both the parser and the command, in help order, with the
+#: one-line help their ``add_parser`` gives (so ``finfeat --help`` lists them without importing
+#: them: some import Beam, Kafka or xgboost; a test keeps the two texts equal).
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
     "train": "finfeat.jobs.train", "score": "finfeat.jobs.score",
+    "produce": "finfeat.jobs.produce", "stream": "finfeat.jobs.stream",
+    "serve-lookup": "finfeat.jobs.serve_lookup", "validate": "finfeat.jobs.validate",
+}
+LATE_COMMAND_HELP = {
+    "training-set": "features joined with the labels known at a cut-off, pinned to Delta versions",
+    "maintain": "compact small files and vacuum old ones (Delta tables)",
+    "train": "train an xgboost fraud model on time windows, with a baseline",
+    "score": "score transactions with a trained model (batch or one JSON)",
+    "produce": "publish transactions (a file) to a Kafka topic as JSON",
+    "stream": "Kafka -> features -> Delta (and the online store), exactly once",
+    "serve-lookup": "look a candidate transaction up in the online store (prints JSON)",
+    "validate": "data-quality checks of a Delta table: expectation suite and drift (for CI)",
 }
 
 
 class UsageError(Exception):
     """A bad flag, file or config; the message says how to fix it."""
-
-
-
-
 
 
 def _beam_args(rest: list[str]) -> list[str]:
@@ -73,7 +83,14 @@ def _token_key(args: argparse.Namespace, *, demo: bool) -> bytes:
                      "(or pass --demo-key to use the public demo key on test data)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not a flag), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; of the late commands only ``command``'s is complete (the others list
+    their help line), so that ``finfeat --help`` or a bad flag imports none of them."""
     parser = argparse.ArgumentParser(prog="finfeat", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO")
@@ -115,18 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--demo-key", action="store_true", help=f"tokenize with the public demo key if "
                                                             f"{TOKEN_KEY_ENV} is unset (test data only)")
 
-    from finfeat.jobs import produce as produce_cmd
-    from finfeat.jobs import stream as stream_cmd
-
-    from finfeat.jobs import serve_lookup as serve_lookup_cmd
-    from finfeat.jobs import validate as validate_cmd
-
-    for module in _LATE_COMMANDS.values():
-        __import__(module, fromlist=["add_parser"]).add_parser(sub)
-    produce_cmd.add_parser(sub)
-    stream_cmd.add_parser(sub)
-    serve_lookup_cmd.add_parser(sub)
-    validate_cmd.add_parser(sub)
+    for name, module in _LATE_COMMANDS.items():
+        if name == command:  # only the command being run imports its module (and what that needs)
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        else:
+            sub.add_parser(name, help=LATE_COMMAND_HELP[name], add_help=False)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled public data",
                           allow_abbrev=False)
@@ -260,7 +270,8 @@ def _demo_stream(warehouse: Path, inputs: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Beam warns at import that optional Google Cloud clients are absent; they are not used here.
@@ -272,10 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: verbose or "Key coder FastPrimitivesCoder" not in record.getMessage())
         handler.addFilter(lambda record: not (quiet_gx and record.name.startswith("great_expectations")
                                               and record.levelno < logging.WARNING))
-    parser = _parser()
+    parser = _parser(_command(argv))
     args, rest = parser.parse_known_args(argv)
-    from finfeat.schemas.mapping import MappingError
-    from finfeat.transforms.spec import SpecError
 
     try:
         if args.command == "generate":
@@ -284,29 +293,16 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "backfill":
             return _cmd_backfill(args, rest)
-        if args.command == "produce":
-            from finfeat.jobs import produce as produce_cmd
-
-            if rest:
-                raise UsageError(f"unknown flag(s) for produce: {' '.join(rest)}")
-            return produce_cmd.run(args)
-        if args.command in _LATE_COMMANDS:
-            if rest:
-                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
-            return __import__(_LATE_COMMANDS[args.command], fromlist=["run"]).run(args)
-        if args.command in {"serve-lookup", "validate"}:
-            if rest:
-                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
-            from finfeat.jobs import serve_lookup as serve_lookup_cmd
-            from finfeat.jobs import validate as validate_cmd
-
-            return (serve_lookup_cmd if args.command == "serve-lookup" else validate_cmd).run(args)
         if args.command == "stream":
             from finfeat.jobs import stream as stream_cmd
 
             return stream_cmd.run(args, rest)
+        if args.command in _LATE_COMMANDS:
+            if rest:
+                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
+            return __import__(_LATE_COMMANDS[args.command], fromlist=["run"]).run(args)
         return _cmd_demo(args, rest)
-    except (UsageError, MappingError, SpecError, ValueError) as exc:
+    except (UsageError, ValueError) as exc:  # MappingError, SpecError, SuiteError are ValueErrors
         print(f"finfeat {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
