@@ -28,10 +28,29 @@ _US_PER_DAY = 86_400_000_000
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _sorted_order(table: pa.Table, key: str) -> np.ndarray:
-    return pc.sort_indices(
-        table, sort_keys=[(key, "ascending"), ("event_time", "ascending"), ("txn_id", "ascending")]
-    ).to_numpy()
+def _sorted_order(table: pa.Table, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row order by (entity, event_time, txn_id), and the entity's codes in that order.
+
+    Entities are ordered by dictionary code, not by text (any order groups them, and codes sort
+    as integers); numpy sorts by (code, time), and only runs of equal (code, time) are then
+    ordered by txn id, with Arrow's byte-wise string sort.
+    """
+    codes = _codes(table.column(key))
+    t = _numpy(table.column("event_time").cast(pa.int64()))
+    order = np.lexsort((t, codes))
+    if len(order) > 1:
+        c, ts = codes[order], t[order]
+        tie = (c[1:] == c[:-1]) & (ts[1:] == ts[:-1])
+        if tie.any():
+            in_run = np.zeros(len(order), dtype=bool)
+            in_run[1:] |= tie
+            in_run[:-1] |= tie
+            pos = np.flatnonzero(in_run)
+            rows = order[pos]
+            sub = pa.table({"c": codes[rows], "t": t[rows], "txn_id": table.column("txn_id").take(pa.array(rows))})
+            order[pos] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("t", "ascending"),
+                                                              ("txn_id", "ascending")]).to_numpy()]
+    return order, codes[order]
 
 
 def window_lower_bounds(t: np.ndarray, group: np.ndarray, window: int) -> np.ndarray:
@@ -255,8 +274,7 @@ class _TableFrame(_EntityFrame):
     """A frame over an Arrow table in any row order; columns are read once, sorted with numpy."""
 
     def __init__(self, table: pa.Table, entity: str) -> None:
-        order = _sorted_order(table, ENTITY_COLUMNS[entity])
-        key_codes = _codes(table.column(ENTITY_COLUMNS[entity]))[order]
+        order, key_codes = _sorted_order(table, ENTITY_COLUMNS[entity])
         new_group = np.ones(len(order), dtype=bool)
         if len(order) > 1:
             np.not_equal(key_codes[1:], key_codes[:-1], out=new_group[1:])
