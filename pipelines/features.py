@@ -45,36 +45,6 @@ def _stat(name: str, value: int) -> pvalue.TaggedOutput:
     return pvalue.TaggedOutput(STATS, (name, int(value)))
 
 
-TaggedPiece = Tuple[int, Tuple[int, pa.Table]]  # a bucket, and a table with the number of its input
-
-
-class GroupTablesByBucket(beam.PTransform):
-    """``{name: PCollection of (bucket, table)}`` -> ``(bucket, {name: [tables]})``.
-
-    :class:`beam.CoGroupByKey` for Arrow tables: it tags values with a step that declares no
-    type, so Beam would pickle every table on the way through the shuffle; here the tag is an
-    integer in a typed tuple, so the tables travel with the Arrow IPC coder.
-    """
-
-    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
-        names = list(inputs)
-        tagged = [pcoll | f"Tag{name.capitalize()}" >> beam.Map(lambda kv, i=i: (kv[0], (i, kv[1]))
-                                                               ).with_output_types(TaggedPiece)
-                  for i, (name, pcoll) in enumerate(inputs.items())]
-
-        def regroup(item: tuple[int, list[tuple[int, pa.Table]]]) -> tuple[int, dict[str, list[pa.Table]]]:
-            key, pieces = item
-            parts: dict[str, list[pa.Table]] = {name: [] for name in names}
-            for i, table in pieces:
-                parts[names[i]].append(table)
-            return key, parts
-
-        return (tagged
-                | "Flatten" >> beam.Flatten().with_output_types(TaggedPiece)
-                | "GroupByKey" >> beam.GroupByKey()
-                | "Regroup" >> beam.Map(regroup))
-
-
 class ParseBatchFn(beam.DoFn):
     """Raw source batch -> canonical events; rows that fail go to the dead-letter output.
 
@@ -149,7 +119,7 @@ class DeduplicateEvents(beam.PTransform):
                 yield pvalue.TaggedOutput(DEAD, dead)
 
         return (keyed
-                | "GroupByTxnId" >> GroupTablesByBucket()
+                | "GroupByTxnId" >> beam.CoGroupByKey()
                 | "KeepOneCopy" >> beam.FlatMap(dedup).with_output_types(pa.Table).with_outputs(DEAD, main="events"))
 
 
@@ -289,7 +259,7 @@ class ComputeFeatures(beam.PTransform):
                 yield rows.select(schema.names).cast(schema)
 
         features = (branches
-                    | "GroupByAnchor" >> GroupTablesByBucket()
+                    | "GroupByAnchor" >> beam.CoGroupByKey()
                     | "AssembleFeatureRows" >> beam.FlatMap(assemble).with_output_types(pa.Table))
         late = events.pipeline | "NoLateEventsInBatch" >> beam.Create([])
         return {"features": features, "late": late}
