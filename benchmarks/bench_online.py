@@ -13,7 +13,7 @@
    lookups and batches of 100 (p50 / p99 / p99.9), and, to show where the time goes, the
    state read alone (the store round trip and decoding) and the feature engine alone.
 
-Target: single lookup p99 under 1 ms on both backends. Nothing here is asserted; it prints.
+Targets: single lookup p99 under 0.5 ms on SQLite, 0.8 ms on Redis. Nothing here is asserted; it prints.
 """
 from __future__ import annotations
 
@@ -175,9 +175,10 @@ def main() -> int:
     print("read: the state read alone (card + merchant in one round trip / read transaction), no arithmetic;")
     print("engine: the lookup's arithmetic alone (card and merchant columns + features, calendar) on the states read, no store")
     for r in rows:
-        met = r["single"][1] < 1000
-        print(f"target single-lookup p99 < 1 ms on {r['name']}: {'met' if met else 'NOT met'} "
-              f"({r['single'][1] / 1e3:.2f} ms)")
+        limit = 500 if r["name"].startswith("SQLite") else 800
+        met = r["single"][1] < limit
+        print(f"target single-lookup p99 < {limit / 1e3:.1f} ms on {r['name']}: {'met' if met else 'NOT met'} "
+              f"({r['single'][1] / 1e3:.2f} ms; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """finfeat: point-in-time ML features for card fraud and credit risk on Apache Beam."""
 __version__ = "0.1.0"
 
-from finfeat.schemas import arrow_pickle as _arrow_pickle  # noqa: E402,F401  (registers the IPC pickler)
+# Nothing heavy here: ``finfeat --help`` imports this package. The Arrow IPC pickler
+# (finfeat.schemas.arrow_pickle) is registered by finfeat.pipelines, which every Beam job imports.
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: `import finfeat` stays light

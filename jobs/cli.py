@@ -23,21 +23,36 @@ DEFAULT_RUNNER = "FnApiRunner"
 #: the umask of every command: outputs (Delta tables, dead letters, run reports, SQLite stores,
 #: models) are readable by their owner and group, never by others
 OUTPUT_UMASK = 0o027
-#: sub-commands whose module holds both the parser and the command
+#: sub-commands whose module holds both the parser and the command, in help order, with the
+#: one-line help their ``add_parser`` gives (so ``finfeat --help`` lists them without importing
+#: them: some import Beam, Kafka or xgboost; a test keeps the two texts equal).
 _LATE_COMMANDS = {
     "training-set": "finfeat.jobs.training", "maintain": "finfeat.jobs.maintain",
     "train": "finfeat.jobs.train", "score": "finfeat.jobs.score", "explain": "finfeat.jobs.explain",
     "audit": "finfeat.jobs.audit",
     "serve": "finfeat.jobs.serve", "features": "finfeat.jobs.discover", "init": "finfeat.jobs.project",
+    "produce": "finfeat.jobs.produce", "stream": "finfeat.jobs.stream",
+    "serve-lookup": "finfeat.jobs.serve_lookup", "validate": "finfeat.jobs.validate",
+}
+LATE_COMMAND_HELP = {
+    "training-set": "features joined with the labels known at a cut-off, pinned to Delta versions",
+    "maintain": "compact small files and vacuum old ones (Delta tables)",
+    "train": "train an xgboost fraud model on time windows, with a baseline",
+    "score": "score transactions with a trained model (batch or one JSON)",
+    "explain": "one decision's reason codes as a waterfall chart (PNG)",
+    "audit": "check the audit trail of decisions, or find a decision",
+    "serve": "serve online features (and scores) over HTTP",
+    "features": "list the feature spec's features, or describe one",
+    "init": "write a finfeat.yaml project file here",
+    "produce": "publish transactions (a file) to a Kafka topic as JSON",
+    "stream": "Kafka -> features -> Delta (and the online store), exactly once",
+    "serve-lookup": "look a candidate transaction up in the online store (prints JSON)",
+    "validate": "data-quality checks of a Delta table: expectation suite and drift (for CI)",
 }
 
 
 class UsageError(Exception):
     """A bad flag, file or config; the message says how to fix it."""
-
-
-
-
 
 
 def _beam_args(rest: list[str]) -> list[str]:
@@ -101,7 +116,14 @@ def restrict_umask() -> None:
     os.umask(current | OUTPUT_UMASK)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not a flag), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; of the late commands only ``command``'s is complete (the others list
+    their help line), so that ``finfeat --help`` or a bad flag imports none of them."""
     parser = argparse.ArgumentParser(prog="finfeat", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -162,18 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     catchup_cmd.add_arguments(bf)
     runs_cmd.add_parser(sub)
 
-    from finfeat.jobs import produce as produce_cmd
-    from finfeat.jobs import stream as stream_cmd
-
-    from finfeat.jobs import serve_lookup as serve_lookup_cmd
-    from finfeat.jobs import validate as validate_cmd
-
-    for module in _LATE_COMMANDS.values():
-        __import__(module, fromlist=["add_parser"]).add_parser(sub)
-    produce_cmd.add_parser(sub)
-    stream_cmd.add_parser(sub)
-    serve_lookup_cmd.add_parser(sub)
-    validate_cmd.add_parser(sub)
+    for name, module in _LATE_COMMANDS.items():
+        if name == command:  # only the command being run imports its module (and what that needs)
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        else:
+            sub.add_parser(name, help=LATE_COMMAND_HELP[name], add_help=False)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the bundled public data",
                           allow_abbrev=False)
@@ -425,15 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     except project.ConfigError as exc:
         print(f"finfeat: error: {exc}", file=sys.stderr)
         return 2
-    parser = _parser()
+    parser = _parser(_command(argv))
     if config is not None:
         project.apply(parser, config, config_dir)
     args, rest = parser.parse_known_args(argv)
     if config is not None and args.command in {"backfill", "stream", "demo"}:
         rest = [*config.runner.flags, *rest]  # the command line's Beam flags come later and win
     restrict_umask()
-    from finfeat.schemas.mapping import MappingError
-    from finfeat.transforms.spec import SpecError
 
     try:
         if args.command == "generate":
@@ -442,23 +455,6 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "backfill":
             return _cmd_backfill(args, rest)
-        if args.command == "produce":
-            from finfeat.jobs import produce as produce_cmd
-
-            if rest:
-                raise UsageError(f"unknown flag(s) for produce: {' '.join(rest)}")
-            return produce_cmd.run(args)
-        if args.command in _LATE_COMMANDS:
-            if rest:
-                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
-            return __import__(_LATE_COMMANDS[args.command], fromlist=["run"]).run(args)
-        if args.command in {"serve-lookup", "validate"}:
-            if rest:
-                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
-            from finfeat.jobs import serve_lookup as serve_lookup_cmd
-            from finfeat.jobs import validate as validate_cmd
-
-            return (serve_lookup_cmd if args.command == "serve-lookup" else validate_cmd).run(args)
         if args.command == "runs":
             from finfeat.jobs import runs as runs_cmd
 
@@ -469,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             from finfeat.jobs import stream as stream_cmd
 
             return stream_cmd.run(args, rest)
+        if args.command in _LATE_COMMANDS:
+            if rest:
+                raise UsageError(f"unknown flag(s) for {args.command}: {' '.join(rest)}")
+            return __import__(_LATE_COMMANDS[args.command], fromlist=["run"]).run(args)
         return _cmd_demo(args, rest)
     except ModuleNotFoundError as exc:
         from finfeat.jobs.hints import install_hint
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"finfeat {args.command}: error: no module named {exc.name!r}: {hint}", file=sys.stderr)
         return 2
-    except (UsageError, MappingError, SpecError, ValueError) as exc:
+    except (UsageError, ValueError) as exc:  # MappingError, SpecError, SuiteError are ValueErrors
         hint = ""
         if "does not have; its columns are" in str(exc) and getattr(args, "input", None):
             from finfeat.jobs.hints import mapping_hint

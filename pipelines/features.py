@@ -120,7 +120,7 @@ class DeduplicateEvents(beam.PTransform):
 
         return (keyed
                 | "GroupByTxnId" >> beam.CoGroupByKey()
-                | "KeepOneCopy" >> beam.FlatMap(dedup).with_outputs(DEAD, main="events"))
+                | "KeepOneCopy" >> beam.FlatMap(dedup).with_output_types(pa.Table).with_outputs(DEAD, main="events"))
 
 
 class ParseLabelsFn(beam.DoFn):
@@ -200,9 +200,18 @@ class ComputeFeatures(beam.PTransform):
         entities = list(spec.entities)
         anchor = entities[0] if entities else None
         anchor_col = ENTITY_COLUMNS[anchor] if anchor else "txn_id"
+        # the anchor's partitions get only what its features and the feature rows read (the wide
+        # rows cross this shuffle: e.g. the card's own coordinates stay behind)
+        anchor_needed = list(dict.fromkeys(
+            [*(_columns_needed(spec.for_entity(anchor), anchor, anchor_col) if anchor else ["txn_id", "event_time"]),
+             *(c for c in IDENTITY_COLUMNS if c != "event_date")]))
+
+        def partition_anchor(table: pa.Table) -> list[tuple[int, pa.Table]]:
+            return split_by_bucket(table.select([c for c in anchor_needed if c in table.column_names]),
+                                   anchor_col, buckets)
+
         branches: dict[str, beam.PCollection] = {
-            "events": events | "PartitionByAnchor" >> beam.FlatMap(split_by_bucket, anchor_col, buckets
-                                                                   ).with_output_types(Keyed)}
+            "events": events | "PartitionByAnchor" >> beam.FlatMap(partition_anchor).with_output_types(Keyed)}
         for entity in entities[1:]:
             label = entity.capitalize()
             defs = spec.for_entity(entity)
@@ -282,8 +291,8 @@ class BuildFeatures(beam.PTransform):
         raw, label_raw = (inputs["raw"], inputs.get("labels")) if isinstance(inputs, dict) else (inputs, None)
         parsed = raw | "ParseEvents" >> beam.ParDo(
             ParseBatchFn(mapping=self._mapping, token_key=self._key, run_id=self._run_id,
-                         recorded_at_us=self._recorded, event_suite=self._event_suite)).with_outputs(
-                DEAD, STATS, QUARANTINE, FAILURES, main="events")
+                         recorded_at_us=self._recorded, event_suite=self._event_suite)).with_output_types(
+                pa.Table).with_outputs(DEAD, STATS, QUARANTINE, FAILURES, main="events")
         dedup_in: dict[str, beam.PCollection] = {"events": parsed.events}
         dead_parts = [parsed[DEAD]]
         stat_parts = [parsed[STATS]]
@@ -320,8 +329,8 @@ class BuildFeatures(beam.PTransform):
             if kept.num_rows:
                 yield kept
 
-        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_outputs(
-            STATS, LABELS, main="events")
+        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_output_types(
+            pa.Table).with_outputs(STATS, LABELS, main="events")
         computed = events.events | "ComputeFeatures" >> ComputeFeatures(
             spec=self._spec, buckets=self._buckets, emit_from_us=self._from, emit_until_us=self._until)
         features = computed["features"]

@@ -108,9 +108,24 @@ def group_searchsorted(t: np.ndarray, group: np.ndarray, query_group: np.ndarray
     return out
 
 
+#: Frames of at most this many rows (an online lookup's) answer range maxima and distinct counts
+#: with one rows x rows comparison instead of loops of numpy calls whose fixed cost dominates there.
+_SMALL = 64
+
+
+def _in_range(n: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Row k, column j: whether lo[k] <= j < hi[k] (small frames only)."""
+    j = np.arange(n)
+    return (j >= lo[:, None]) & (j < hi[:, None])
+
+
 def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """max(values[lo:hi]) per row for non-empty ranges, via a sparse table."""
+    """max(values[lo:hi]) per row for non-empty ranges (0 for empty ones), via a sparse table."""
     length = hi - lo
+    if 0 < len(values) <= _SMALL:
+        inside = _in_range(len(values), lo, hi)
+        return np.where(length > 0, np.where(inside, values, values.min()).max(axis=1), 0).astype(values.dtype,
+                                                                                                    copy=False)
     out = np.zeros(len(lo), dtype=values.dtype)
     ok = length > 0
     if not ok.any():
@@ -448,6 +463,8 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.nda
         return z, varies
     if agg == "distinct":
         prev = frame.prev_same(FIELD_COLUMNS[f.field])
+        if n <= _SMALL:  # values in [lo, i) whose previous occurrence is before lo: each counted once
+            return (_in_range(n, lo, i) & (prev < lo[:, None])).sum(axis=1), everywhere
         distinct = np.zeros(n, dtype=np.int64)
         active = np.flatnonzero(count > 0)
         k = 1

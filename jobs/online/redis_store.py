@@ -232,17 +232,18 @@ class RedisOnlineStore(OnlineStore):
             return MissingState(kind, key)
         parts = blob.decode().split("\0")
         asof = pmax = None
-        events = []
+        items = []
         for f, v in zip(parts[::2], parts[1::2]):
             if f[:1] == "#":
                 bar = v.index("|", 1)
-                events.append(StoredEvent.from_payload(f[1:], int(v[1:bar]), v[0] == "1", v[bar + 1:]))
+                items.append((f[1:], int(v[1:bar]), v[0] == "1", v[bar + 1:]))
             elif f == "asof":
                 asof = int(v)
             elif f == "pmax":
                 pmax = int(v)
         if asof is None:
             return MissingState(kind, key)
+        events = StoredEvent.many_from_payloads(items)
         events.sort(key=lambda e: (e.time_us, e.txn_id.encode()))
         return EntityState(kind, key, asof, pmax, tuple(events))
 

@@ -218,7 +218,8 @@ class SqliteOnlineStore(OnlineStore):
         asof, pruned_max, expires = rows[0][:3]
         if expires <= now_us:
             return MissingState(kind, key, expired_at_us=expires)
-        events = tuple(StoredEvent.from_payload(t, us, bool(loc), p) for *_, t, us, loc, p in rows if t is not None)
+        events = tuple(StoredEvent.many_from_payloads([(t, us, bool(loc), p) for *_, t, us, loc, p in rows
+                                                       if t is not None]))
         return EntityState(kind, key, asof, pruned_max, events)
 
     def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
