@@ -35,7 +35,7 @@ _LATE_COMMANDS = {
     "serve-lookup": "finfeat.jobs.serve_lookup", "validate": "finfeat.jobs.validate",
 }
 LATE_COMMAND_HELP = {
-    "training-set": "features joined with the labels known at a cut-off, pinned to Delta versions",
+    "training-set": "features joined with the labels known at a cut-off, pinned to Delta versions; or your own rows, point in time (--entities)",
     "maintain": "compact small files and vacuum old ones (Delta tables)",
     "train": "train an xgboost fraud model on time windows, with a baseline",
     "score": "score transactions with a trained model (batch or one JSON)",

@@ -30,6 +30,7 @@ def test_every_help_text_is_plain_and_every_flag_described() -> None:
     subs = _subparsers(parser)
     assert {"serve", "features", "init", "training-set", "backfill", "score"} <= set(subs)
     assert not _RST.search(parser.format_help())
+    subs = {name: _subparsers(_parser(name))[name] for name in subs}  # each command's complete parser
     for name, sub in subs.items():
         text = sub.format_help()
         assert not _RST.search(text), f"{name} --help shows reStructuredText: {_RST.search(text).group(0)}"
@@ -93,16 +94,21 @@ def test_init_and_config_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert [r["name"] for r in json.loads(capsys.readouterr().out)["features"]] == ["card_count_3d"]
 
     config, base, argv = project.config_for(["serve", "--port", "9000"])
-    parser = _parser()
-    project.apply(parser, config, base)
-    args = parser.parse_args(argv)
+
+    def parser_for(command: str):  # the CLI builds only the running command's parser in full
+        parser = _parser(command)
+        project.apply(parser, config, base)
+        return parser
+
+    args = parser_for("serve").parse_args(argv)
     assert (args.store, args.port) == ("sqlite:state.db", 9000)
-    args, _ = parser.parse_known_args(["backfill", "--input", "x", "--start", "2020-01-01", "--end", "2020-01-02"])
+    args, _ = parser_for("backfill").parse_known_args(["backfill", "--input", "x", "--start", "2020-01-01",
+                                                       "--end", "2020-01-02"])
     assert (args.warehouse, args.mapping, args.online_store) == ("wh", "sparkov", "sqlite:state.db")
-    args = parser.parse_args(["serve-lookup", "--card-token", "c", "--merchant-id", "m", "--amount-minor", "1",
-                              "--at", "2020-01-01T00:00:00Z"])
+    args = parser_for("serve-lookup").parse_args(["serve-lookup", "--card-token", "c", "--merchant-id", "m",
+                                                  "--amount-minor", "1", "--at", "2020-01-01T00:00:00Z"])
     assert args.store == "sqlite:state.db"  # no longer a required flag: the file gives it
-    args = parser.parse_args(["score", "--model", "m", "--json", "{}"])
+    args = parser_for("score").parse_args(["score", "--model", "m", "--json", "{}"])
     assert args.store is None  # score --json without --store scores a feature row, whatever the file says
     # the file's Beam flags reach Beam (an unknown one fails before any data is read) ...
     (tmp_path / "finfeat.yaml").write_text("runner: {flags: ['--not_a_beam_flag=1']}\n")
