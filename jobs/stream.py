@@ -29,7 +29,6 @@ backfill never move a state backwards.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -40,25 +39,25 @@ from pathlib import Path
 from typing import Tuple
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from apache_beam import pvalue
 from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import DeltaTable
 
 from finfeat import __version__
 from finfeat.jobs import delta
 from finfeat.jobs.kafka.source import DEFAULT_BATCH_WAIT_S
+from finfeat.jobs.stream_commit import commit_micro_batch
 from finfeat.pipelines.features import DEAD, ParseBatchFn
 from finfeat.pipelines.streaming import (
     DEFAULT_BUCKETS,
     DEFAULT_EMIT_EVERY_MS,
     ComputeFeaturesUnbounded,
+    apply_change,
     as_events,
     refuse_runner_splits,
 )
@@ -66,20 +65,10 @@ from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.buckets import split_by_bucket
-from finfeat.transforms.parse import SOURCE, SOURCE_ROW, make_dead_letters
 from finfeat.transforms.spec import FeatureSpec
+from finfeat.transforms.stream_steps import SeenTxnIds, decode_messages, drop_repeated, late_dead_letters
 
 _LOG = logging.getLogger(__name__)
-MESSAGE_COLUMNS = ("txn_id", "card_token", "merchant_id", "merchant_category", "amount_minor", "currency",
-                   "event_time", "channel", "card_lat", "card_lon", "merchant_lat", "merchant_lon", "is_fraud")
-
-
-def _text(v: object) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return json.dumps(v)
 
 
 class DecodeMessagesFn(beam.DoFn):
@@ -89,50 +78,21 @@ class DecodeMessagesFn(beam.DoFn):
         self._topic, self._run_id = topic, run_id
 
     def process(self, batch: tuple[int, list[tuple[int, bytes]]]) -> Iterator[object]:
-        from finfeat.jobs.kafka.messages import SCHEMA
-
         partition, messages = batch
         source = f"{self._topic}/{partition}"
-        columns: dict[str, list] = {c: [] for c in MESSAGE_COLUMNS}
-        offsets: list[int] = []
-        bad: list[tuple[int, str, str]] = []
-        for offset, value in messages:
-            try:
-                rec = json.loads(value, parse_float=str, parse_int=str)
-                if not isinstance(rec, dict):
-                    raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-                if rec.get("schema") != SCHEMA:
-                    raise ValueError(f"schema {rec.get('schema')!r} is not {SCHEMA}")
-            except (ValueError, UnicodeDecodeError, TypeError) as exc:
-                text = value.decode("utf-8", "replace")[:4000] if value else ""
-                bad.append((offset, f"offset {offset}: {exc}", text))
-                continue
-            for c in MESSAGE_COLUMNS:
-                columns[c].append(_text(rec.get(c)))
-            offsets.append(offset)
-        if bad:
-            yield pvalue.TaggedOutput(DEAD, make_dead_letters(
-                run_id=self._run_id, stage="read", reasons=["unparseable"] * len(bad), details=[b[1] for b in bad],
-                source=source, source_rows=[b[0] for b in bad], txn_ids=[None] * len(bad),
-                payloads=[b[2] for b in bad], recorded_at_us=int(time.time() * 1e6)))
-        if offsets:
-            table = pa.table({**{c: pa.array(v, pa.string()) for c, v in columns.items()},
-                              SOURCE_ROW: pa.array(offsets, pa.int64())})
-            yield source, table, DEAD_LETTER_SCHEMA.empty_table()
+        raw, dead = decode_messages(messages, source=source, run_id=self._run_id)
+        if dead is not None:
+            yield pvalue.TaggedOutput(DEAD, dead)
+        if raw is not None:
+            yield source, raw, DEAD_LETTER_SCHEMA.empty_table()
 
 
 class DropRepeatedTxnFn(beam.DoFn):
     """Per bucket of txn ids: the first delivery of a txn id passes, repeats become
-    ``duplicate_txn_id`` dead letters.
-
-    The txn ids seen are kept with their event times, as Arrow pieces appended per batch; when
-    there are many pieces they are compacted, forgetting ids older than ``retention_us`` before
-    the newest event (a copy that old is ``late`` for the features anyway).
+    ``duplicate_txn_id`` dead letters (:func:`~finfeat.transforms.stream_steps.drop_repeated`).
     """
 
     SEEN = BagStateSpec("seen", PickleCoder())
-    PIECES = ReadModifyWriteStateSpec("pieces", VarIntCoder())
-    MAX_PIECES = 64
 
     def __init__(self, *, run_id: str, retention_us: int) -> None:
         self._run_id, self._retention = run_id, retention_us
@@ -140,46 +100,13 @@ class DropRepeatedTxnFn(beam.DoFn):
     def setup(self) -> None:
         refuse_runner_splits()
 
-    def process(self, kv: tuple[int, pa.Table], seen=beam.DoFn.StateParam(SEEN),
-                pieces=beam.DoFn.StateParam(PIECES)) -> Iterator[object]:
-        _, table = kv
-        ids = table.column("txn_id").combine_chunks()
-        held = [t for t in seen.read()]
-        repeat = np.zeros(table.num_rows, dtype=bool)
-        if held:
-            known = pa.concat_tables(held).column("txn_id")
-            repeat |= pc.is_in(ids, value_set=known).to_numpy(zero_copy_only=False)
-        codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
-        _, first = np.unique(codes, return_index=True)
-        in_batch = np.ones(table.num_rows, dtype=bool)
-        in_batch[first] = False
-        repeat |= in_batch
-        fresh = table.filter(pa.array(~repeat))
-        if fresh.num_rows:
-            yield fresh.drop_columns([SOURCE, SOURCE_ROW])
-            entry = pa.table({"txn_id": fresh.column("txn_id"),
-                              "t": fresh.column("event_time").cast(pa.int64())})
-            n = (pieces.read() or len(held)) + 1
-            if n > self.MAX_PIECES:
-                everything = pa.concat_tables([*held, entry])
-                newest = pc.max(everything.column("t")).as_py()
-                everything = everything.filter(pc.greater(everything.column("t"), newest - self._retention))
-                seen.clear()
-                seen.add(everything)
-                n = 1
-            else:
-                seen.add(entry)
-            pieces.write(n)
-        if repeat.any():
-            dups = table.filter(pa.array(repeat))
-            payload = dups.drop_columns([SOURCE, SOURCE_ROW]).to_pylist()
-            yield pvalue.TaggedOutput(DEAD, make_dead_letters(
-                run_id=self._run_id, stage="dedup", reasons=["duplicate_txn_id"] * dups.num_rows,
-                details=["txn id delivered again; the first delivery was kept"] * dups.num_rows,
-                source=dups.column(SOURCE).to_pylist(), source_rows=dups.column(SOURCE_ROW).to_pylist(),
-                txn_ids=dups.column("txn_id").to_pylist(),
-                payloads=[json.dumps(p, default=str, sort_keys=True) for p in payload],
-                recorded_at_us=int(time.time() * 1e6)))
+    def process(self, kv: tuple[int, pa.Table], seen=beam.DoFn.StateParam(SEEN)) -> Iterator[object]:
+        result = drop_repeated(kv[1], SeenTxnIds(seen.read()), run_id=self._run_id, retention_us=self._retention)
+        apply_change(seen, result.change)
+        if result.fresh is not None:
+            yield result.fresh
+        if result.dead is not None:
+            yield pvalue.TaggedOutput(DEAD, result.dead)
 
 
 class WriteOnlineStoreFn(beam.DoFn):
@@ -279,19 +206,7 @@ def check_online_store(url: str, spec: FeatureSpec) -> str:
 
 
 def _late_dead_letter(row: dict, run_id: str) -> pa.Table:
-    return make_dead_letters(
-        run_id=run_id, stage="late", reasons=["late"],
-        details=["arrived after features of later events were final; the next backfill repairs its day"],
-        source="stream", source_rows=[-1], txn_ids=[row["txn_id"]],
-        payloads=[json.dumps({k: v for k, v in row.items() if k != "event_time_us"}, default=str, sort_keys=True)],
-        recorded_at_us=int(time.time() * 1e6))
-
-
-def _row_key(table: pa.Table, columns: list[str]) -> pa.Array:
-    """One string per row from ``columns`` (nulls as empty), to recognise rows already committed."""
-    parts = [pc.fill_null(table.column(c).cast(pa.string()), "") for c in columns]
-    return pc.binary_join_element_wise(*parts, "\x1f").combine_chunks() if len(parts) > 1 \
-        else parts[0].combine_chunks()
+    return late_dead_letters([row], run_id=run_id)
 
 
 class CommitMicroBatchFn(beam.DoFn):
@@ -345,29 +260,12 @@ class CommitMicroBatchFn(beam.DoFn):
         tables = list(buffer.read())
         buffer.clear()
         armed.clear()
-        if not tables:
-            return
-        batch = pa.concat_tables([t.select(self._schema.names).cast(self._schema) for t in tables])
-        exists = DeltaTable.is_deltatable(self._path)
-        if exists and batch.num_rows:
-            filters = None
-            if self._match_partitions:
-                filters = pc.field(self._partition).isin(pc.unique(batch.column(self._partition)))
-            held = delta.read_table(self._path, columns=self._keys, filters=filters)
-            if held.num_rows:
-                seen = pc.is_in(_row_key(batch, self._keys), value_set=_row_key(held, self._keys))
-                batch = batch.filter(pc.invert(seen))
-        if batch.num_rows == 0:
-            return
-        committed = DeltaTable(self._path).transaction_version(self._app) if exists else None
-        version = max(committed or 0, last.read() or 0) + 1
-        write_deltalake(self._path, batch, mode="append", partition_by=[self._partition],
-                        schema_mode="merge" if exists else None,
-                        commit_properties=CommitProperties(custom_metadata=self._meta,
-                                                           app_transactions=[Transaction(self._app, version)]))
-        last.write(version)
-        _LOG.info("committed %d %s rows as %s version %d", batch.num_rows, self._kind, self._app, version)
-        yield {"table": self._kind, "rows": batch.num_rows, "app_version": version}
+        done = commit_micro_batch(self._path, tables, app_id=self._app, kind=self._kind, schema=self._schema,
+                                  key_columns=self._keys, partition_by=self._partition, metadata=self._meta,
+                                  last_version=last.read(), match_partitions=self._match_partitions)
+        if done is not None:
+            last.write(done.app_version)
+            yield {"table": done.table, "rows": done.rows, "app_version": done.app_version}
 
 
 def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Path, spec: FeatureSpec,

@@ -15,6 +15,8 @@ Channel = Literal["pos", "online", "atm", "other", "unknown"]
 CHANNELS: tuple[str, ...] = ("pos", "online", "atm", "other", "unknown")
 
 EVENT_TIME_TYPE = pa.timestamp("us", tz="UTC")
+#: The ``schema`` field of a transaction message on Kafka (JSON, one canonical event each).
+MESSAGE_SCHEMA = "finfeat.txn.v1"
 
 #: Arrow schema of a canonical event, in the order the columns are kept.
 EVENT_SCHEMA = pa.schema(

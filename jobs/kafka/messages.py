@@ -16,9 +16,9 @@ from datetime import timezone
 
 import pyarrow as pa
 
-from finfeat.schemas.events import EVENT_SCHEMA
+from finfeat.schemas.events import EVENT_SCHEMA, MESSAGE_SCHEMA
 
-SCHEMA = "finfeat.txn.v1"
+SCHEMA = MESSAGE_SCHEMA
 
 
 def encode_events(events: pa.Table) -> list[tuple[bytes, bytes]]:
