@@ -342,6 +342,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
     p.add_argument("--feature-spec")
     p.add_argument("--demo-key", action="store_true")
+    p.add_argument("--engine", choices=["beam", "flink"], default="beam",
+                   help="beam (default: Prism or any --runner) or flink (PyFlink; `make flink` installs it)")
+    from finfeat.jobs.flink.submit import add_arguments
+
+    add_arguments(p)
 
 
 def default_prism() -> Path:
@@ -355,6 +360,10 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
     from finfeat.jobs.cli import _beam_args, _token_key
 
+    if args.engine == "flink":
+        from finfeat.jobs.flink import submit
+
+        return submit.run(args, rest, _token_key(args, demo=False))
     if not any(a.startswith("--runner") for a in rest):
         rest = ["--runner=PrismRunner", *rest]
         if default_prism().exists() and not any(a.startswith("--prism_location") for a in rest):

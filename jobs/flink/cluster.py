@@ -1,8 +1,8 @@
 """A local standalone Flink cluster (one JobManager, TaskManagers) on 127.0.0.1, from the Flink
 distribution inside PyFlink. Importable without PyFlink: it only runs Flink's own scripts.
 
-    python -m finfeat.jobs.flink.cluster start --dir .cache/flink/cluster --rest-port 8081
-    python -m finfeat.jobs.flink.cluster stop --dir .cache/flink/cluster
+    python -m finfeat.jobs.flink.cluster start --dir .flink/cluster --rest-port 8081   # make flink-cluster
+    python -m finfeat.jobs.flink.cluster stop --dir .flink/cluster                     # make flink-cluster-stop
 
 Tests use :class:`LocalFlinkCluster` as a context manager: every port free (other processes on
 the machine run clusters too), a configuration folder of its own (``FLINK_CONF_DIR``) with
@@ -78,6 +78,18 @@ def write_conf(conf_dir: Path, *, rest_port: int, rpc_port: int, slots: int, pyt
     return path
 
 
+def link_lib(lib_dir: Path) -> Path:
+    """The cluster's class path: Flink's ``lib`` plus ``opt/flink-python`` (Python operators run in
+    the JobManager and TaskManagers; the distribution keeps that jar out of ``lib``), as links."""
+    home = flink_env.flink_home()
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for jar in [*(home / "lib").glob("*.jar"), *(home / "opt").glob("flink-python-*.jar")]:
+        link = lib_dir / jar.name
+        if not link.exists():
+            link.symlink_to(jar)
+    return lib_dir
+
+
 class LocalFlinkCluster:
     """``with LocalFlinkCluster() as c: c.master`` -> "127.0.0.1:PORT" (the REST address)."""
 
@@ -89,6 +101,7 @@ class LocalFlinkCluster:
         self.slots, self._timeout = slots, start_timeout_s
         self.conf_dir, self.log_dir, self.pid_dir = (self.workdir / "conf", self.workdir / "log",
                                                      self.workdir / "pid")
+        self.lib_dir = self.workdir / "lib"
 
     @property
     def master(self) -> str:
@@ -102,7 +115,7 @@ class LocalFlinkCluster:
         """The environment of Flink's scripts (and of ``flink run``) for this cluster."""
         python = flink_env.python()
         return {**os.environ, "FLINK_CONF_DIR": str(self.conf_dir), "FLINK_LOG_DIR": str(self.log_dir),
-                "FLINK_PID_DIR": str(self.pid_dir), "FLINK_IDENT_STRING": _IDENT,
+                "FLINK_PID_DIR": str(self.pid_dir), "FLINK_IDENT_STRING": _IDENT, "FLINK_LIB_DIR": str(self.lib_dir),
                 "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def _script(self, name: str, *args: str) -> None:
@@ -114,6 +127,7 @@ class LocalFlinkCluster:
         flink_env.require()
         for d in (self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
+        link_lib(self.lib_dir)
         write_conf(self.conf_dir, rest_port=self.rest_port, rpc_port=free_port(), slots=self.slots,
                    python=flink_env.python())
         _LOG.info("starting a Flink cluster at %s (folder %s)", self.rest, self.workdir)
@@ -233,7 +247,7 @@ def _wait_gone(pids: list[int], timeout_s: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finfeat.jobs.flink.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("--dir", type=Path, default=flink_env.REPO / ".cache" / "flink" / "cluster",
+    parser.add_argument("--dir", type=Path, default=flink_env.REPO / ".flink" / "cluster",
                         help="configuration, logs and pid files of the cluster")
     parser.add_argument("--rest-port", type=int, default=8081, help="REST API and web UI port (default 8081)")
     parser.add_argument("--slots", type=int, default=2, help="task slots of the TaskManager (default 2)")
