@@ -17,7 +17,7 @@ FLINK_JAR   := $(FLINK_LIB)/flink-sql-connector-kafka-5.0.0-2.2.jar
 FLINK_CLUSTER_DIR := .flink/cluster
 
 .PHONY: help setup setup-full jars prism demo stream-demo test dq bench bench-online bench-train bench-stream \
-        kafka generate clean flink flink-cluster flink-cluster-stop test-flink-engine
+        kafka generate clean flink flink-cluster flink-cluster-stop flink-demo test-flink-engine
 
 help:
 	@echo "make demo         - set up, then run the backfill end to end on the bundled public data"
@@ -26,6 +26,7 @@ help:
 	@echo "make dq           - data-quality checks of the demo output (exit 1 on failure)"
 	@echo "make kafka        - a local Kafka broker on 127.0.0.1:19092 (Ctrl-C stops it)"
 	@echo "make flink        - the Flink environment (.venv-flink with PyFlink, the Kafka connector jar)"
+	@echo "make flink-demo   - make stream-demo through a local Flink cluster instead of Prism"
 	@echo "make flink-cluster - a local Flink cluster on 127.0.0.1 (web UI :8081); make flink-cluster-stop stops it"
 	@echo "make bench        - backfill of 1M generated events vs DuckDB"
 	@echo "make clean        - remove the virtualenv, caches and demo output"
@@ -55,6 +56,11 @@ prism: $(PRISM)
 $(PRISM):
 	@command -v go >/dev/null || { echo "Prism needs Go (https://go.dev); install it and retry"; exit 1; }
 	GOBIN=$(CURDIR)/$(CACHE)/prism/bin go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+
+# The same through a local Flink cluster (free ports, started and stopped by the demo) instead of Prism.
+flink-demo: $(FULL) jars flink
+	test -d $(WAREHOUSE)/features || $(MAKE) demo
+	$(BIN)/python -m finfeat.jobs.stream_demo --warehouse $(WAREHOUSE) --engine flink
 
 # PyFlink's own virtualenv: exactly the versions of constraints-flink.txt (a pip freeze of a working
 # install), no resolution; finfeat itself without its dependencies (the shared code needs only these).
@@ -116,4 +122,4 @@ generate: $(STAMP)
 	$(BIN)/finfeat generate --events 1000000 --out out/generated_1m.parquet
 
 clean:
-	rm -rf $(VENV) $(FLINK_VENV) .flink .pytest_cache .hypothesis $(WAREHOUSE) $(WAREHOUSE)-stream out build *.egg-info
+	rm -rf $(VENV) $(FLINK_VENV) .flink .pytest_cache .hypothesis $(WAREHOUSE) $(WAREHOUSE)-stream $(WAREHOUSE)-flink out build *.egg-info

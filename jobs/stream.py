@@ -362,7 +362,16 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
     if args.engine == "flink":
         from finfeat.jobs.flink import submit
+        from finfeat.jobs.online import OnlineStoreError
 
+        if args.online_store:  # checked here, as for Beam, before the job starts
+            args.online_store = online_store_url(args.online_store)
+            spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
+            try:
+                print(f"stream: online store {check_online_store(args.online_store, spec)}", file=sys.stderr)
+            except OnlineStoreError as exc:
+                print(f"finfeat stream: error: {exc}", file=sys.stderr)
+                return 4
         return submit.run(args, rest, _token_key(args, demo=False))
     if not any(a.startswith("--runner") for a in rest):
         rest = ["--runner=PrismRunner", *rest]

@@ -248,3 +248,36 @@ def test_resume_from_retained_checkpoint_reads_only_what_came_after(kafka, clust
     assert resumed != job
     assert _source_records(cluster, resumed) == after.num_rows, "the resumed job re-read messages of the checkpoint"
     _assert_equals_batch(_features(wh), events)
+
+
+def test_online_store_equals_batch_materialization(kafka, tmp_path: Path) -> None:  # noqa: ANN001
+    from finfeat.jobs.online import lookup_many, materialize
+    from finfeat.jobs.online.sqlite import SqliteOnlineStore
+    from finfeat.schemas.events import EVENT_SCHEMA
+    from tests.test_stream_online import SPEC as SHORT, _candidates, _canonical, _spec_file
+
+    events = sparkov_events(800)
+    topic = "flink-online"
+    _produce(events, kafka.bootstrap, topic, disorder_us=BOUND_S * 1_000_000, seed=13)
+    url = f"sqlite:{tmp_path / 'online.db'}"
+    _run(kafka.bootstrap, topic, tmp_path / "wh", tmp_path / "job.log",
+         extra=("--feature-spec", str(_spec_file(tmp_path)), "--online-store", url))
+    rows = read_table(tmp_path / "wh" / "features")
+    assert compare_features(rows.select(["txn_id", *SHORT.names]), compute_features(events, SHORT)) == []
+    reference = SqliteOnlineStore(tmp_path / "batch.db", SHORT)
+    streamed = SqliteOnlineStore(tmp_path / "online.db", SHORT, create=False)
+    try:
+        materialize(reference, events.select(EVENT_SCHEMA.names), SHORT)
+        want, have = _canonical(reference), _canonical(streamed)
+        assert len(want) == len(set(events.column("card_token").to_pylist())) + len(
+            set(events.column("merchant_id").to_pylist()))
+        assert set(have) == set(want), sorted(set(have) ^ set(want))[:5]
+        different = [k for k in want if have[k] != want[k]]
+        assert different == [], f"{len(different)} states differ, e.g. {different[:3]}"
+        candidates = _candidates(events)
+        ours, theirs = lookup_many(streamed, SHORT, candidates), lookup_many(reference, SHORT, candidates)
+        assert [(r.features, r.as_of_us, r.entity_as_of_us) for r in ours] == \
+               [(r.features, r.as_of_us, r.entity_as_of_us) for r in theirs]
+    finally:
+        reference.close()
+        streamed.close()

@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
         quiet_since = None
         while True:
             time.sleep(1.0)
-            status = str(client.get_job_status().result())
+            status = client.get_job_status().result().name
             if status in ("FAILED", "CANCELED", "FINISHED"):
                 print(f"stream {run_id}: the Flink job ended {status}", file=sys.stderr)
                 return 0 if status == "FINISHED" else 1
