@@ -16,7 +16,8 @@ Graph (every shuffle keyed, every record a tuple of plain values and Arrow IPC b
   offsets live in Flink's checkpoints.
 * ``ParseEvents`` (key: Kafka partition): messages wait in state until the watermark passes
   their tick (``--emit-every-ms``), then one batch is decoded and parsed; dead letters aside.
-  The online store is written here, per batch.
+* ``WriteOnlineStore`` (key: Kafka partition, with ``--online-store``): batches of messages
+  ``--batch-wait-ms`` apart (processing time), parsed and written without waiting for the watermark.
 * ``DropRepeatedTxn`` (key: bucket of txn ids): the first delivery of a txn id passes.
 * ``AccumulateInEventTime`` (key: entity kind and bucket): pending events, history, horizon;
   an event-time timer per tick releases the final events to the engine.
@@ -70,12 +71,11 @@ def _table(data: bytes) -> pa.Table:
 class ParseEventsFn(KeyedProcessFunction):
     """Per Kafka partition: messages wait for the watermark to pass their tick, then one batch is
     decoded and parsed (``decode_messages``, ``parse_batch``). Out: ``(txn bucket, events)``;
-    dead letters to :data:`DEAD`. Writes the online store per batch when one is given."""
+    dead letters to :data:`DEAD`."""
 
-    def __init__(self, *, topic: str, run_id: str, token_key: bytes, tick_ms: int, buckets: int,
-                 online_store: str | None, spec: FeatureSpec) -> None:
+    def __init__(self, *, topic: str, run_id: str, token_key: bytes, tick_ms: int, buckets: int) -> None:
         self._topic, self._run_id, self._key, self._tick = topic, run_id, token_key, tick_ms
-        self._buckets, self._store_url, self._spec = buckets, online_store, spec
+        self._buckets = buckets
 
     def open(self, ctx) -> None:  # noqa: ANN001
         from finfeat.schemas.mapping import Mapping
@@ -83,16 +83,7 @@ class ParseEventsFn(KeyedProcessFunction):
 
         self._pending = ctx.get_list_state(ListStateDescriptor("pending", _BYTES))
         self._mapping, self._tokenizer = Mapping.load("canonical"), CardTokenizer(self._key)
-        self._store = None
-        if self._store_url:
-            from finfeat.jobs.online import open_store
-
-            self._store = open_store(self._store_url, self._spec)
         self._read = ctx.get_metrics_group().counter("finfeat_messages_read")
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
 
     def process_element(self, row, ctx):  # noqa: ANN001, ANN201
         t = ctx.timestamp()
@@ -121,10 +112,63 @@ class ParseEventsFn(KeyedProcessFunction):
             yield DEAD, _ipc(bad)
         if events.num_rows == 0:
             return
-        if self._store is not None:
-            self._store.write(steps.as_events(events))
         for bucket, piece in split_by_bucket(events, "txn_id", self._buckets):
             yield bucket, _ipc(piece)
+
+
+class WriteOnlineStoreFn(KeyedProcessFunction):
+    """Per Kafka partition: the valid events to the online store, ``wait_ms`` (processing time)
+    after the first message of a batch, without waiting for the watermark; the rest when the
+    input ends. The store's writes are idempotent per txn id and monotonic, so repeated and late
+    deliveries, and a batch written again after a restart from a checkpoint, change nothing
+    (the Beam job's ``WriteOnlineStoreFn`` does the same). Unparseable messages are the feature
+    path's dead letters; here they are skipped. A store error fails the task (Flink restarts it)."""
+
+    def __init__(self, *, url: str, spec: FeatureSpec, token_key: bytes, topic: str, run_id: str,
+                 wait_ms: int) -> None:
+        self._url, self._spec, self._key, self._topic, self._run_id = url, spec, token_key, topic, run_id
+        self._wait = max(1, wait_ms)
+
+    def open(self, ctx) -> None:  # noqa: ANN001
+        from finfeat.jobs.online import open_store
+        from finfeat.schemas.mapping import Mapping
+        from finfeat.transforms.parse import CardTokenizer
+
+        self._pending = ctx.get_list_state(ListStateDescriptor("pending", _BYTES))
+        self._armed = ctx.get_state(ValueStateDescriptor("armed", Types.BOOLEAN()))
+        self._mapping, self._tokenizer = Mapping.load("canonical"), CardTokenizer(self._key)
+        self._store = open_store(self._url, self._spec)
+        self._written = ctx.get_metrics_group().counter("finfeat_online_events_written")
+
+    def close(self) -> None:
+        self._store.close()
+
+    def process_element(self, row, ctx):  # noqa: ANN001, ANN201
+        self._pending.add((int(row[2]), bytes(row[0]) if row[0] is not None else None))
+        if not self._armed.value():
+            self._armed.update(True)
+            timers = ctx.timer_service()
+            timers.register_processing_time_timer(timers.current_processing_time() + self._wait)
+            timers.register_event_time_timer(_MAX_TIMESTAMP_MS)  # the input's end: write what is left
+        return iter(())
+
+    def on_timer(self, timestamp: int, ctx):  # noqa: ANN001, ANN201
+        from finfeat.transforms.parse import parse_batch
+
+        held = list(self._pending.get() or [])
+        self._pending.clear()
+        self._armed.clear()
+        if not held:  # the end-of-input timer after a processing-time one wrote everything
+            return iter(())
+        source = f"{self._topic}/{ctx.get_current_key()}"
+        raw, _ = steps.decode_messages(held, source=source, run_id=self._run_id)
+        if raw is not None:
+            events, _ = parse_batch(raw, mapping=self._mapping, tokenizer=self._tokenizer, source=source,
+                                    run_id=self._run_id, recorded_at_us=0)
+            if events.num_rows:
+                self._store.write(steps.as_events(events))
+                self._written.inc(events.num_rows)
+        return iter(())
 
 
 class DropRepeatedTxnFn(KeyedProcessFunction):
@@ -307,17 +351,22 @@ CREATE TEMPORARY TABLE kafka_messages (
 
 def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, warehouse: str, spec: FeatureSpec,
           app_id: str, group_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
-          buckets: int, emit_every_ms: int, online_store: str | None = None) -> None:
+          buckets: int, emit_every_ms: int, online_store: str | None = None, batch_wait_ms: int = 100) -> None:
     """The stream job's graph on ``env``."""
     if not spec.entities:
         raise ValueError("the Flink stream job needs a feature spec with at least one entity")
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(source_ddl(bootstrap=bootstrap, topic=topic, group_id=group_id, bound_s=bound_s))
     messages = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `partition`, `offset` FROM kafka_messages"))
-    parsed = (messages
-              .key_by(lambda r: r[1], key_type=Types.INT())
+    by_partition = messages.key_by(lambda r: r[1], key_type=Types.INT())
+    if online_store:  # not behind the watermark: the store takes events in any order
+        (by_partition
+         .process(WriteOnlineStoreFn(url=online_store, spec=spec, token_key=token_key, topic=topic, run_id=run_id,
+                                     wait_ms=batch_wait_ms), output_type=_BYTES)
+         .name("WriteOnlineStore").uid("write-online-store"))
+    parsed = (by_partition
               .process(ParseEventsFn(topic=topic, run_id=run_id, token_key=token_key, tick_ms=emit_every_ms,
-                                     buckets=buckets, online_store=online_store, spec=spec), output_type=_BYTES)
+                                     buckets=buckets), output_type=_BYTES)
               .name("ParseEvents").uid("parse-events"))
     unique = (parsed
               .key_by(lambda r: r[0], key_type=Types.INT())
@@ -417,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     build(env, bootstrap=args.bootstrap, topic=args.topic, warehouse=str(Path(args.warehouse).resolve()), spec=spec,
           app_id=args.app_id, group_id=group_id, run_id=run_id, token_key=token_key, bound_s=args.bound_seconds,
           commit_every_s=args.commit_every_seconds, buckets=args.buckets, emit_every_ms=args.emit_every_ms,
-          online_store=args.online_store)
+          online_store=args.online_store, batch_wait_ms=args.batch_wait_ms)
     started = time.monotonic()
     client = env.execute_async(f"finfeat-stream {args.app_id}")
     job_id = str(client.get_job_id())
@@ -468,6 +517,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, default=1)
     p.add_argument("--stop-after-idle", type=float)
     p.add_argument("--online-store")
+    p.add_argument("--batch-wait-ms", type=int, default=100,
+                   help="the online store is written this long after the first message of a batch")
     p.add_argument("--feature-spec")
     p.add_argument("--parallelism", type=int, default=1)
     p.add_argument("--checkpoint-dir", required=True)
