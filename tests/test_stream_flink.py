@@ -281,3 +281,18 @@ def test_online_store_equals_batch_materialization(kafka, tmp_path: Path) -> Non
     finally:
         reference.close()
         streamed.close()
+
+
+def test_engine_flink_without_its_environment_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from finfeat.jobs.cli import main
+
+    monkeypatch.setenv("FINFEAT_FLINK_VENV", str(tmp_path / "no-venv"))
+    monkeypatch.setenv("FINFEAT_TOKEN_KEY", TOKEN_KEY.decode())
+    base = ["stream", "--engine", "flink", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--warehouse",
+            str(tmp_path / "wh")]
+    assert main(base) == 2
+    assert "run `make flink`" in capsys.readouterr().err
+    assert main([*base, "--runner=PrismRunner"]) == 2  # Beam flags mean nothing to the Flink job
+    assert "do not apply with --engine flink" in capsys.readouterr().err
+    assert not (tmp_path / "wh").exists()

@@ -327,8 +327,10 @@ def _day_to_second(ms: int) -> str:
 
 
 def source_ddl(*, bootstrap: str, topic: str, group_id: str, bound_s: float, start: str = "earliest") -> str:
-    """The Kafka table: raw value, partition and offset; event time from the message (the Kafka
-    timestamp when the message has none) and watermarks ``bound_s`` behind it."""
+    """The Kafka table: raw value, partition and offset; event time from the message and
+    watermarks ``bound_s`` behind the newest. A message without a readable event time gets the
+    epoch, which never moves the watermark (a malformed message must not make later events late);
+    the parse step dead-letters it at the next watermark, or reads its event time its own way."""
     bound_ms = max(0, round(bound_s * 1000))
     event_time = "JSON_VALUE(CAST(`value` AS STRING), '$.event_time')"
     formats = ["yyyy-MM-dd''T''HH:mm:ss.SSSSSS''Z''", "yyyy-MM-dd''T''HH:mm:ss''Z''"]
@@ -339,8 +341,7 @@ CREATE TEMPORARY TABLE kafka_messages (
   `value` BYTES,
   `partition` INT METADATA VIRTUAL,
   `offset` BIGINT METADATA VIRTUAL,
-  `kafka_time` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
-  `event_time` AS COALESCE({parsed}, CAST(`kafka_time` AS TIMESTAMP(3))),
+  `event_time` AS COALESCE({parsed}, TIMESTAMP '1970-01-01 00:00:00.000'),
   WATERMARK FOR `event_time` AS `event_time` - INTERVAL '{_day_to_second(bound_ms)}' DAY TO SECOND(3)
 ) WITH (
   'connector' = 'kafka', 'topic' = '{topic}', 'properties.bootstrap.servers' = '{bootstrap}',
@@ -390,7 +391,7 @@ def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, wareho
 
 
 def configure(*, parallelism: int, checkpoint_dir: str, checkpoint_interval_ms: int, state_backend: str,
-              from_checkpoint: str | None, master: str | None) -> StreamExecutionEnvironment:
+              from_checkpoint: str | None) -> StreamExecutionEnvironment:
     """An environment with checkpoints (retained on cancel), restarts, the Kafka connector and
     the Flink venv's python for the workers."""
     config = Configuration()
@@ -459,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
     run_id = args.run_id or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
     env = configure(parallelism=args.parallelism, checkpoint_dir=args.checkpoint_dir,
                     checkpoint_interval_ms=args.checkpoint_interval_ms, state_backend=args.state_backend,
-                    from_checkpoint=args.from_checkpoint, master=None)
+                    from_checkpoint=args.from_checkpoint)
     # a consumer group per run: Flink commits this run's offsets to it on each completed checkpoint,
     # which is how --stop-after-idle sees that everything was read (offsets themselves live in checkpoints)
     group_id = f"{args.app_id}.{run_id}"
