@@ -96,10 +96,13 @@ class ParseEventsFn(KeyedProcessFunction):
         from finfeat.transforms.parse import parse_batch
 
         held = list(self._pending.get() or [])
-        ready = [(o, v) for o, v, t in held if t < timestamp]
+        # the end of input fires every timer in turn: take all at once, so that the steps after this
+        # (which see these outputs after the last watermark, see _input_ended) get one batch
+        until = _MAX_TIMESTAMP_MS if _input_ended(ctx) else timestamp
+        ready = [(o, v) for o, v, t in held if t < until]
         if not ready:
             return
-        self._pending.update([h for h in held if h[2] >= timestamp])
+        self._pending.update([h for h in held if h[2] >= until])
         source = f"{self._topic}/{ctx.get_current_key()}"
         raw, dead = steps.decode_messages(sorted(ready, key=lambda m: m[0]), source=source, run_id=self._run_id)
         if dead is not None:
@@ -211,6 +214,7 @@ class EntityFeaturesFn(KeyedProcessFunction):
         self._pending = ctx.get_list_state(ListStateDescriptor("pending", _BYTES))
         self._history = ctx.get_list_state(ListStateDescriptor("history", _BYTES))
         self._horizon = ctx.get_state(ValueStateDescriptor("horizon", Types.LONG()))
+        self._ended = ctx.get_state(ValueStateDescriptor("ended", Types.BOOLEAN()))
 
     def _to_join(self, entity: str, kind: str, table: pa.Table):  # noqa: ANN202
         for bucket, piece in split_by_bucket(table, "txn_id", self._buckets):
@@ -224,14 +228,26 @@ class EntityFeaturesFn(KeyedProcessFunction):
         if on_time is None:
             return
         self._pending.add(_ipc(on_time))
+        if self._ended.value() or _input_ended(ctx):  # no timer fires any more: what came is final now
+            yield from self._flush(entity, int(steps.event_times_us(on_time).max()))
+            return
+        ctx.timer_service().register_event_time_timer(_MAX_TIMESTAMP_MS)  # marks the input's end
         for due_us in steps.flush_times_us(steps.event_times_us(on_time), self._tick_us):
             ctx.timer_service().register_event_time_timer(due_us // 1000)
 
     def on_timer(self, timestamp: int, ctx):  # noqa: ANN001, ANN201
         entity = ctx.get_current_key().split("/")[0]
+        if timestamp >= _MAX_TIMESTAMP_MS:
+            self._ended.update(True)
+            pending = steps.concat(_table(b) for b in (self._pending.get() or []))
+            if pending is not None:
+                yield from self._flush(entity, int(steps.event_times_us(pending).max()))
+            return
+        yield from self._flush(entity, steps.cutoff_of_timer_us(timestamp * 1000))
+
+    def _flush(self, entity: str, cutoff: int):  # noqa: ANN202
         step = self._steps[entity]
         pending = steps.concat(_table(b) for b in (self._pending.get() or []))
-        cutoff = steps.cutoff_of_timer_us(timestamp * 1000)
         history = steps.EntityHistory.from_pieces((_table(b) for b in (self._history.get() or [])), entity)
         flushed = steps.flush_bucket(pending, history, cutoff, step=step)
         if flushed is None:
@@ -280,9 +296,12 @@ class CommitToDeltaFn(KeyedProcessFunction):
         self._buffer = ctx.get_list_state(ListStateDescriptor("buffer", _BYTES))
         self._last = ctx.get_state(ValueStateDescriptor("last", Types.LONG()))
         self._armed = ctx.get_state(ValueStateDescriptor("armed", Types.BOOLEAN()))
+        self._ended = ctx.get_state(ValueStateDescriptor("ended", Types.BOOLEAN()))
 
     def process_element(self, element, ctx):  # noqa: ANN001, ANN201
         self._buffer.add(element[1])
+        if self._ended.value() or _input_ended(ctx):  # no timer fires any more: commit now
+            return self.on_timer(_MAX_TIMESTAMP_MS, ctx)
         if not self._armed.value():
             self._armed.update(True)
             timers = ctx.timer_service()
@@ -293,6 +312,8 @@ class CommitToDeltaFn(KeyedProcessFunction):
     def on_timer(self, timestamp: int, ctx):  # noqa: ANN001, ANN201
         from finfeat.jobs.stream_commit import commit_micro_batch
 
+        if timestamp >= _MAX_TIMESTAMP_MS:
+            self._ended.update(True)
         tables = [_table(b) for b in (self._buffer.get() or [])]
         self._buffer.clear()
         self._armed.clear()
@@ -308,6 +329,14 @@ class CommitToDeltaFn(KeyedProcessFunction):
         if done is not None:
             self._last.update(done.app_version)
         return iter(())
+
+
+def _input_ended(ctx) -> bool:  # noqa: ANN001
+    """The watermark is at the end of time (the input ended, or a drain). PyFlink emits the output
+    of the timers that this last watermark fires after the watermark itself, so a downstream step
+    can receive elements once its own timers have all fired: it must finish their work at once.
+    The steps also keep an ``ended`` flag, set by a timer at the end of time, for the same purpose."""
+    return ctx.timer_service().current_watermark() >= _MAX_TIMESTAMP_MS
 
 
 def _apply(state, change: steps.StateChange) -> None:  # noqa: ANN001
@@ -538,4 +567,9 @@ if __name__ == "__main__":
     # through the package, not as __main__: the functions are then pickled by reference
     from finfeat.jobs.flink import stream_job
 
-    sys.exit(stream_job.main())
+    code = stream_job.main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the gateway's and the Kafka client's native threads can abort a normal interpreter exit
+    # ("terminate called without an active exception"): the job's work is done, leave at once
+    os._exit(code)
