@@ -177,12 +177,17 @@ class LocalFlinkCluster:
         return self._pids("standalonesession")
 
     def kill_taskmanager(self) -> int:
-        """SIGKILL the newest TaskManager, as a crash would; its pid."""
+        """SIGKILL the newest TaskManager and its Python workers, as a crash of its machine would; its pid."""
         pids = self.taskmanager_pids()
         if not pids:
             raise FlinkUnavailable("no TaskManager process to kill")
-        os.kill(pids[-1], signal.SIGKILL)
-        _wait_gone([pids[-1]], 30)
+        doomed = [pids[-1], *_descendants(pids[-1])]
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_gone(doomed, 30)
         return pids[-1]
 
     def log_tail(self, lines: int = 40) -> str:
@@ -233,6 +238,23 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
 
 
 def _wait_gone(pids: list[int], timeout_s: float) -> bool:
