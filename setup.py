@@ -10,7 +10,7 @@ from __future__ import annotations
 from setuptools import setup
 
 _SUBPACKAGES = ("schemas", "transforms", "pipelines", "validation", "jobs")
-_JOB_PACKAGES = ("online", "kafka", "spark")
+_JOB_PACKAGES = ("online", "kafka", "spark", "flink")
 
 setup(
     name="finfeat",
@@ -20,7 +20,8 @@ setup(
     packages=["finfeat", *(f"finfeat.{name}" for name in _SUBPACKAGES), *(f"finfeat.jobs.{n}" for n in _JOB_PACKAGES)],
     package_dir={"finfeat": "finfeat", **{f"finfeat.{name}": name for name in _SUBPACKAGES},
                  **{f"finfeat.jobs.{n}": f"jobs/{n}" for n in _JOB_PACKAGES}},
-    package_data={"finfeat.jobs": ["mappings/*.yaml", "airflow/*.py"], "finfeat.validation": ["suites/*.yaml"]},
+    package_data={"finfeat.jobs": ["mappings/*.yaml", "airflow/*.py"], "finfeat.jobs.flink": ["pom.xml"],
+                  "finfeat.validation": ["suites/*.yaml"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "deltalake>=1.6,<1.7",

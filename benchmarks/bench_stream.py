@@ -1,13 +1,16 @@
-"""Freshness of ``finfeat stream`` on Prism: produce -> online store and -> Delta commit, at
-steady rates, and capacity.
+"""Freshness of ``finfeat stream`` on Prism or Flink: produce -> online store and -> Delta commit,
+at steady rates, capacity, and (Flink) recovery after a TaskManager kill.
 
     python benchmarks/bench_stream.py [--rates 1000,5000] [--seconds 20] [--bound-seconds 1]
                                       [--emit-every-ms 200] [--commit-every-seconds 1] [--backlog 60000]
                                       [--batch-wait-ms 100] [--online-store redis|none] [--sample-every 10]
                                       [--feature-spec spec.yaml]
+                                      [--engine flink [--parallelism 1] [--recovery-rate 1000]]
 
-Runner: Prism (Beam's portable local runner), on this machine. Beam's Flink job server is not
-served by the package mirror here, so the Flink runner could not be measured.
+Engine: Prism (Beam's portable local runner), or with ``--engine flink`` the Flink job on a local
+standalone cluster the script starts (``make flink``; free ports, one TaskManager with
+``--parallelism`` slots, checkpoints every ``--checkpoint-interval-ms``). Give Flink a longer
+``--warmup-seconds`` (its job starts in 20-40 s here).
 
 For each rate: a throwaway Kafka broker topic, a database of a ``redis-server`` on 127.0.0.1
 (no persistence), the stream job (``finfeat stream --online-store redis://...`` on Prism,
@@ -39,6 +42,11 @@ which the job commits them (rows / time between its first and last commit): the 
 throughput before lag would grow, on this machine (with the online store writes, unless
 ``--online-store none``).
 
+Recovery (Flink, ``--recovery-rate``): a steady run whose TaskManager is killed (SIGKILL) half way
+through the measured seconds and replaced by a new one at once, as a supervisor would; recovery =
+the time from the kill to the first Delta commit after it whose rows' median freshness is back
+under the run's pre-kill p99 (at least 1 s): output current again.
+
 Everything runs on 127.0.0.1 and is stopped at the end. Nothing is asserted; it prints a table.
 """
 from __future__ import annotations
@@ -53,6 +61,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,8 +190,15 @@ def start_job(bootstrap: str, topic: str, warehouse: Path, log: Path, args: argp
            "--warehouse", str(warehouse), "--bound-seconds", str(args.bound_seconds),
            "--emit-every-ms", str(args.emit_every_ms), "--commit-every-seconds", str(args.commit_every_seconds),
            "--stop-after-idle", str(args.idle_seconds), "--batch-wait-ms", str(args.batch_wait_ms),
-           f"--prism_location={PRISM}", *(["--online-store", online_store] if online_store else []),
+           *(["--online-store", online_store] if online_store else []),
            *(["--feature-spec", args.feature_spec] if args.feature_spec else [])]
+    if args.engine == "flink":
+        p = str(args.parallelism)
+        cmd += ["--engine", "flink", "--flink-master", args.cluster.master, "--parallelism", p, "--buckets", p,
+                "--checkpoint-interval-ms", str(args.checkpoint_interval_ms), "--checkpoint-dir",
+                str(warehouse / "_checkpoints")]
+    else:
+        cmd.append(f"--prism_location={PRISM}")
     env = {**os.environ, "FINFEAT_TOKEN_KEY": TOKEN_KEY}
     with log.open("ab") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -235,8 +251,10 @@ def _stats(fresh: np.ndarray) -> dict:
             "max": float(fresh.max()), "lag": float(np.median(fresh[-fifth:]) - np.median(fresh[:fifth]))}
 
 
-def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, redis_url: str | None) -> dict:
-    topic, wh, log = f"steady-{rate}", work / f"wh-{rate}", work / f"stream-{rate}.log"
+def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, redis_url: str | None,
+           *, kill: bool = False) -> dict:
+    name = f"{'recovery' if kill else 'steady'}-{rate}"
+    topic, wh, log = name, work / f"wh-{name}", work / f"stream-{name}.log"
     n = int(rate * (args.warmup_seconds + args.seconds))
     prefix = f"s{rate}-"
     data = Synthetic(n, prefix=prefix, seed=rate)
@@ -257,8 +275,19 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
             poller = ctx.Process(target=poll_visibility, daemon=True,
                                  args=(redis_url, args.feature_spec, samples, str(seen_file), stop))
             poller.start()
+        killed: list[float] = []
+        if kill:  # half way through the measured seconds: SIGKILL the TaskManager, start a new one
+            def crash() -> None:
+                killed.append(time.time())
+                args.cluster.kill_taskmanager()
+                args.cluster.start_taskmanager()
+
+            timer = threading.Timer(t0 + args.warmup_seconds + args.seconds / 2 - time.time(), crash)
+            timer.start()
         sent = publish(kafka.bootstrap, topic, data, rate, t0=t0)
         produce_s = time.time() - t0
+        if kill:
+            timer.join()
         if poller is not None:  # the events still in flight become visible within the idle stop
             poller.join(args.idle_seconds + 30)
             stop.set()
@@ -282,12 +311,20 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
     keep = after_warmup & (sent < sent[-1] - args.bound_seconds - 2)
     fresh = np.array([visible.get(txn, np.nan) for txn in ids]) - sent
     measured = fresh[keep & ~np.isnan(fresh)]
-    out = {"case": f"steady {rate:,}/s", "events": n, "produced/s": n / produce_s, "missing": missing, "rc": rc,
+    out = {"case": f"{'recovery' if kill else 'steady'} {rate:,}/s", "events": n, "produced/s": n / produce_s, "missing": missing, "rc": rc,
            "log": str(log)}
     if measured.size == 0:
         out["error"] = "nothing committed"
         return out
     out.update({"measured": int(measured.size), **_stats(measured)})
+    if kill and killed:
+        sent_at = dict(zip(ids, sent))
+        before = fresh[keep & ~np.isnan(fresh) & (sent < killed[0])]
+        current = max(1.0, float(np.percentile(before, 99))) if before.size else 1.0
+        back = next((ts for ts, got in commits(wh / "features") if ts > killed[0] and got and np.median(
+            [ts - sent_at[t] for t in got if t in sent_at] or [np.inf]) <= current), None)
+        out["recovery_s"] = (back - killed[0]) if back is not None else float("nan")
+        out["pre_kill_p99"] = current
     if redis_url:
         online = json.loads(seen_file.read_text()) if seen_file.exists() else {}
         on = np.array([online.get(ids[j], np.nan) for j in followed]) - sent[followed]
@@ -335,8 +372,12 @@ def main() -> int:
     ap.add_argument("--sample-every", type=int, default=10, help="follow every n-th transaction in the store")
     ap.add_argument("--feature-spec", help="the job's feature spec YAML (default: the built-in v1 set)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, tables)")
+    ap.add_argument("--engine", choices=["beam", "flink"], default="beam")
+    ap.add_argument("--parallelism", type=int, default=1, help="Flink: parallelism and task slots")
+    ap.add_argument("--checkpoint-interval-ms", type=int, default=2000, help="Flink checkpoints")
+    ap.add_argument("--recovery-rate", type=int, default=1000, help="Flink: the TaskManager-kill run's rate (0 skips)")
     args = ap.parse_args()
-    if not PRISM.exists():
+    if args.engine == "beam" and not PRISM.exists():
         print(f"no Prism binary at {PRISM}: make prism", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="finfeat-bench-stream-"))
@@ -351,6 +392,11 @@ def main() -> int:
                     raise SystemExit(f"{exc}, or pass --online-store none") from None
                 redis_url = f"redis://127.0.0.1:{server.port}"
             kafka = stack.enter_context(LocalKafka())
+            if args.engine == "flink":
+                from finfeat.jobs.flink.cluster import LocalFlinkCluster
+
+                args.cluster = stack.enter_context(LocalFlinkCluster(workdir=work / "flink",
+                                                                     slots=max(2, args.parallelism)))
             rates = [int(r) for r in args.rates.split(",") if r]
             for i, rate in enumerate(rates):  # each case in a Redis database of its own
                 results.append(steady(kafka, rate, args, work, redis_url and f"{redis_url}/{i}"))
@@ -358,10 +404,15 @@ def main() -> int:
             if args.backlog:
                 results.append(backlog(kafka, args.backlog, args, work, redis_url and f"{redis_url}/{len(rates)}"))
                 print(json.dumps(results[-1]), flush=True)
+            if args.engine == "flink" and args.recovery_rate:
+                results.append(steady(kafka, args.recovery_rate, args, work,
+                                      redis_url and f"{redis_url}/{len(rates) + 1}", kill=True))
+                print(json.dumps(results[-1]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nfinfeat stream on Prism, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
+    engine = f"Flink (parallelism {args.parallelism})" if args.engine == "flink" else "Prism"
+    print(f"\nfinfeat stream on {engine}, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
           f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s, "
           f"batch wait {args.batch_wait_ms} ms"
           + (f"; online store Redis on 127.0.0.1, every {args.sample_every}th transaction followed"
@@ -369,9 +420,9 @@ def main() -> int:
     print(f"{'case':<18}{'events':>9}{'sent/s':>9}  {'to':<8}{'p50 s':>8}{'p99 s':>8}{'max s':>8}{'lag s':>8}"
           f"{'missing':>9}")
     for r in results:
-        if r["case"].startswith("steady") and "error" in r:
+        if r["case"].startswith(("steady", "recovery")) and "error" in r:
             print(f"{r['case']:<18}{r['events']:>9,}  {r['error']} (see {r['log']})")
-        elif r["case"].startswith("steady"):
+        elif r["case"].startswith(("steady", "recovery")):
             head = f"{r['case']:<18}{r['events']:>9,}{r['produced/s']:>9,.0f}"
             if "online" in r:
                 o = r["online"]
@@ -384,6 +435,9 @@ def main() -> int:
             print(f"{head}  {'Delta':<8}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['max']:>8.2f}{r['lag']:>8.2f}"
                   f"{r['missing']:>9,}")
     for r in results:
+        if "recovery_s" in r:
+            print(f"recovery: a TaskManager killed at {r['case'].split()[1]}: output current again (a commit's median "
+                  f"freshness under {r['pre_kill_p99']:.2f} s) {r['recovery_s']:.1f} s after the kill")
         if r["case"].startswith("backlog"):
             print(f"capacity: {r['rows']:,} of {r['events']:,} backlog events in {r['commits']} commits, "
                   f"{r['throughput']:,.0f} events/s between first and last commit ({r['wall']:.1f} s wall "

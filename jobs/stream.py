@@ -359,6 +359,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
     p.add_argument("--feature-spec")
     p.add_argument("--demo-key", action="store_true")
+    p.add_argument("--engine", choices=["beam", "flink"], default="beam",
+                   help="beam (default: Prism or any --runner) or flink (PyFlink; `make flink` installs it)")
+    from finfeat.jobs.flink.submit import add_arguments
+
+    add_arguments(p)
 
 
 def default_prism() -> Path:
@@ -423,6 +428,20 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     from finfeat.jobs.cli import _beam_args, _token_key
     from finfeat.jobs.prism import PrismProcess
 
+    if args.engine == "flink":
+        from finfeat.jobs.flink import submit
+        from finfeat.jobs.online import OnlineStoreError
+
+        delta.check_warehouse(args.warehouse)  # outputs first, as for Beam
+        if args.online_store:  # checked here, as for Beam, before the job starts
+            args.online_store = online_store_url(args.online_store)
+            spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
+            try:
+                print(f"stream: online store {check_online_store(args.online_store, spec)}", file=sys.stderr)
+            except OnlineStoreError as exc:
+                print(f"finfeat stream: error: {exc}", file=sys.stderr)
+                return 4
+        return submit.run(args, rest, _token_key(args, demo=False))
     prism = None
     if not any(a.startswith("--runner") for a in rest):
         rest = ["--runner=PrismRunner", *rest]

@@ -1,13 +1,15 @@
-"""``make stream-demo``: the stream job end to end on a local Kafka broker and Prism.
+"""``make stream-demo``: the stream job end to end on a local Kafka broker and Prism (or Flink).
 
-    python -m finfeat.jobs.stream_demo [--warehouse warehouse] [--disorder-seconds 60]
+    python -m finfeat.jobs.stream_demo [--warehouse warehouse] [--disorder-seconds 60] [--engine flink]
 
 1. Reads the public Sparkov transactions (``data/sparkov``) as ``make demo`` does (same mapping,
    same public demo key) and publishes them to a fresh topic of a broker it starts on 127.0.0.1
    (Apache Kafka in KRaft mode, jars from ``.cache/kafka``), shuffled within ``--disorder-seconds``
    of event time.
 2. Runs ``finfeat stream`` on Prism (``.cache/prism``) into ``<warehouse>-stream`` with an online
-   store (SQLite, ``<warehouse>-stream/online.db``) until the topic has been idle for a few seconds.
+   store (SQLite, ``<warehouse>-stream/online.db``) until the topic has been idle for a few seconds;
+   with ``--engine flink`` (``make flink-demo``) on a local Flink cluster it starts and stops (free
+   ports, parallelism 2) into ``<warehouse>-flink``.
 3. Checks the stream's feature rows against the backfill's in ``<warehouse>/features`` (``make
    demo`` writes them), field by field, reconciles messages = feature rows + dead letters, and looks
    a card up in the online store the stream kept current.
@@ -18,6 +20,7 @@ missing (the message says which ``make`` target provides it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -51,15 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disorder-seconds", type=float, default=60.0,
                         help="publish each event up to this much event time late (within the job's bound)")
     parser.add_argument("--bound-seconds", type=float, default=120.0, help="the stream job's bound on disorder")
+    parser.add_argument("--engine", choices=["beam", "flink"], default="beam",
+                        help="beam: Prism (make stream-demo); flink: a local Flink cluster (make flink-demo)")
     args = parser.parse_args(argv)
+    flink = args.engine == "flink"
     warehouse = Path(args.warehouse)
     features = warehouse / "features"
     if not (features / "_delta_log").is_dir():
         print(f"stream-demo: no backfill output in {features}: run `make demo` first", file=sys.stderr)
         return 2
-    if not PRISM.exists():
+    if not flink and not PRISM.exists():
         print(f"stream-demo: no Prism binary at {PRISM}: run `make prism`", file=sys.stderr)
         return 2
+    if flink:
+        from finfeat.jobs.flink import env as flink_env
+
+        try:
+            flink_env.require()
+        except flink_env.FlinkUnavailable as exc:
+            print(f"stream-demo: {exc}", file=sys.stderr)
+            return 2
     try:
         import confluent_kafka  # noqa: F401
 
@@ -71,20 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.compute as pc
 
     from finfeat.jobs.delta import read_table
+    from finfeat.jobs.flink.env import FlinkUnavailable
     from finfeat.jobs.online import Candidate, lookup, open_store
     from finfeat.jobs.produce import produce
     from finfeat.transforms.spec import FeatureSpec
 
     spec = FeatureSpec.default()
     events = _events(args.input or [str(REPO / "data" / "sparkov")])
-    out = Path(f"{warehouse}-stream")
+    out = Path(f"{warehouse}-flink" if flink else f"{warehouse}-stream")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     store_url = f"sqlite:{(out / 'online.db').resolve()}"
     topic = f"stream-demo-{uuid.uuid4().hex[:8]}"
     log = out / "stream.log"
     try:
-        with LocalKafka() as kafka:
+        with LocalKafka() as kafka, contextlib.ExitStack() as stack:
             print(f"stream-demo: Kafka on {kafka.bootstrap}; publishing {events.num_rows:,} Sparkov transactions to "
                   f"{topic}, shuffled within {args.disorder_seconds:g} s of event time", file=sys.stderr)
             sent = produce(events, bootstrap=kafka.bootstrap, topic=topic,
@@ -92,8 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "finfeat.jobs.cli", "stream", "--bootstrap", kafka.bootstrap,
                    "--topic", topic, "--warehouse", str(out), "--app-id", APP_ID, "--demo-key",
                    "--bound-seconds", str(args.bound_seconds), "--commit-every-seconds", "5",
-                   "--stop-after-idle", "8", "--online-store", store_url, f"--prism_location={PRISM}"]
-            print(f"stream-demo: finfeat stream on Prism -> {out}/ (log: {log})", file=sys.stderr)
+                   "--stop-after-idle", "8", "--online-store", store_url]
+            if flink:
+                from finfeat.jobs.flink.cluster import LocalFlinkCluster
+
+                cluster = stack.enter_context(LocalFlinkCluster(workdir=(out / "flink-cluster").resolve()))
+                print(f"stream-demo: a local Flink cluster, web UI {cluster.rest}", file=sys.stderr)
+                cmd += ["--engine", "flink", "--flink-master", cluster.master, "--parallelism", "2",
+                        "--buckets", "2", "--checkpoint-interval-ms", "2000"]
+            else:
+                cmd.append(f"--prism_location={PRISM}")
+            print(f"stream-demo: finfeat stream on {'Flink' if flink else 'Prism'} -> {out}/ (log: {log})",
+                  file=sys.stderr)
             started = time.monotonic()
             with log.open("wb") as sink:
                 rc = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
@@ -101,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             took = time.monotonic() - started
     except KafkaUnavailable as exc:
         print(f"stream-demo: {exc} (the broker's jars come from `make jars`)", file=sys.stderr)
+        return 2
+    except FlinkUnavailable as exc:
+        print(f"stream-demo: {exc}", file=sys.stderr)
         return 2
     if rc != 0:
         print(log.read_text(errors="replace")[-4000:], file=sys.stderr)

@@ -14,19 +14,26 @@ from tests.conftest import SPARKOV_TEST
 from tests.stream_fixtures import require_stream_stack
 
 
-def test_stream_demo_matches_the_backfill(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    require_stream_stack()
+@pytest.mark.parametrize("engine", ["beam", "flink"])
+def test_stream_demo_matches_the_backfill(tmp_path: Path, capsys: pytest.CaptureFixture[str], engine: str) -> None:
+    if engine == "flink":  # make flink-demo: a local Flink cluster instead of Prism
+        from tests.test_stream_flink import require_flink_stack
+
+        require_flink_stack()
+    else:
+        require_stream_stack()
     wh = tmp_path / "warehouse"
     assert cli(["backfill", "--input", str(SPARKOV_TEST), "--mapping", "sparkov", "--start", "2020-06-21",
                 "--end", "2020-06-22", "--demo-key", "--warehouse", str(wh), "--runner=FnApiRunner"]) == 0
     capsys.readouterr()
-    assert stream_demo.main(["--warehouse", str(wh), "--input", str(SPARKOV_TEST)]) == 0
+    assert stream_demo.main(["--warehouse", str(wh), "--input", str(SPARKOV_TEST), "--engine", engine]) == 0
     out = capsys.readouterr().out
     rows = read_table(wh / "features", columns=["txn_id"]).num_rows
     assert f"{rows:,} messages -> {rows:,} feature rows + 0 dead letters" in out, out
     assert "identical to the backfill's rows" in out, out
     assert "online lookup" in out and "state age 60 s" in out, out
-    assert read_table(Path(f"{wh}-stream") / "features", columns=["txn_id"]).num_rows == rows
+    out_dir = Path(f"{wh}-flink" if engine == "flink" else f"{wh}-stream")
+    assert read_table(out_dir / "features", columns=["txn_id"]).num_rows == rows
 
 
 def test_stream_demo_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
