@@ -14,12 +14,11 @@ from datetime import date
 from pathlib import Path
 
 from finfeat.jobs.argtypes import fraction as _fraction, iso_date as _date, positive_int as _positive
+from finfeat.jobs.options import DEFAULT_RUNNER, DEMO_TOKEN_KEY, TOKEN_KEY_ENV, UsageError, check_token_key  # noqa: F401
+from finfeat.jobs.options import beam_args as _beam_args, token_key as _token_key
 
 _LOG = logging.getLogger(__name__)
 
-DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
-TOKEN_KEY_ENV = "FINFEAT_TOKEN_KEY"
-DEFAULT_RUNNER = "FnApiRunner"
 #: the umask of every command: outputs (Delta tables, dead letters, run reports, SQLite stores,
 #: models) are readable by their owner and group, never by others
 OUTPUT_UMASK = 0o027
@@ -49,65 +48,6 @@ LATE_COMMAND_HELP = {
     "serve-lookup": "look a candidate transaction up in the online store (prints JSON)",
     "validate": "data-quality checks of a Delta table: expectation suite and drift (for CI)",
 }
-
-
-class UsageError(Exception):
-    """A bad flag, file or config; the message says how to fix it."""
-
-
-def _beam_args(rest: list[str]) -> list[str]:
-    """Check that Beam knows every left-over flag; default the runner to the local one."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    seen: set[type] = set()
-    stack = list(PipelineOptions.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        stack.extend(cls.__subclasses__())
-        try:
-            cls._add_argparse_args(parser)
-        except argparse.ArgumentError:
-            pass  # an option declared by two classes
-    _, unknown = parser.parse_known_args(rest)
-    if unknown:
-        raise UsageError(f"unknown flag(s) {' '.join(unknown)}: not a finfeat flag (see `finfeat <command> --help`) "
-                         "and not a Beam pipeline option")
-    if not any(a == "--runner" or a.startswith("--runner=") for a in rest):
-        rest = [f"--runner={DEFAULT_RUNNER}", *rest]
-    return rest
-
-
-def check_token_key(key: bytes, *, demo_ok: bool) -> bytes:
-    """Refuse a tokenization key that protects nothing: the public demo key (unless ``demo_ok``),
-    fewer than 16 bytes that are not blanks, or fewer than 8 distinct bytes."""
-    if key == DEMO_TOKEN_KEY.encode() and not demo_ok:
-        raise UsageError(f"{TOKEN_KEY_ENV} holds the public demo key, which anyone can read in the source: "
-                         f"set {TOKEN_KEY_ENV} to a secret of your own (e.g. `openssl rand -hex 32`), or pass "
-                         "--demo-key to use the demo key on test data")
-    if len(key.strip()) < 16:
-        raise UsageError(f"{TOKEN_KEY_ENV} must be a secret of at least 16 bytes, not counting blanks at either "
-                         f"end (it has {len(key.strip())}); e.g. `export {TOKEN_KEY_ENV}=$(openssl rand -hex 32)`")
-    if len(set(key)) < 8:
-        raise UsageError(f"{TOKEN_KEY_ENV} has only {len(set(key))} distinct characters: too easy to guess; use a "
-                         f"random secret, e.g. `export {TOKEN_KEY_ENV}=$(openssl rand -hex 32)`")
-    return key
-
-
-def _token_key(args: argparse.Namespace, *, demo: bool) -> bytes:
-    demo_ok = demo or getattr(args, "demo_key", False)
-    key = os.environ.get(TOKEN_KEY_ENV)
-    if key:
-        return check_token_key(key.encode(), demo_ok=demo_ok)
-    if demo_ok:
-        print(f"note: card numbers are tokenized with the visible DEMO key {DEMO_TOKEN_KEY!r}; "
-              f"set {TOKEN_KEY_ENV} to a secret of at least 16 bytes for real data", file=sys.stderr)
-        return DEMO_TOKEN_KEY.encode()
-    raise UsageError(f"no tokenization key: set {TOKEN_KEY_ENV} to a secret of at least 16 bytes "
-                     "(or pass --demo-key to use the public demo key on test data)")
 
 
 def restrict_umask() -> None:

@@ -71,7 +71,7 @@ def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from finfeat.jobs.cli import _token_key
+    from finfeat.jobs.options import token_key as _token_key
     from finfeat.jobs.sources import parse_files
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.parse import CardTokenizer

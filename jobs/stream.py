@@ -425,7 +425,7 @@ class _StopOnSignal:
 def run(args: argparse.Namespace, rest: list[str]) -> int:
     from contextlib import ExitStack
 
-    from finfeat.jobs.cli import _beam_args, _token_key
+    from finfeat.jobs.options import beam_args as _beam_args, token_key as _token_key
     from finfeat.jobs.prism import PrismProcess
 
     if args.engine == "flink":

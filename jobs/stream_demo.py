@@ -35,7 +35,7 @@ APP_ID = "finfeat-stream-demo"
 
 
 def _events(inputs: list[str]):  # noqa: ANN202
-    from finfeat.jobs.cli import DEMO_TOKEN_KEY
+    from finfeat.jobs.options import DEMO_TOKEN_KEY
     from finfeat.jobs.sources import parse_files
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.dedup import deduplicate

@@ -26,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="submit to this Flink cluster's REST address (default: an embedded mini cluster)")
     g.add_argument("--parallelism", type=int, default=1, help="parallelism of every step (default 1)")
     g.add_argument("--checkpoint-dir", help="where checkpoints go (default WAREHOUSE/_flink_checkpoints)")
-    g.add_argument("--checkpoint-interval-ms", type=int, default=5000, help="default 5000")
-    g.add_argument("--state-backend", choices=["hashmap", "rocksdb"], default="hashmap")
+    g.add_argument("--checkpoint-interval-ms", type=int, default=5000,
+                   help="milliseconds between checkpoints (Kafka offsets and the windows' state)")
+    g.add_argument("--state-backend", choices=["hashmap", "rocksdb"], default="hashmap",
+                   help="where keyed state lives between checkpoints: on the heap, or in RocksDB on disk")
     g.add_argument("--from-checkpoint", metavar="PATH", help="resume from a retained checkpoint or a savepoint")
 
 
