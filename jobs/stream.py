@@ -432,7 +432,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         from finfeat.jobs.flink import submit
         from finfeat.jobs.online import OnlineStoreError
 
-        delta.check_warehouse(args.warehouse)  # outputs first, as for Beam
         if args.online_store:  # checked here, as for Beam, before the job starts
             args.online_store = online_store_url(args.online_store)
             spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
@@ -441,6 +440,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             except OnlineStoreError as exc:
                 print(f"finfeat stream: error: {exc}", file=sys.stderr)
                 return 4
+        delta.check_warehouse(args.warehouse)  # outputs before any input is read, as for Beam
         return submit.run(args, rest, _token_key(args, demo=False))
     prism = None
     if not any(a.startswith("--runner") for a in rest):
@@ -453,7 +453,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             prism = location
             rest = [a for a in rest if not a.startswith("--prism_location")]
     beam_args = _beam_args(rest)
-    delta.check_warehouse(args.warehouse)  # outputs first: a file or an unwritable place fails here
     spec = FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec else FeatureSpec.default()
     store = None
     if args.online_store:
@@ -466,6 +465,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"finfeat stream: error: {exc}", file=sys.stderr)
             return 4
         print(f"stream: online store {where}", file=sys.stderr)
+    # outputs before any input is read (after the store check, so an unusable store creates nothing):
+    # a file or an unwritable place fails here
+    delta.check_warehouse(args.warehouse)
     run_id = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
     started = time.monotonic()
     try:
