@@ -440,7 +440,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             except OnlineStoreError as exc:
                 print(f"finfeat stream: error: {exc}", file=sys.stderr)
                 return 4
-        delta.check_warehouse(args.warehouse)  # outputs before any input is read, as for Beam
         return submit.run(args, rest, _token_key(args, demo=False))
     prism = None
     if not any(a.startswith("--runner") for a in rest):

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace, rest: list[str], token_key: bytes) -> int:
     except (FlinkUnavailable, ValueError) as exc:
         print(f"finfeat stream: error: {exc}", file=sys.stderr)
         return 2
+    from finfeat.jobs import delta
+
+    delta.check_warehouse(args.warehouse)  # outputs before any input is read, as for Beam
     env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode()}
     if args.flink_master:  # `flink run` reads its client configuration from here
         env.setdefault("FLINK_CONF_DIR", str(flink_env.flink_home() / "conf"))
