@@ -12,8 +12,8 @@ the functions here only move state in and out of Flink's keyed state.
 Graph (every shuffle keyed, every record a tuple of plain values and Arrow IPC bytes):
 
 * ``ReadKafka``: Flink's Kafka connector (SQL table, ``raw`` format: value, partition, offset),
-  event time from the message's ``event_time``, watermarks ``--bound-seconds`` behind; the
-  offsets live in Flink's checkpoints.
+  event time from the message's ``event_time``, watermarks ``--bound-seconds`` behind (no idle
+  timeout with ``--stop-after-idle``, see :func:`source_ddl`); the offsets live in Flink's checkpoints.
 * ``ParseEvents`` (key: Kafka partition): messages wait in state until the watermark passes
   their tick (``--emit-every-ms``), then one batch is decoded and parsed; dead letters aside.
 * ``WriteOnlineStore`` (key: Kafka partition, with ``--online-store``): batches of messages
