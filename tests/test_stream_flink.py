@@ -80,9 +80,9 @@ def _produce(events: pa.Table, bootstrap: str, topic: str, **kwargs: object) -> 
 
 
 def _start(bootstrap: str, topic: str, wh: Path, log: Path, *, master: str | None = None, parallelism: int = 1,
-           idle_s: float = 4, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+           idle_s: float = 4, bound_s: float = BOUND_S, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = [sys.executable, "-m", "finfeat.jobs.cli", "stream", "--engine", "flink", "--bootstrap", bootstrap,
-            "--topic", topic, "--warehouse", str(wh), "--app-id", APP_ID, "--bound-seconds", str(BOUND_S),
+            "--topic", topic, "--warehouse", str(wh), "--app-id", APP_ID, "--bound-seconds", str(bound_s),
             "--commit-every-seconds", "1", "--checkpoint-interval-ms", "1000", "--stop-after-idle", str(idle_s),
             "--parallelism", str(parallelism), "--buckets", str(parallelism), *extra]
     if master:
@@ -118,6 +118,21 @@ def test_mini_cluster_in_order_equals_batch(kafka, tmp_path: Path) -> None:  # n
     _assert_equals_batch(_features(tmp_path / "wh"), events)
     assert not DeltaTable.is_deltatable(str(tmp_path / "wh" / "dead_letters")), "unexpected dead letters"
     assert DeltaTable(str(tmp_path / "wh" / "features")).transaction_version(f"{APP_ID}:features") >= 1
+
+
+def test_drain_of_a_dense_stream_after_the_source_went_idle_leaves_every_row_once(kafka, tmp_path: Path) -> None:  # noqa: ANN001
+    """Events 1 ms apart, a 1 s bound: at the idle stop the events of the last second still wait
+    for the watermark, and the source has been quiet for longer than the bound. The drain's
+    end-of-time watermark must still fire their timers (it was dropped while the source was idle)."""
+    events = sparkov_events(3000)
+    t0 = events.column("event_time")[0].as_py()
+    dense = pa.array([t0 + timedelta(milliseconds=i) for i in range(events.num_rows)],
+                     events.schema.field("event_time").type)
+    events = events.set_column(events.schema.get_field_index("event_time"), "event_time", dense)
+    _produce(events, kafka.bootstrap, "flink-dense-drain")
+    _run(kafka.bootstrap, "flink-dense-drain", tmp_path / "wh", tmp_path / "job.log", bound_s=1, idle_s=4)
+    _assert_equals_batch(_features(tmp_path / "wh"), events)
+    assert not DeltaTable.is_deltatable(str(tmp_path / "wh" / "dead_letters")), "unexpected dead letters"
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])

@@ -12,8 +12,8 @@ the functions here only move state in and out of Flink's keyed state.
 Graph (every shuffle keyed, every record a tuple of plain values and Arrow IPC bytes):
 
 * ``ReadKafka``: Flink's Kafka connector (SQL table, ``raw`` format: value, partition, offset),
-  event time from the message's ``event_time``, watermarks ``--bound-seconds`` behind; the
-  offsets live in Flink's checkpoints.
+  event time from the message's ``event_time``, watermarks ``--bound-seconds`` behind (no idle
+  timeout with ``--stop-after-idle``, see :func:`source_ddl`); the offsets live in Flink's checkpoints.
 * ``ParseEvents`` (key: Kafka partition): messages wait in state until the watermark passes
   their tick (``--emit-every-ms``), then one batch is decoded and parsed; dead letters aside.
 * ``WriteOnlineStore`` (key: Kafka partition, with ``--online-store``): batches of messages
@@ -355,12 +355,19 @@ def _day_to_second(ms: int) -> str:
     return f"{d} {h:02d}:{m:02d}:{s:02d}.{ms:03d}"
 
 
-def source_ddl(*, bootstrap: str, topic: str, group_id: str, bound_s: float, start: str = "earliest") -> str:
+def source_ddl(*, bootstrap: str, topic: str, group_id: str, bound_s: float, start: str = "earliest",
+               idle_timeout: bool = True) -> str:
     """The Kafka table: raw value, partition and offset; event time from the message and
     watermarks ``bound_s`` behind the newest. A message without a readable event time gets the
     epoch, which never moves the watermark (a malformed message must not make later events late);
-    the parse step dead-letters it at the next watermark, or reads its event time its own way."""
+    the parse step dead-letters it at the next watermark, or reads its event time its own way.
+
+    ``idle_timeout``: a partition without messages for ``max(1 s, bound)`` stops holding the
+    watermark back. Off for a job that ends with a drain: once every partition is idle the source
+    is idle, and Flink drops the end-of-time watermark that a stop with drain sends from an idle
+    source, so no event-time timer fires and the events still waiting for the watermark are lost."""
     bound_ms = max(0, round(bound_s * 1000))
+    idle = f",\n  'scan.watermark.idle-timeout' = '{max(1000, bound_ms)} ms'" if idle_timeout else ""
     event_time = "JSON_VALUE(CAST(`value` AS STRING), '$.event_time')"
     formats = ["yyyy-MM-dd''T''HH:mm:ss.SSSSSS''Z''", "yyyy-MM-dd''T''HH:mm:ss''Z''"]
     parsed = ", ".join(f"TO_TIMESTAMP({event_time}, '{f}')" for f in formats)
@@ -374,19 +381,21 @@ CREATE TEMPORARY TABLE kafka_messages (
   WATERMARK FOR `event_time` AS `event_time` - INTERVAL '{_day_to_second(bound_ms)}' DAY TO SECOND(3)
 ) WITH (
   'connector' = 'kafka', 'topic' = '{topic}', 'properties.bootstrap.servers' = '{bootstrap}',
-  'properties.group.id' = '{group_id}', 'scan.startup.mode' = '{mode}', 'format' = 'raw',
-  'scan.watermark.idle-timeout' = '{max(1000, bound_ms)} ms'
+  'properties.group.id' = '{group_id}', 'scan.startup.mode' = '{mode}', 'format' = 'raw'{idle}
 )"""
 
 
 def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, warehouse: str, spec: FeatureSpec,
           app_id: str, group_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
-          buckets: int, emit_every_ms: int, online_store: str | None = None, batch_wait_ms: int = 100) -> None:
-    """The stream job's graph on ``env``."""
+          buckets: int, emit_every_ms: int, online_store: str | None = None, batch_wait_ms: int = 100,
+          drains: bool = False) -> None:
+    """The stream job's graph on ``env``. ``drains``: the job ends with a stop with drain (the
+    source then has no idle timeout, see :func:`source_ddl`)."""
     if not spec.entities:
         raise ValueError("the Flink stream job needs a feature spec with at least one entity")
     t_env = StreamTableEnvironment.create(env)
-    t_env.execute_sql(source_ddl(bootstrap=bootstrap, topic=topic, group_id=group_id, bound_s=bound_s))
+    t_env.execute_sql(source_ddl(bootstrap=bootstrap, topic=topic, group_id=group_id, bound_s=bound_s,
+                                 idle_timeout=not drains))
     messages = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `partition`, `offset` FROM kafka_messages"))
     by_partition = messages.key_by(lambda r: r[1], key_type=Types.INT())
     if online_store:  # not behind the watermark: the store takes events in any order
@@ -496,7 +505,8 @@ def run(args: argparse.Namespace) -> int:
     build(env, bootstrap=args.bootstrap, topic=args.topic, warehouse=str(Path(args.warehouse).resolve()), spec=spec,
           app_id=args.app_id, group_id=group_id, run_id=run_id, token_key=token_key, bound_s=args.bound_seconds,
           commit_every_s=args.commit_every_seconds, buckets=args.buckets, emit_every_ms=args.emit_every_ms,
-          online_store=args.online_store, batch_wait_ms=args.batch_wait_ms)
+          online_store=args.online_store, batch_wait_ms=args.batch_wait_ms,
+          drains=args.stop_after_idle is not None)
     started = time.monotonic()
     client = env.execute_async(f"finfeat-stream {args.app_id}")
     job_id = str(client.get_job_id())
