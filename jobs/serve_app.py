@@ -33,7 +33,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
@@ -158,28 +157,6 @@ def parse_candidate(raw: object) -> CandidateRequest:
 # ----------------------------------------------------------------------------------- results
 
 
-def _iso(us: int | None) -> str | None:
-    if us is None:
-        return None
-    return datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(
-        microsecond=us % 1_000_000).isoformat().replace("+00:00", "Z")
-
-
-def lookup_json(cand: Any, result: Any, *, max_age_s: float) -> dict[str, Any]:
-    """The JSON of one lookup, key for key what ``finfeat serve-lookup`` prints."""
-    out = {
-        "card_token": cand.card_token, "merchant_id": cand.merchant_id, "amount_minor": cand.amount_minor,
-        "currency": cand.currency, "at": _iso(cand.at_us), "at_us": cand.at_us,
-        "features": result.features,
-        "as_of": _iso(result.as_of_us), "as_of_us": result.as_of_us, "age_s": result.age_s,
-        "entity_as_of": {e: _iso(v) for e, v in result.entity_as_of_us.items()},
-        "missing": result.missing,
-    }
-    out["stale"] = result.age_s is not None and result.age_s > max_age_s
-    out["max_age_s"] = max_age_s
-    return out
-
-
 def error_of(exc: Exception) -> tuple[int, dict[str, Any]] | None:
     """Status and JSON body of a failed request (None: not an expected error, a bug)."""
     from finfeat.jobs.online import (
@@ -278,6 +255,8 @@ class FeatureService:
                     if error_of(one) is None:
                         raise
                     results.append(one)
+        from finfeat.jobs.serve_lookup import lookup_json
+
         return [r if isinstance(r, Exception) else lookup_json(c, r, max_age_s=self.max_age_s)
                 for c, r in zip(cands, results)]
 

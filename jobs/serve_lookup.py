@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_UNAVAILABLE, EXIT_NOT_EXACT, EXIT_STALE = 0, 2, 3, 4, 5, 6
 
@@ -46,6 +47,21 @@ def _iso(us: int | None) -> str | None:
         return None
     return datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(
         microsecond=us % 1_000_000).isoformat().replace("+00:00", "Z")
+
+
+def lookup_json(cand: Any, result: Any, *, max_age_s: float) -> dict[str, Any]:
+    """The JSON of one lookup (``finfeat serve-lookup`` prints it, ``finfeat serve`` answers it)."""
+    out = {
+        "card_token": cand.card_token, "merchant_id": cand.merchant_id, "amount_minor": cand.amount_minor,
+        "currency": cand.currency, "at": _iso(cand.at_us), "at_us": cand.at_us,
+        "features": result.features,
+        "as_of": _iso(result.as_of_us), "as_of_us": result.as_of_us, "age_s": result.age_s,
+        "entity_as_of": {e: _iso(v) for e, v in result.entity_as_of_us.items()},
+        "missing": result.missing,
+    }
+    out["stale"] = result.age_s is not None and result.age_s > max_age_s
+    out["max_age_s"] = max_age_s
+    return out
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -130,17 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except OnlineStoreError as exc:
         return fail(EXIT_UNAVAILABLE, "store_error", exc)
-    out = {
-        "card_token": cand.card_token, "merchant_id": cand.merchant_id, "amount_minor": cand.amount_minor,
-        "currency": cand.currency, "at": _iso(cand.at_us), "at_us": cand.at_us,
-        "features": result.features,
-        "as_of": _iso(result.as_of_us), "as_of_us": result.as_of_us, "age_s": result.age_s,
-        "entity_as_of": {e: _iso(v) for e, v in result.entity_as_of_us.items()},
-        "missing": result.missing,
-    }
     max_age = args.max_age if args.max_age is not None else spec.max_window_us / 1e6
-    out["stale"] = result.age_s is not None and result.age_s > max_age
-    out["max_age_s"] = max_age
+    out = lookup_json(cand, result, max_age_s=max_age)
     from finfeat.jobs.score import dumps
 
     print(dumps(out, indent=2))
