@@ -408,15 +408,9 @@ def next_event_days(changed: list[date], *, spec: FeatureSpec, events: pa.Table,
 
 def _plain_run_current(report: dict[str, Any], inputs: list[Path], labels: list[Path]) -> bool:
     """A run without fingerprints: current while it read the same files and none changed after it started."""
-    from finfeat.jobs.runs import run_started
+    from finfeat.jobs.runs import report_started
 
-    started = None
-    if report.get("started_at"):
-        try:
-            started = datetime.fromisoformat(str(report["started_at"]))
-        except ValueError:
-            started = None
-    started = started or run_started(str(report.get("run_id", "")))
+    started = report_started(report, str(report.get("run_id", "")))
     if started is None:
         return False
     named = {str(Path(p).resolve()) for p in report.get("inputs", [])}

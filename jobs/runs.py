@@ -60,6 +60,16 @@ def run_started(run_id: str) -> datetime | None:
         return None
 
 
+def report_started(report: dict[str, Any], run_id: str) -> datetime | None:
+    """When a run started: its report's ``started_at``, else the time in its run id, else None."""
+    if report.get("started_at"):
+        try:
+            return datetime.fromisoformat(str(report["started_at"]))
+        except ValueError:
+            pass
+    return run_started(run_id)
+
+
 def read_reports(warehouse: str | Path) -> dict[str, dict[str, Any]]:
     """Every readable run report of the warehouse by run id; a report that is not JSON is skipped
     with a warning (a run killed while writing it)."""
@@ -140,13 +150,7 @@ def summarize(warehouse: str | Path) -> list[RunSummary]:
     for run_id in sorted(set(reports) | set(by_run)):
         report = reports.get(run_id, {})
         mine = by_run.get(run_id, [])
-        started = None
-        if report.get("started_at"):
-            try:
-                started = datetime.fromisoformat(str(report["started_at"]))
-            except ValueError:
-                started = None
-        started = started or run_started(run_id)
+        started = report_started(report, run_id)
         if started is None and mine:
             started = datetime.fromtimestamp(min(c["timestamp_ms"] for c in mine) / 1000, tz=timezone.utc)
         tables = report.get("tables") if isinstance(report.get("tables"), dict) else {}
