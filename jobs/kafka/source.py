@@ -35,6 +35,10 @@ _LOG = logging.getLogger(__name__)
 END_OF_TIME = (1 << 62)
 #: How long a poll waits for more messages after the first one (see the module docstring).
 DEFAULT_BATCH_WAIT_S = 0.1  # measured on Prism, 2 cores: 1,000 and 2,000 events/s kept up, online p99 ~0.4 s
+#: At most this many messages per poll. Only a backlog fills a poll (a live stream's polls end at the
+#: batch wait); larger polls mean larger flushes, and a flush's fixed cost (its entities' history) is
+#: shared by more events: on a 45-day backlog the steps ran 1.8x faster at 50,000 than at 5,000.
+DEFAULT_MAX_BATCH = 50_000
 
 
 class _CheckpointOnlyTracker(OffsetRestrictionTracker):
@@ -83,7 +87,7 @@ class ReadKafkaPartitionFn(beam.DoFn, RestrictionProvider):
     """
 
     def __init__(self, *, bootstrap: str, start: str = "earliest", bound_s: float = 5.0,
-                 stop_after_idle_s: float | None = None, poll_s: float = 0.5, max_batch: int = 5000,
+                 stop_after_idle_s: float | None = None, poll_s: float = 0.5, max_batch: int = DEFAULT_MAX_BATCH,
                  batch_wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
         if batch_wait_s < 0:
             raise ValueError("batch_wait_s must not be negative")
