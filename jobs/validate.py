@@ -3,9 +3,10 @@
 Runs an expectation suite against a Delta table (its latest version, ``--version N``, and/or the
 ``event_date`` partitions ``--start..--end``), optionally compares every feature's distribution
 with a reference (``--reference-version`` and/or ``--reference-start/--reference-end``) by the
-population stability index, prints a short table of results, writes GX Data Docs and a summary
-page to ``--docs DIR``, and exits 0 (passed, warnings allowed), 1 (checks failed) or 2 (usage
-error: bad flags, no such table, version or rows).
+population stability index, prints a short table of results and its verdict (passed, passed with
+warnings, failed), writes GX Data Docs (self-contained pages) and a summary page to ``--docs DIR``,
+and exits 0 (passed, warnings allowed), 1 (checks failed) or 2 (usage error: bad flags, no such
+table, version or rows).
 
 Checks that fail: a broken ``fail`` expectation, an expectation that cannot be evaluated, rows
 that a ``drop`` expectation would quarantine above ``--max-quarantine-fraction`` (default 0: the

@@ -438,8 +438,11 @@ def test_data_docs_are_self_contained_and_show_finfeats_verdict(good_path: str, 
     assert f"Data asset: features: {warned} @ version 0, all partitions" in ok
     assert "finfeat verdict: passed with warnings" in ok and not re.search(r"Failed(?! only)", ok)
     assert "Run Name 20261130T101500Z-0a1b2c3d" in ok
+    assert "Not met, by finfeat policy: warn amount_sanity_cap, " in ok     # by the names of the suite
     bad = pages[f"features@v{versions['corrupted']}"]
     assert "finfeat verdict: failed" in bad and f"Run Name features@v{versions['corrupted']}" in bad
+    assert re.search(r"Not met, by finfeat policy: drop count_non_negative\[card_count_1h\]; fail currency_iso_4217;"
+                     r" warn ", bad)
 
 
 def test_a_site_built_by_gx_defaults_is_rebuilt_self_contained(good_path: str, versions: dict[str, int],

@@ -105,6 +105,18 @@ class VerdictValidationResultsPageRenderer(ValidationResultsPageRenderer):
             params["status_title"] = "finfeat verdict:"
             params["success"] = verdict
             params["html_success_icon"] = f'<i class="fas {icon} {colour}" aria-hidden="true"></i>'
+        broken: dict[str, list[str]] = {}
+        for evr in validation_results.results:
+            if not evr.success:
+                meta = evr.expectation_config.meta or {}
+                broken.setdefault(str(meta.get("finfeat_policy", "no policy")), []).append(
+                    str(meta.get("finfeat_name") or evr.expectation_config.type))
+        if broken:    # GX's rows below show met / not met; this says which policy each broken one has
+            template = header.subheader.string_template
+            template["template"] += "\n ${broken_title} ${broken}"
+            params["broken_title"] = "Not met, by finfeat policy:"
+            params["broken"] = "; ".join(f"{policy} {', '.join(names)}" for policy, names in sorted(broken.items()))
+            template["styling"]["params"]["broken_title"] = {"classes": ["h6"]}
         return header
 
     @classmethod
