@@ -21,7 +21,7 @@ setup(
     package_dir={"finfeat": "finfeat", **{f"finfeat.{name}": name for name in _SUBPACKAGES},
                  **{f"finfeat.jobs.{n}": f"jobs/{n}" for n in _JOB_PACKAGES}},
     package_data={"finfeat.jobs": ["mappings/*.yaml", "airflow/*.py"], "finfeat.jobs.flink": ["pom.xml"],
-                  "finfeat.validation": ["suites/*.yaml"]},
+                  "finfeat.validation": ["suites/*.yaml", "docs_site/*.j2", "docs_site/*.css"]},
     install_requires=[
         "apache-beam>=2.77,<2.78",
         "deltalake>=1.6,<1.7",

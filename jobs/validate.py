@@ -3,9 +3,10 @@
 Runs an expectation suite against a Delta table (its latest version, ``--version N``, and/or the
 ``event_date`` partitions ``--start..--end``), optionally compares every feature's distribution
 with a reference (``--reference-version`` and/or ``--reference-start/--reference-end``) by the
-population stability index, prints a short table of results, writes GX Data Docs and a summary
-page to ``--docs DIR``, and exits 0 (passed, warnings allowed), 1 (checks failed) or 2 (usage
-error: bad flags, no such table, version or rows).
+population stability index, prints a short table of results and its verdict (passed, passed with
+warnings, failed), writes GX Data Docs (self-contained pages) and a summary page to ``--docs DIR``,
+and exits 0 (passed, warnings allowed), 1 (checks failed) or 2 (usage error: bad flags, no such
+table, version or rows).
 
 Checks that fail: a broken ``fail`` expectation, an expectation that cannot be evaluated, rows
 that a ``drop`` expectation would quarantine above ``--max-quarantine-fraction`` (default 0: the
@@ -19,6 +20,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -166,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     if table.num_rows == 0:
         raise _Usage(f"no rows to check in {target.label()}; check --version / --start / --end")
 
+    from finfeat.validation.docs import verdict_of
     from finfeat.validation.validate import QuarantinePolicy, validate_table
 
     outcome = validate_table(table, suite, policy=QuarantinePolicy(args.max_quarantine_fraction),
@@ -197,17 +200,22 @@ def _run(args: argparse.Namespace) -> int:
                      for d in drift if d.status == "fail"]
 
     code = EXIT_FAILED if failures else EXIT_OK
+    verdict = verdict_of(failures=failures, outcome=outcome, drift=drift)
     data_docs = None
     if args.docs:
         from finfeat.validation.docs import build_data_docs, report_dict, write_summary
 
         runnable = suite if args.missing_columns == "fail" else suite.restricted_to(table.column_names)[0]
-        data_docs = build_data_docs(table, runnable, args.docs) if runnable.rules else None
+        writer = _writer_run_id(target)
+        data_docs = (build_data_docs(table, runnable, args.docs, verdict=verdict,
+                                     asset=f"{suite.name}: {target.label()}",
+                                     run_name=writer or f"{Path(target.table).name}@v{target.version}",
+                                     run_id=writer) if runnable.rules else None)
         report = report_dict(target={"table": target.table, "version": target.version,
                                      "selection": target.label(), "reference": ref_label},
                              outcome=outcome, drift=drift, exit_code=code, failures=failures, data_docs=data_docs)
         summary_page = write_summary(args.docs, report)
-    _print(target, suite.name, outcome, drift, failures, ref_label, code)
+    _print(target, suite.name, outcome, drift, failures, ref_label, verdict)
     if args.docs:
         print(f"  report             {summary_page}")
         if data_docs:
@@ -215,8 +223,21 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _writer_run_id(sel: _Selection) -> str | None:
+    """The ``finfeat.run_id`` of the commit that made the selected version (None if it has none)."""
+    from deltalake import DeltaTable
+
+    for entry in DeltaTable(sel.table).history():
+        if entry.get("version") == sel.version:
+            run_id = entry.get("finfeat.run_id")
+            return str(run_id) if run_id else None
+    return None
+
+
 def _print(target: _Selection, suite: str, outcome: Any, drift: list[Any], failures: list[str],
-           ref_label: str | None, code: int) -> None:
+           ref_label: str | None, verdict: str) -> None:
+    from finfeat.validation.docs import VERDICT_LABEL
+
     results = outcome.results
     broken = [r for r in results if r.broken or r.error]
     lines = ["", f"finfeat validate {target.label()}: {outcome.rows:,} rows, suite {suite} "
@@ -239,7 +260,6 @@ def _print(target: _Selection, suite: str, outcome: Any, drift: list[Any], failu
         top = max(drift, key=lambda d: d.psi)
         lines.append(f"    {len(drift) - len(shown)} of {len(drift)} features stable (max PSI {top.psi:.4f}, "
                      f"{top.column})")
-    verdict = "PASSED" if code == EXIT_OK else "FAILED"
-    lines.append(f"  {verdict}" + (":" if failures else ""))
+    lines.append(f"  {VERDICT_LABEL[verdict]}" + (":" if failures else ""))
     lines += [f"    {f}" for f in failures]
     print("\n".join(lines))

@@ -7,13 +7,17 @@ validation of these rows takes under a second.
 from __future__ import annotations
 
 import argparse
+import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from finfeat.jobs import validate as validate_cmd
 from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
@@ -317,3 +321,144 @@ def test_cli_psi_same_data_passes_shifted_fails(good_path: str, versions: dict[s
     assert _cli("--table", good_path, "--version", str(versions["shifted"]), "--reference-version", "0",
                 "--psi-fail", "1000") == 0
     assert "WARN" in capsys.readouterr().out
+
+
+# -- Data Docs: self-contained pages, finfeat's verdict ----------------------------------------------
+
+class _Refs(HTMLParser):
+    """Resources a page loads (scripts, stylesheets, images, frames, CSS url()s) and its links."""
+
+    LOADED = {("script", "src"), ("link", "href"), ("img", "src"), ("iframe", "src"), ("source", "src"),
+              ("embed", "src"), ("object", "data"), ("video", "src"), ("audio", "src")}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: list[str] = []
+        self.links: list[str] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if value is None:
+                continue
+            if (tag, name) in self.LOADED:
+                self.loaded.append(value)
+            elif tag == "a" and name == "href":
+                self.links.append(value)
+            elif name == "style":
+                self.loaded += re.findall(r"url\(\s*['\"]?([^'\")]+)", value)
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.loaded += re.findall(r"url\(\s*['\"]?([^'\")]+)", data)
+            self.loaded += re.findall(r"@import\s+['\"]([^'\"]+)", data)
+
+
+def _site_problems(site: Path) -> list[str]:
+    """Every resource a page of ``site`` would fetch from another host, or a local file it names that
+    is missing (resources and links alike)."""
+    problems = []
+    for page in sorted(site.rglob("*.html")):
+        refs = _Refs()
+        refs.feed(page.read_text())
+        for ref in refs.loaded:
+            if re.match(r"^(https?:)?//", ref, re.IGNORECASE):
+                problems.append(f"{page.relative_to(site)} loads {ref}")
+        for ref in refs.loaded + refs.links:
+            parts = urlsplit(ref)
+            if parts.scheme or parts.netloc or not parts.path:   # another host, mailto:, or '#anchor'
+                continue
+            target = (page.parent / unquote(parts.path)).resolve()
+            if not target.exists():
+                problems.append(f"{page.relative_to(site)} names {ref}, which does not exist")
+    return problems
+
+
+def _text(page: Path) -> str:
+    """The words of a page, without its scripts and styles."""
+    body = re.sub(r"<(script|style)\b.*?</\1>", " ", page.read_text(), flags=re.DOTALL)
+    return " ".join(re.sub(r"<[^>]+>", " ", body).split())
+
+
+def test_the_checker_sees_what_gx_pages_load(tmp_path: Path, good: pa.Table) -> None:
+    """GX's own pages (its default site) load Bootstrap & co. from CDNs: the check below catches that."""
+    from finfeat.validation import _gx
+
+    gx = _gx.gx()
+    context = _gx.quiet_context(gx.get_context(mode="file", project_root_dir=str(tmp_path)))
+    batch = context.data_sources.add_pandas("p").add_dataframe_asset("a").add_batch_definition_whole_dataframe("w")
+    suite = context.suites.add(gx.ExpectationSuite(name="s", expectations=[
+        gx.expectations.ExpectColumnValuesToNotBeNull(column="txn_id")]))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="v", data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="c", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
+    checkpoint.run(batch_parameters={"dataframe": good.select(["txn_id"]).to_pandas()})
+    problems = _site_problems(tmp_path / "gx" / "uncommitted" / "data_docs" / "local_site")
+    assert any("loads https://" in p and "bootstrap" in p for p in problems)
+
+
+def test_data_docs_are_self_contained_and_show_finfeats_verdict(good_path: str, versions: dict[str, int],
+                                                                good: pa.Table, tmp_path: Path) -> None:
+    # a table written by a finfeat run, whose only broken expectation is a warn one
+    warned = str(tmp_path / "warned")
+    rows = _set(good, "amount_minor", {3: 10 ** 12})
+    write_deltalake(warned, rows, partition_by=["event_date"],
+                    commit_properties=CommitProperties(custom_metadata={"finfeat.run_id": "20261130T101500Z-0a1b2c3d"}))
+    docs = tmp_path / "dq"
+    assert _cli("--table", warned, "--docs", str(docs)) == 0
+    report = json.loads((docs / "report.json").read_text())
+    assert report["verdict"] == "passed with warnings" and "amount_sanity_cap" in report["validation"]["warnings"]
+    assert _cli("--table", good_path, "--version", str(versions["corrupted"]), "--docs", str(docs)) == 1
+    assert json.loads((docs / "report.json").read_text())["verdict"] == "failed"
+
+    site = docs / "gx" / "uncommitted" / "data_docs" / "local_site"
+    assert len(list(site.rglob("*.html"))) == 4          # index, the suite, two validations
+    assert _site_problems(site) == []
+    for page in site.rglob("*.html"):
+        text = _text(page)
+        assert "__none__" not in text and "Data asset: None" not in text, page
+
+    # the index: one row per run, with finfeat's verdict, the finfeat run and the data validated
+    index = _text(site / "index.html")
+    warned_row = re.search(r"passed with warnings \S+ \S+ UTC 20261130T101500Z-0a1b2c3d features: (\S+) @ version 0",
+                           index)
+    assert warned_row and warned_row.group(1) == warned
+    assert re.search(rf"failed \S+ \S+ UTC features@v{versions['corrupted']} features: {re.escape(good_path)} "
+                     rf"@ version {versions['corrupted']}", index)
+    assert "Failed" not in index and "Success" not in index
+
+    # each validation page: finfeat's verdict, the data asset and the run name
+    pages = {p.parent.parent.name: _text(p) for p in (site / "validations" / "features").rglob("*.html")}
+    ok = pages["20261130T101500Z-0a1b2c3d"]
+    assert f"Data asset: features: {warned} @ version 0, all partitions" in ok
+    assert "finfeat verdict: passed with warnings" in ok and not re.search(r"Failed(?! only)", ok)
+    assert "Run Name 20261130T101500Z-0a1b2c3d" in ok
+    assert "Not met, by finfeat policy: warn amount_sanity_cap, " in ok     # by the names of the suite
+    bad = pages[f"features@v{versions['corrupted']}"]
+    assert "finfeat verdict: failed" in bad and f"Run Name features@v{versions['corrupted']}" in bad
+    assert re.search(r"Not met, by finfeat policy: drop count_non_negative\[card_count_1h\]; fail currency_iso_4217;"
+                     r" warn ", bad)
+
+
+def test_a_site_built_by_gx_defaults_is_rebuilt_self_contained(good_path: str, versions: dict[str, int],
+                                                              tmp_path: Path) -> None:
+    test_the_checker_sees_what_gx_pages_load(tmp_path, _read(good_path))   # GX's CDN pages in tmp_path
+    assert _cli("--table", good_path, "--version", "0", "--docs", str(tmp_path)) == 0
+    site = tmp_path / "gx" / "uncommitted" / "data_docs" / "local_site"
+    assert len(list((site / "validations").rglob("*.html"))) == 2     # the old run's page and this run's
+    assert _site_problems(site) == []
+
+
+def test_summary_page_names_the_drift_reference_or_says_there_is_none(good_path: str, versions: dict[str, int],
+                                                                      tmp_path: Path) -> None:
+    assert _cli("--table", good_path, "--version", "0", "--docs", str(tmp_path / "a")) == 0
+    page = _text(tmp_path / "a" / "index.html")
+    assert "Drift: no reference" in page and "--reference-version" in page and "None" not in page
+    assert _cli("--table", good_path, "--version", "0", "--reference-version", "0", "--docs", str(tmp_path / "b")) == 0
+    page = _text(tmp_path / "b" / "index.html")
+    assert f"Drift: PSI against {good_path} @ version 0, all partitions" in page and "None" not in page
