@@ -440,8 +440,6 @@ class EntityHistory:
     and their entities' histories, not the whole history held.
     """
 
-    _COMBINE_AT = 16  # chunks: appends add one each; past this the table is made contiguous
-
     def __init__(self, table: pa.Table, entity: str, *, pieces: int = 1, kept_tails: int = 0) -> None:
         self.entity = entity
         self.column = ENTITY_COLUMNS[entity]
@@ -458,15 +456,20 @@ class EntityHistory:
         return cls(table, entity, pieces=len(pieces))
 
     def _index(self, table: pa.Table) -> None:
-        self.table = table
+        self._blocks = [table]
         self._t = _Growing(event_times_us(table))
         encoded = pc.dictionary_encode(table.column(self.column).combine_chunks())
         self._codes = _Growing(encoded.indices.to_numpy(zero_copy_only=False))
         self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
 
     @property
+    def table(self) -> pa.Table:
+        """Every row, in arrival order (one chunk per block: no copy)."""
+        return self._blocks[0] if len(self._blocks) == 1 else pa.concat_tables(self._blocks)
+
+    @property
     def num_rows(self) -> int:
-        return self.table.num_rows
+        return len(self._t.values)
 
     @property
     def t(self) -> np.ndarray:
@@ -481,10 +484,16 @@ class EntityHistory:
         code_of = self.code_of
         wanted = [code_of[k] for k in set(keys.to_pylist()) if k in code_of]
         if not wanted:
-            return self.table.slice(0, 0)
+            return self._blocks[0].slice(0, 0)
         pick = np.zeros(len(code_of), dtype=bool)
         pick[wanted] = True
-        return self.table.take(pa.array(np.flatnonzero(pick[self.codes])))
+        rows = np.flatnonzero(pick[self.codes])
+        # each block is contiguous: take from each the rows that fall in it
+        starts = np.cumsum([0] + [b.num_rows for b in self._blocks])
+        cuts = np.searchsorted(rows, starts)
+        taken = [block.take(pa.array(rows[a:b] - start)) for block, start, a, b
+                 in zip(self._blocks, starts[:-1], cuts[:-1], cuts[1:]) if b > a]
+        return taken[0] if len(taken) == 1 else pa.concat_tables(taken)
 
     def _append(self, ready: pa.Table) -> None:
         code_of = self.code_of
@@ -492,8 +501,13 @@ class EntityHistory:
                           dtype=np.int64, count=ready.num_rows)
         self._codes.append(new)
         self._t.append(event_times_us(ready))
-        table = pa.concat_tables([self.table, ready.select(self.table.column_names)])
-        self.table = table.combine_chunks() if table.column(0).num_chunks > self._COMBINE_AT else table
+        # blocks shrink geometrically (each more than twice the next), merged like a binary
+        # counter: O(log rows) blocks, and each row is copied O(log rows) times in all
+        blocks = self._blocks
+        blocks.append(ready.select(blocks[0].column_names).combine_chunks())
+        while len(blocks) > 1 and blocks[-2].num_rows <= 2 * blocks[-1].num_rows:
+            last = blocks.pop()
+            blocks[-1] = pa.concat_tables([blocks[-1], last]).combine_chunks()
 
     def add(self, ready: pa.Table, *, floor: int) -> StateChange:
         """Append released events; rewrite without what is out of reach (at or before ``floor``,
