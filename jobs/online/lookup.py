@@ -11,6 +11,12 @@ would otherwise spend most of their time in Arrow's per-call overhead), and
 new-merchant flag and velocity use the candidate's own amount, merchant and location: the
 result is the row the backfill would write for that transaction, bit for bit.
 
+For label-aware features each stored event goes in with its effective label: the store's feed
+label (its ``is_fraud`` and ``label_time``) where it holds one, else the event's own ``is_fraud``
+with no label time (known ``delay`` after the event), exactly the columns the backfill's
+``attach_labels`` gives the engine; the engine's rule decides which labels were known before
+the candidate.
+
 Each entity kind gets its own table (card history + candidate; merchant history + candidate)
 rather than one union table: with a union, card events at the candidate's merchant that the
 merchant's own state does not hold (a merchant key that expired or is new) would count in the
@@ -37,9 +43,11 @@ import pyarrow as pa
 from finfeat.jobs.online.base import (
     CandidateBeforeState,
     EntityState,
+    Label,
     MissingState,
     OnlineStore,
     Retention,
+    StoredEvent,
     retention_for,
     wall_clock_us,
 )
@@ -51,7 +59,7 @@ CANDIDATE_TXN_ID = "\uffff"
 
 _FIELD_TYPES: dict[str, pa.DataType] = {
     "card_token": pa.string(), "merchant_id": pa.string(), "amount_minor": pa.int64(),
-    "merchant_lat": pa.float64(), "merchant_lon": pa.float64(),
+    "merchant_lat": pa.float64(), "merchant_lon": pa.float64(), "is_fraud": pa.bool_(),
 }
 
 
@@ -73,6 +81,8 @@ class Candidate:
     txn_id: str = CANDIDATE_TXN_ID
 
     def value(self, column: str) -> Any:
+        if column == "is_fraud":  # a transaction being scored has no label (and its own never counts for it)
+            return None
         return getattr(self, column)
 
 
@@ -217,6 +227,15 @@ def _scatter(rows: list[dict[str, Any]], computed: dict[str, tuple[np.ndarray, n
             row[f.name] = cast(v) if ok else None
 
 
+def _labelled(ev: StoredEvent, label: Label | None, fraud_at: int) -> tuple[int, bytes, tuple[Any, ...], int | None]:
+    """A stored event as a lookup row (time, id bytes, values, label time): a feed label, where
+    the store holds one, overrides the event's own ``is_fraud`` and brings its label time."""
+    if label is None:
+        return ev.time_us, ev.txn_id.encode(), ev.values, None
+    values = ev.values[:fraud_at] + (label.is_fraud,) + ev.values[fraud_at + 1:]
+    return ev.time_us, ev.txn_id.encode(), values, label.time_us
+
+
 def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequence[EntityState | MissingState]
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]], np.ndarray]:
     """Numpy columns of one entity kind's lookup rows, in the engine's order, and each
@@ -230,10 +249,16 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
     group: list[int] = []
     values: list[list[Any]] = [[] for _ in r.fields]
     positions: list[int] = []
+    label_times: list[int | None] = []
+    fraud_at = r.fields.index("is_fraud") if r.labels else -1
     for i, (c, s) in enumerate(zip(candidates, states)):
-        own = (c.at_us, c.txn_id.encode(), tuple(c.value(name) for name in r.fields))
+        own = (c.at_us, c.txn_id.encode(), tuple(c.value(name) for name in r.fields), None)
         if isinstance(s, EntityState):
-            rows = [(ev.time_us, ev.txn_id.encode(), ev.values) for ev in s.events if ev.txn_id != c.txn_id]
+            if s.labels:
+                rows = [_labelled(ev, s.labels.get(ev.txn_id), fraud_at)
+                        for ev in s.events if ev.txn_id != c.txn_id]
+            else:
+                rows = [(ev.time_us, ev.txn_id.encode(), ev.values, None) for ev in s.events if ev.txn_id != c.txn_id]
             rows.append(own)
             rows.sort(key=lambda row: (row[0], row[1]))
         else:
@@ -245,6 +270,7 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
             times.append(row[0])
             for col, v in zip(values, row[2]):
                 col.append(v)
+            label_times.append(row[3])
         group.extend([i] * len(rows))
     columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, col in zip(r.fields, values):
@@ -255,7 +281,13 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
         elif typ == pa.float64():
             valid = np.array([v is not None for v in col], dtype=bool)
             columns[name] = (np.array([0.0 if v is None else v for v in col], dtype=np.float64), valid)
+        elif typ == pa.bool_():
+            valid = np.array([v is not None for v in col], dtype=bool)
+            columns[name] = (np.array([bool(v) for v in col], dtype=bool), valid)
         else:
             columns[name] = (np.array(col, dtype=np.int64), None)
+    if r.labels:
+        valid = np.array([v is not None for v in label_times], dtype=bool)
+        columns["label_time"] = (np.array([0 if v is None else v for v in label_times], dtype=np.int64), valid)
     return (np.array(group, dtype=np.int64), np.array(times, dtype=np.int64), columns,
             np.array(positions, dtype=np.int64))
