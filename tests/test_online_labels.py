@@ -321,3 +321,42 @@ def test_a_store_without_label_aware_features_keeps_no_labels(make_store) -> Non
     with pytest.raises(ValueError, match="null is_fraud"):
         make_store(SMALL).write_labels(pa.table({"txn_id": ["a"], "is_fraud": pa.array([None], pa.bool_()),
                                                  "label_time": [1]}))
+
+
+def test_store_labels_cli_writes_a_feed_with_dead_letters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import yaml
+
+    from finfeat.jobs.cli import main
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"version": 1, "features": [f.model_dump(exclude_none=True)
+                                                                    for f in SMALL.features]}))
+    url = f"sqlite:{tmp_path / 'online.db'}"
+    store = open_store(url, SMALL)
+    store.write(_events(12))
+    at = 72 * HOUR
+    feed = tmp_path / "chargebacks.csv"
+    feed.write_text("txn_id,is_fraud,label_time\n"
+                    f"t4,0,{_iso(at - 1)}\n"      # overrides the event's fraud label
+                    f"t3,1,{_iso(at - 5)}\n"
+                    f"t2,1,{_iso(at)}\n"          # known only at the candidate's time
+                    f",1,{_iso(at)}\n"            # no txn id: a dead letter
+                    f"t5,maybe,{_iso(at)}\n")     # not a label: a dead letter
+    f = SMALL.features[1]
+    assert lookup(store, SMALL, Candidate("c0", "m", 100, at)).features[f.name] == 1 / 8
+    dead = tmp_path / "dead.jsonl"
+    argv = ["store-labels", "--store", url, "--labels", str(feed), "--feature-spec", str(spec_path),
+            "--dead-letters", str(dead)]
+    for _ in range(2):  # a second run changes nothing
+        assert main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["label_rows_read"], report["labels_accepted"], report["dead_letters"]) == (5, 3, 2)
+        assert report["dead_letters_by_reason"] == {"missing_field": 1, "wrong_type": 1}
+        assert len(dead.read_text().splitlines()) == 2
+        assert lookup(store, SMALL, Candidate("c0", "m", 100, at)).features[f.name] == 1 / 8  # t3 in, t4 out
+        assert store.read_state("merchant", "m").labels["t4"].source == "chargebacks.csv"
+    store.close()
+    assert main(["store-labels", "--store", url, "--labels", str(feed)]) == 2
+    assert "no label-aware feature" in capsys.readouterr().err
