@@ -32,6 +32,7 @@ own row).
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,11 +44,9 @@ import pyarrow as pa
 from finfeat.jobs.online.base import (
     CandidateBeforeState,
     EntityState,
-    Label,
     MissingState,
     OnlineStore,
     Retention,
-    StoredEvent,
     retention_for,
     wall_clock_us,
 )
@@ -227,15 +226,6 @@ def _scatter(rows: list[dict[str, Any]], computed: dict[str, tuple[np.ndarray, n
             row[f.name] = cast(v) if ok else None
 
 
-def _labelled(ev: StoredEvent, label: Label | None, fraud_at: int) -> tuple[int, bytes, tuple[Any, ...], int | None]:
-    """A stored event as a lookup row (time, id bytes, values, label time): a feed label, where
-    the store holds one, overrides the event's own ``is_fraud`` and brings its label time."""
-    if label is None:
-        return ev.time_us, ev.txn_id.encode(), ev.values, None
-    values = ev.values[:fraud_at] + (label.is_fraud,) + ev.values[fraud_at + 1:]
-    return ev.time_us, ev.txn_id.encode(), values, label.time_us
-
-
 def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequence[EntityState | MissingState]
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]], np.ndarray]:
     """Numpy columns of one entity kind's lookup rows, in the engine's order, and each
@@ -252,26 +242,42 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
     label_times: list[int | None] = []
     fraud_at = r.fields.index("is_fraud") if r.labels else -1
     for i, (c, s) in enumerate(zip(candidates, states)):
-        own = (c.at_us, c.txn_id.encode(), tuple(c.value(name) for name in r.fields), None)
-        if isinstance(s, EntityState):
-            if s.labels:
-                rows = [_labelled(ev, s.labels.get(ev.txn_id), fraud_at)
-                        for ev in s.events if ev.txn_id != c.txn_id]
-            else:
-                rows = [(ev.time_us, ev.txn_id.encode(), ev.values, None) for ev in s.events if ev.txn_id != c.txn_id]
-            rows.append(own)
-            rows.sort(key=lambda row: (row[0], row[1]))
-        else:
-            rows = [own]
+        own = tuple(c.value(name) for name in r.fields)
         base = len(times)
-        for k, row in enumerate(rows):
-            if row is own:
-                positions.append(base + k)
-            times.append(row[0])
-            for col, v in zip(values, row[2]):
+        if not isinstance(s, EntityState):
+            times.append(c.at_us)
+            for col, v in zip(values, own):
                 col.append(v)
-            label_times.append(row[3])
-        group.extend([i] * len(rows))
+            label_times.append(None)
+            positions.append(base)
+            group.append(i)
+            continue
+        # the stored events are sorted by (time, txn id bytes): the candidate goes in at k
+        events = [ev for ev in s.events if ev.txn_id != c.txn_id]
+        ts = [ev.time_us for ev in events]
+        k = bisect.bisect_left(ts, c.at_us)
+        tied = bisect.bisect_right(ts, c.at_us, lo=k)
+        if tied > k:
+            own_id = c.txn_id.encode()
+            k += sum(1 for ev in events[k:tied] if ev.txn_id.encode() < own_id)
+        times += ts[:k]
+        times.append(c.at_us)
+        times += ts[k:]
+        for j, col in enumerate(values):
+            got = [ev.values[j] for ev in events]
+            if j == fraud_at and s.labels:  # a feed label overrides the event's own
+                got = [lab.is_fraud if (lab := s.labels.get(ev.txn_id)) is not None else v
+                       for ev, v in zip(events, got)]
+            col += got[:k]
+            col.append(own[j])
+            col += got[k:]
+        if r.labels:
+            lt = [lab.time_us if (lab := s.labels.get(ev.txn_id)) is not None else None for ev in events]
+            label_times += lt[:k]
+            label_times.append(None)
+            label_times += lt[k:]
+        positions.append(base + k)
+        group.extend([i] * (len(events) + 1))
     columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, col in zip(r.fields, values):
         typ = _FIELD_TYPES.get(name)
