@@ -31,7 +31,8 @@ _LATE_COMMANDS = {
     "audit": "finfeat.jobs.audit",
     "serve": "finfeat.jobs.serve", "features": "finfeat.jobs.discover", "init": "finfeat.jobs.project",
     "produce": "finfeat.jobs.produce", "stream": "finfeat.jobs.stream",
-    "serve-lookup": "finfeat.jobs.serve_lookup", "validate": "finfeat.jobs.validate",
+    "serve-lookup": "finfeat.jobs.serve_lookup", "store-labels": "finfeat.jobs.store_labels",
+    "validate": "finfeat.jobs.validate",
 }
 LATE_COMMAND_HELP = {
     "training-set": "features joined with the labels known at a cut-off, pinned to Delta versions; or your own rows, point in time (--entities)",
@@ -46,6 +47,7 @@ LATE_COMMAND_HELP = {
     "produce": "publish transactions (a file) to a Kafka topic as JSON",
     "stream": "Kafka -> features -> Delta (and the online store), exactly once",
     "serve-lookup": "look a candidate transaction up in the online store (prints JSON)",
+    "store-labels": "write a labels feed to the online store (for label-aware features)",
     "validate": "data-quality checks of a Delta table: expectation suite and drift (for CI)",
 }
 

@@ -201,10 +201,12 @@ def _by_card(table: pa.Table, keys: pa.Array, at: np.ndarray, dt: Any, spec: Any
     from finfeat.transforms.features import calendar_values
     from finfeat.transforms.spec import ENTITY_COLUMNS
 
-    try:
-        retention = retention_for(spec)
-    except ValueError as exc:
-        raise EntityRowsError(f"card_token rows: {exc}") from None
+    label_aware = sorted(d.name for d in spec.features if d.agg == "fraud_rate")
+    if label_aware:
+        raise EntityRowsError(f"card_token rows: label-aware features ({', '.join(label_aware)}) are not computed "
+                              "from the features table (it lacks the feed's label times); give txn_id rows, or a "
+                              "spec without them")
+    retention = retention_for(spec)
     n = len(at)
     values: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     null_features: list[str] = []

@@ -164,8 +164,10 @@ def test_retention_follows_the_spec() -> None:
     assert retention_for(SHORT_SPEC)["merchant"].reach_us == 3_600_000_000
     labelled = FeatureSpec.from_dict({"features": [{"entity": "card", "agg": "count", "window": "1h"},
                                                    {"entity": "merchant", "agg": "fraud_rate", "window": "7d"}]})
-    with pytest.raises(ValueError, match="label-aware features yet .merchant_fraud_rate_7d"):
-        retention_for(labelled)
+    # a label-aware kind keeps the events' own labels and reads the feed's (tests/test_online_labels.py)
+    merchant = retention_for(labelled)["merchant"]
+    assert merchant.labels and merchant.fields == ("is_fraud",) and merchant.reach_us == 14 * DAY_US
+    assert not r["merchant"].labels and not r["card"].labels
 
 
 # ------------------------------------------------------------------ train/serve consistency

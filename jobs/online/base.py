@@ -32,6 +32,19 @@ holds nothing any window could reach, and only ``seconds_since_last`` / geo velo
 next transaction lose their anchor, which the lookup reports as a missing key, not as a guess.
 Materializing history (e.g. the 2019 demo data) keeps it for ``ttl_s`` from the moment it is
 materialized.
+
+Labels (label-aware features such as ``merchant_fraud_rate_7d``): an entity kind with such a
+feature also keeps each event's own ``is_fraud`` (a label that came with the event, known
+``delay`` after it), and the store keeps one label record per transaction from a labels feed
+(:meth:`OnlineStore.write_labels`: ``txn_id``, ``is_fraud``, ``label_time``, ``source``). As in
+the backfill's :func:`finfeat.transforms.labels.attach_labels`, a feed label wins over the
+event's, and among feed labels the latest ``label_time`` wins (then the larger source name);
+label writes are idempotent and order-independent too. A lookup hands the engine each stored
+event with its effective label and label time, so the engine's rule (a label counts only when
+known before the candidate) is applied by the same code as in batch. A label may arrive before
+its transaction: it waits in the store. Label records expire ``max(ttl, longest label-aware
+reach)`` after their last write, so a label lives as long as the event it labels can be in a
+window.
 """
 from __future__ import annotations
 
@@ -53,6 +66,9 @@ LAYOUT_VERSION = 1
 #: Keys live this long after their last write (wall clock) unless the store is told otherwise.
 DEFAULT_TTL_S = 35 * 86_400
 _GEO_FIELDS = ("merchant_lat", "merchant_lon")
+#: Source name of feed labels that reach the store without one (e.g. attached to backfill events);
+#: it sorts before every named source, so a named source wins a tie on label time.
+UNNAMED_SOURCE = ""
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -137,6 +153,7 @@ class Retention:
     entity: str
     reach_us: int
     fields: tuple[str, ...]
+    labels: bool = False  # has label-aware features: reads the label records of its events
 
     @property
     def key_column(self) -> str:
@@ -147,16 +164,15 @@ class Retention:
         return all(f in self.fields for f in _GEO_FIELDS)
 
     def as_json(self) -> dict[str, object]:
-        return {"reach_us": self.reach_us, "fields": list(self.fields)}
+        out: dict[str, object] = {"reach_us": self.reach_us, "fields": list(self.fields)}
+        if self.labels:
+            out["labels"] = True
+        return out
 
 
 def retention_for(spec: FeatureSpec) -> dict[str, Retention]:
     """Per entity kind of ``spec``: the reach (longest window) and the fields to store."""
     out: dict[str, Retention] = {}
-    label_aware = sorted(d.name for d in spec.features if d.agg == "fraud_rate")
-    if label_aware:
-        raise ValueError(f"the online store does not serve label-aware features yet ({', '.join(label_aware)}): "
-                         "their labels arrive after the event and need a label write path; use a spec without them")
     for entity in spec.entities:
         defs = spec.for_entity(entity)
         reach = max(d.reach_us for d in defs)  # window (plus label delay, for features that have one)
@@ -166,8 +182,11 @@ def retention_for(spec: FeatureSpec) -> dict[str, Retention]:
                 needed.add(FIELD_COLUMNS[d.field])
             if d.agg == "geo_velocity":
                 needed.update(_GEO_FIELDS)
+            if d.agg == "fraud_rate":
+                needed.add("is_fraud")
         fields = tuple(n for n in EVENT_SCHEMA.names if n in needed)  # canonical order
-        out[entity] = Retention(entity=entity, reach_us=reach, fields=fields)
+        out[entity] = Retention(entity=entity, reach_us=reach, fields=fields,
+                                labels=any(d.agg == "fraud_rate" for d in defs))
     return out
 
 
@@ -200,8 +219,56 @@ class StoredEvent(NamedTuple):
         decode for all the payloads (a lookup reads a few dozen events: one call, not dozens)."""
         if not items:
             return []
+        make = StoredEvent._make  # tuple.__new__ underneath: cheaper than calling the class per event
+        if all(item[3] == "[]" for item in items):  # an entity kind that keeps no field (e.g. a merchant's counts)
+            return [make((t, us, loc, ())) for t, us, loc, _ in items]
         values = json.loads("[" + ",".join(item[3] for item in items) + "]")
-        return [StoredEvent(t, us, loc, tuple(v)) for (t, us, loc, _), v in zip(items, values)]
+        return [make((t, us, loc, tuple(v))) for (t, us, loc, _), v in zip(items, values)]
+
+
+class Label(NamedTuple):
+    """A feed label of one transaction: fraud or not, known from ``time_us`` (UTC microseconds)."""
+
+    txn_id: str
+    is_fraud: bool
+    time_us: int
+    source: str = UNNAMED_SOURCE
+
+    def supersedes(self, other: Label) -> bool:
+        """The labels feed's rule: the later label time wins, then the larger source name."""
+        return (self.time_us, self.source.encode()) > (other.time_us, other.source.encode())
+
+
+def latest_labels(labels: Iterable[Label]) -> list[Label]:
+    """One label per txn id by :meth:`Label.supersedes` (the first written wins a full tie)."""
+    best: dict[str, Label] = {}
+    for lab in labels:
+        cur = best.get(lab.txn_id)
+        if cur is None or lab.supersedes(cur):
+            best[lab.txn_id] = lab
+    return list(best.values())
+
+
+def labels_from_table(table: pa.Table) -> list[Label]:
+    """Labels from a table with ``txn_id``, ``is_fraud``, ``label_time`` (timestamp or int64 UTC
+    microseconds) and optionally ``source`` (e.g. the labels feed as :func:`parse_labels` returns
+    it); a row with a null in any of the first three is refused (parse the feed first: it turns
+    such rows into dead letters)."""
+    missing = [c for c in ("txn_id", "is_fraud", "label_time") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"labels lack column(s) {', '.join(missing)} (a label has txn_id, is_fraud, label_time)")
+    for name in ("txn_id", "is_fraud", "label_time"):
+        if table.column(name).null_count:
+            raise ValueError(f"labels have {table.column(name).null_count} null {name} value(s); parse the feed "
+                             "first (finfeat.transforms.labels.parse_labels makes dead letters of them)")
+    when = table.column("label_time")
+    if pa.types.is_timestamp(when.type):
+        when = when.cast(pa.timestamp("us", tz="UTC"))
+    times = when.cast(pa.int64()).to_pylist()
+    sources = (table.column("source").fill_null(UNNAMED_SOURCE).to_pylist() if "source" in table.column_names
+               else [UNNAMED_SOURCE] * table.num_rows)
+    return [Label(str(t), bool(f), int(w), str(src)) for t, f, w, src in
+            zip(table.column("txn_id").to_pylist(), table.column("is_fraud").to_pylist(), times, sources)]
 
 
 @dataclass(frozen=True)
@@ -228,6 +295,8 @@ class EntityState:
     as_of_us: int
     pruned_max_us: int | None
     events: tuple[StoredEvent, ...]
+    #: label-aware kinds: the live feed label of each of its events that has one (txn id -> label)
+    labels: Mapping[str, Label] = field(default_factory=dict)
 
     def exact_for(self, at_us: int, reach_us: int) -> bool:
         """Whether a candidate at ``at_us`` sees every event its features need in this state.
@@ -243,8 +312,13 @@ class EntityState:
         return self.pruned_max_us is None or self.pruned_max_us <= at_us - reach_us
 
     def canonical(self) -> tuple[object, ...]:
-        """A comparable form (tests compare states written in different orders)."""
-        return (self.as_of_us, self.pruned_max_us, tuple(sorted(self.events)))
+        """A comparable form (tests compare states written in different orders): as-of, pruned
+        max, the events sorted and, where the store holds feed labels of them, those labels."""
+        base = (self.as_of_us, self.pruned_max_us, tuple(sorted(self.events)))
+        if not self.labels:
+            return base
+        return (*base, tuple(sorted((lab.txn_id, lab.is_fraud, lab.time_us, lab.source)
+                                    for lab in self.labels.values())))
 
 
 @dataclass(frozen=True)
@@ -270,6 +344,7 @@ class WriteStats:
     updates: int = 0          # entity updates sent
     events: int = 0           # stored events sent (an event counts once per entity kind)
     batches: int = 0
+    labels: int = 0           # label records sent
 
 
 def prune(events: Iterable[StoredEvent], as_of_us: int, reach_us: int) -> tuple[list[StoredEvent], int | None]:
@@ -391,6 +466,33 @@ class OnlineStore(ABC):
         self._apply(updates, expire_at_us=now + self.ttl_us, now_us=now)
         return WriteStats(updates=len(updates), events=sum(len(u.events) for u in updates), batches=1)
 
+    @property
+    def reads_labels(self) -> bool:
+        """Whether any entity kind has label-aware features (otherwise labels are not kept)."""
+        return any(r.labels for r in self.retention.values())
+
+    @property
+    def label_ttl_us(self) -> int:
+        """How long a label record lives after its last write: the TTL, or the longest reach of a
+        label-aware entity kind when that is longer (a label must outlive its event's windows)."""
+        return max([self.ttl_us, *(r.reach_us for r in self.retention.values() if r.labels)])
+
+    def write_labels(self, labels: pa.Table | Sequence[Label], *, now_us: int | None = None) -> WriteStats:
+        """Add feed labels (a table as :func:`labels_from_table` takes, or :class:`Label` rows),
+        in one batch: per txn id the latest label time wins (then the larger source), whatever
+        the order of writes; idempotent. The label of a transaction not written yet waits for it.
+        A store whose spec has no label-aware feature keeps nothing (returns zero labels)."""
+        rows = labels_from_table(labels) if isinstance(labels, pa.Table) else list(labels)
+        if not self.reads_labels or not rows:
+            return WriteStats()
+        for lab in rows:
+            if not lab.txn_id or "\0" in lab.txn_id or "\0" in lab.source:
+                raise ValueError(f"label txn id {lab.txn_id!r}: ids must be non-empty and hold no NUL characters")
+        rows = latest_labels(rows)
+        now = wall_clock_us() if now_us is None else now_us
+        self._apply_labels(rows, expire_at_us=now + self.label_ttl_us, now_us=now)
+        return WriteStats(batches=1, labels=len(rows))
+
     # -- reads ------------------------------------------------------------------------------
 
     def read_states(self, keys: Sequence[tuple[str, str]], *, now_us: int | None = None
@@ -416,6 +518,11 @@ class OnlineStore(ABC):
     @abstractmethod
     def _apply(self, updates: Sequence[EntityUpdate], *, expire_at_us: int, now_us: int) -> None:
         """Apply the updates atomically per entity; monotonic; prune; set the expiry."""
+
+    @abstractmethod
+    def _apply_labels(self, labels: Sequence[Label], *, expire_at_us: int, now_us: int) -> None:
+        """Keep each label unless the stored one supersedes it (or is still live and equal);
+        extend the expiry; one atomic batch."""
 
     @abstractmethod
     def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
@@ -453,6 +560,7 @@ class MaterializeStats:
 
     events_in: int = 0
     events_written: int = 0            # stored events sent to the store, all entity kinds together
+    labels_written: int = 0            # feed label records sent (label-aware specs only)
     states: dict[str, int] = field(default_factory=dict)   # entity kind -> keys written
     batches: int = 0
     seconds: float = 0.0

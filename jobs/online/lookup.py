@@ -11,6 +11,12 @@ would otherwise spend most of their time in Arrow's per-call overhead), and
 new-merchant flag and velocity use the candidate's own amount, merchant and location: the
 result is the row the backfill would write for that transaction, bit for bit.
 
+For label-aware features each stored event goes in with its effective label: the store's feed
+label (its ``is_fraud`` and ``label_time``) where it holds one, else the event's own ``is_fraud``
+with no label time (known ``delay`` after the event), exactly the columns the backfill's
+``attach_labels`` gives the engine; the engine's rule decides which labels were known before
+the candidate.
+
 Each entity kind gets its own table (card history + candidate; merchant history + candidate)
 rather than one union table: with a union, card events at the candidate's merchant that the
 merchant's own state does not hold (a merchant key that expired or is new) would count in the
@@ -26,6 +32,7 @@ own row).
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +58,7 @@ CANDIDATE_TXN_ID = "\uffff"
 
 _FIELD_TYPES: dict[str, pa.DataType] = {
     "card_token": pa.string(), "merchant_id": pa.string(), "amount_minor": pa.int64(),
-    "merchant_lat": pa.float64(), "merchant_lon": pa.float64(),
+    "merchant_lat": pa.float64(), "merchant_lon": pa.float64(), "is_fraud": pa.bool_(),
 }
 
 
@@ -73,6 +80,8 @@ class Candidate:
     txn_id: str = CANDIDATE_TXN_ID
 
     def value(self, column: str) -> Any:
+        if column == "is_fraud":  # a transaction being scored has no label (and its own never counts for it)
+            return None
         return getattr(self, column)
 
 
@@ -230,22 +239,45 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
     group: list[int] = []
     values: list[list[Any]] = [[] for _ in r.fields]
     positions: list[int] = []
+    label_times: list[int | None] = []
+    fraud_at = r.fields.index("is_fraud") if r.labels else -1
     for i, (c, s) in enumerate(zip(candidates, states)):
-        own = (c.at_us, c.txn_id.encode(), tuple(c.value(name) for name in r.fields))
-        if isinstance(s, EntityState):
-            rows = [(ev.time_us, ev.txn_id.encode(), ev.values) for ev in s.events if ev.txn_id != c.txn_id]
-            rows.append(own)
-            rows.sort(key=lambda row: (row[0], row[1]))
-        else:
-            rows = [own]
+        own = tuple(c.value(name) for name in r.fields)
         base = len(times)
-        for k, row in enumerate(rows):
-            if row is own:
-                positions.append(base + k)
-            times.append(row[0])
-            for col, v in zip(values, row[2]):
+        if not isinstance(s, EntityState):
+            times.append(c.at_us)
+            for col, v in zip(values, own):
                 col.append(v)
-        group.extend([i] * len(rows))
+            label_times.append(None)
+            positions.append(base)
+            group.append(i)
+            continue
+        # the stored events are sorted by (time, txn id bytes): the candidate goes in at k
+        events = [ev for ev in s.events if ev.txn_id != c.txn_id]
+        ts = [ev.time_us for ev in events]
+        k = bisect.bisect_left(ts, c.at_us)
+        tied = bisect.bisect_right(ts, c.at_us, lo=k)
+        if tied > k:
+            own_id = c.txn_id.encode()
+            k += sum(1 for ev in events[k:tied] if ev.txn_id.encode() < own_id)
+        times += ts[:k]
+        times.append(c.at_us)
+        times += ts[k:]
+        for j, col in enumerate(values):
+            got = [ev.values[j] for ev in events]
+            if j == fraud_at and s.labels:  # a feed label overrides the event's own
+                got = [lab.is_fraud if (lab := s.labels.get(ev.txn_id)) is not None else v
+                       for ev, v in zip(events, got)]
+            col += got[:k]
+            col.append(own[j])
+            col += got[k:]
+        if r.labels:
+            lt = [lab.time_us if (lab := s.labels.get(ev.txn_id)) is not None else None for ev in events]
+            label_times += lt[:k]
+            label_times.append(None)
+            label_times += lt[k:]
+        positions.append(base + k)
+        group.extend([i] * (len(events) + 1))
     columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for name, col in zip(r.fields, values):
         typ = _FIELD_TYPES.get(name)
@@ -255,7 +287,13 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
         elif typ == pa.float64():
             valid = np.array([v is not None for v in col], dtype=bool)
             columns[name] = (np.array([0.0 if v is None else v for v in col], dtype=np.float64), valid)
+        elif typ == pa.bool_():
+            valid = np.array([v is not None for v in col], dtype=bool)
+            columns[name] = (np.array([bool(v) for v in col], dtype=bool), valid)
         else:
             columns[name] = (np.array(col, dtype=np.int64), None)
+    if r.labels:
+        valid = np.array([v is not None for v in label_times], dtype=bool)
+        columns["label_time"] = (np.array([0 if v is None else v for v in label_times], dtype=np.int64), valid)
     return (np.array(group, dtype=np.int64), np.array(times, dtype=np.int64), columns,
             np.array(positions, dtype=np.int64))

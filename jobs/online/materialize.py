@@ -6,6 +6,10 @@ final state keeps are sent (per entity kind: everything within ``reach`` of the 
 newest event, plus the newest and the newest located event before that), since the store's
 retention would drop the rest anyway; writes are idempotent and monotonic, so materializing
 the same or older events again, or racing the streaming writer, never moves a state back.
+
+For a spec with label-aware features, feed labels are written too: those attached to the
+events (a ``label_time`` column, as the backfill's events carry after ``attach_labels``) of the
+events kept, and any ``labels`` table given.
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ import pyarrow.compute as pc
 
 from finfeat.jobs.online.base import (
     EntityUpdate,
+    Label,
     MaterializeStats,
     OnlineStore,
     Retention,
     check_event_columns,
     event_time_us,
+    labels_from_table,
     stored_events,
 )
 from finfeat.transforms.spec import FeatureSpec
@@ -68,8 +74,8 @@ def retained_rows(table: pa.Table, retention: Retention) -> tuple[np.ndarray, np
     return order[keep], dropped_max[gid[keep]]
 
 
-def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_us: int | None = None,
-                batch_events: int = DEFAULT_BATCH_EVENTS,
+def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, labels: pa.Table | None = None,
+                now_us: int | None = None, batch_events: int = DEFAULT_BATCH_EVENTS,
                 progress: Callable[[MaterializeStats], None] | None = None) -> MaterializeStats:
     """Write the latest state per entity of ``events`` into ``store``; returns what it did.
 
@@ -79,6 +85,8 @@ def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_
     ``now_us``: the clock the TTL counts from (default: now). ``progress`` is called after
     every batch with the running stats. A :class:`StoreUnavailable` mid-run leaves every entity
     state consistent (whole batches applied or not); re-run to finish, it is idempotent.
+    ``labels``: feed labels (``txn_id``, ``is_fraud``, ``label_time``, optional ``source``) to
+    write as well; kept only by a store whose spec has label-aware features.
     """
     if set(store.retention) != set(spec.entities):
         raise ValueError(f"the store keeps {sorted(store.retention)} but the spec has entities "
@@ -100,11 +108,15 @@ def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_
             if progress is not None:
                 progress(stats)
 
+    attached: list[Label] = []
     for entity, r in store.retention.items():
         rows, dropped_max = retained_rows(events, r)
         if rows.size == 0:
             continue
         kept = events.take(pa.array(rows, pa.int64()))
+        if r.labels and "label_time" in kept.column_names:
+            from_feed = kept.filter(pc.is_valid(kept.column("label_time")))
+            attached += labels_from_table(from_feed.select(["txn_id", "is_fraud", "label_time"]))
         keys = kept.column(r.key_column).to_pylist()
         stored = stored_events(kept, r)
         stats.states[entity] = 0
@@ -124,5 +136,10 @@ def materialize(store: OnlineStore, events: pa.Table, spec: FeatureSpec, *, now_
             stats.states[entity] += 1
             start = end
     flush()
+    if store.reads_labels:
+        feed = attached + (labels_from_table(labels) if labels is not None and labels.num_rows else [])
+        for a in range(0, len(feed), batch_events):
+            stats.labels_written += store.write_labels(feed[a:a + batch_events], now_us=now_us).labels
+            stats.batches += 1
     stats.seconds = time.perf_counter() - started
     return stats

@@ -6,6 +6,7 @@ Key layout (``<ns>`` defaults to ``ff:v1``)::
     <ns>:<kind>:{<id>}:h         HASH    asof -> newest event time (us); pmax -> newest pruned event time (us);
                                          '#'<txn_id> -> '<located 0|1><event_time_us>|<json of the kept fields>'
     <ns>:<kind>:{<id>}:z         ZSET    txn_id scored by event time (ties order by txn_id, as the engine's sort)
+    <ns>:label:{<txn_id>}        STRING  a feed label: '<is_fraud 0|1><label_time_us>|<source>' (label-aware specs)
 
 A lookup reads one HASH per entity (``HGETALL``; card and merchant, or a whole batch of
 candidates, pipelined in one round trip). A write batch is one call of :data:`_WRITE_LUA`,
@@ -17,6 +18,11 @@ interleaving anything else, so concurrent writers serialize, a lookup sees an en
 before or after a batch, and a connection lost mid-batch leaves the batch applied entirely or
 not at all. (The ``{<id>}`` hash tag keeps an entity's two keys in one Cluster slot; a batch
 spans many entities, so Cluster would need one call per slot: not done, single node only.)
+
+Labels are written by :data:`_LABEL_LUA` (a stored label is replaced only by one that supersedes
+it: later label time, then the larger source compared byte by byte); the read script appends,
+for a label-aware entity kind, the label of each of its events (the label keys are not declared
+to the script, which a single Redis node allows; Cluster would need them in the entity's slot).
 
 Times travel as decimal strings: Lua numbers are doubles, exact for integer microseconds
 (< 2**53), and ``string.format('%d')`` prints them without the 14-digit ``tostring`` rounding.
@@ -34,6 +40,7 @@ from finfeat.jobs.online.base import (
     DEFAULT_TTL_S,
     EntityState,
     EntityUpdate,
+    Label,
     MissingState,
     OnlineStore,
     OnlineStoreError,
@@ -115,12 +122,62 @@ return inserted
 """
 
 
+# KEYS = label keys; ARGV[1] = expire_at_ms, then per label: is_fraud (0|1), time_us, source.
+_LABEL_LUA = r"""
+local function bytes_less(a, b)  -- byte-wise a < b (Lua's '<' on strings follows the locale)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local exp = tonumber(ARGV[1])
+local written = 0
+for k = 1, #KEYS do
+  local f, t, src = ARGV[3 * k - 1], ARGV[3 * k], ARGV[3 * k + 1]
+  local cur = redis.call('GET', KEYS[k])
+  local replace = true
+  if cur then
+    local bar = string.find(cur, '|', 2, true)
+    local ct, csrc = tonumber(string.sub(cur, 2, bar - 1)), string.sub(cur, bar + 1)
+    local nt = tonumber(t)
+    replace = nt > ct or (nt == ct and bytes_less(csrc, src))
+  end
+  if replace then
+    redis.call('SET', KEYS[k], f .. t .. '|' .. src, 'KEEPTTL')
+    written = written + 1
+  end
+  local now_exp = redis.call('PEXPIRETIME', KEYS[k])
+  if now_exp < 0 or exp > now_exp then redis.call('PEXPIREAT', KEYS[k], ARGV[1]) end
+end
+return written
+"""
+
 # Reads: every entity's HASH flattened into one string (fields and values joined by NUL) so the
-# client parses one bulk string per entity instead of two RESP items per stored event.
+# client parses one bulk string per entity instead of two RESP items per stored event. ARGV[i]:
+# '' or, for a label-aware entity kind, the label key prefix: then each event's live label follows
+# as the field '@<txn_id>'.
 _READ_LUA = r"""#!lua flags=no-writes
 local out = {}
 for i = 1, #KEYS do
-  out[i] = table.concat(redis.call('HGETALL', KEYS[i]), '\0')
+  local h = redis.call('HGETALL', KEYS[i])
+  local prefix = ARGV[i]
+  if prefix ~= nil and prefix ~= '' then
+    local n = #h
+    for j = 1, n, 2 do
+      local f = h[j]
+      if string.sub(f, 1, 1) == '#' then
+        local txn = string.sub(f, 2)
+        local v = redis.call('GET', prefix .. '{' .. txn .. '}')
+        if v then
+          h[#h + 1] = '@' .. txn
+          h[#h + 1] = v
+        end
+      end
+    end
+  end
+  out[i] = table.concat(h, '\0')
 end
 return out
 """
@@ -154,6 +211,7 @@ class RedisOnlineStore(OnlineStore):
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)), retry_on_timeout=False,
             health_check_interval=0, protocol=2)
         self._script = self._client.register_script(_WRITE_LUA)
+        self._label_script = self._client.register_script(_LABEL_LUA)
         self._read_script = self._client.register_script(_READ_LUA)
         self._meta_ok = False
 
@@ -167,6 +225,9 @@ class RedisOnlineStore(OnlineStore):
     def _keys(self, kind: str, key: str) -> tuple[str, str]:
         base = f"{self.namespace}:{kind}:{{{key}}}"
         return f"{base}:h", f"{base}:z"
+
+    def _label_key(self, txn_id: str) -> str:
+        return f"{self.namespace}:label:{{{txn_id}}}"
 
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}")
@@ -211,15 +272,30 @@ class RedisOnlineStore(OnlineStore):
         except redis.ResponseError as exc:
             raise OnlineStoreError(f"{self.location}: write failed: {exc}") from exc
 
+    def _apply_labels(self, labels: Sequence[Label], *, expire_at_us: int, now_us: int) -> None:
+        # an expired label key is gone in Redis: the next label starts it afresh, as in SQLite
+        args: list[str] = [str(-(-expire_at_us // 1000))]
+        for lab in labels:
+            args += [str(int(lab.is_fraud)), str(lab.time_us), lab.source]
+        try:
+            self._ensure_meta(write=True)
+            self._label_script(keys=[self._label_key(lab.txn_id) for lab in labels], args=args)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        except redis.ResponseError as exc:
+            raise OnlineStoreError(f"{self.location}: label write failed: {exc}") from exc
+
     # -- reads ------------------------------------------------------------------------------
 
     def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
         raw: list[bytes] = []
+        prefix = f"{self.namespace}:label:"
         try:
             self._ensure_meta(write=False)
             for start in range(0, len(keys), _READ_CHUNK):
                 chunk = keys[start:start + _READ_CHUNK]
-                raw += self._read_script(keys=[self._keys(kind, key)[0] for kind, key in chunk])
+                raw += self._read_script(keys=[self._keys(kind, key)[0] for kind, key in chunk],
+                                         args=[prefix if self.retention[kind].labels else "" for kind, _ in chunk])
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise self._unavailable(exc) from exc
         except redis.ResponseError as exc:
@@ -233,10 +309,14 @@ class RedisOnlineStore(OnlineStore):
         parts = blob.decode().split("\0")
         asof = pmax = None
         items = []
+        labels: dict[str, Label] = {}
         for f, v in zip(parts[::2], parts[1::2]):
             if f[:1] == "#":
                 bar = v.index("|", 1)
                 items.append((f[1:], int(v[1:bar]), v[0] == "1", v[bar + 1:]))
+            elif f[:1] == "@":
+                bar = v.index("|", 1)
+                labels[f[1:]] = Label(f[1:], v[0] == "1", int(v[1:bar]), v[bar + 1:])
             elif f == "asof":
                 asof = int(v)
             elif f == "pmax":
@@ -245,7 +325,7 @@ class RedisOnlineStore(OnlineStore):
             return MissingState(kind, key)
         events = StoredEvent.many_from_payloads(items)
         events.sort(key=lambda e: (e.time_us, e.txn_id.encode()))
-        return EntityState(kind, key, asof, pmax, tuple(events))
+        return EntityState(kind, key, asof, pmax, tuple(events), labels)
 
     def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
         prefix = f"{self.namespace}:"

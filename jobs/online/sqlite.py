@@ -7,6 +7,8 @@ Layout (``entity_kind`` is ``card`` / ``merchant``, ``entity_id`` the token or m
                   PRIMARY KEY (entity_kind, entity_id)
     entity_event  (entity_kind, entity_id, txn_id, event_time_us, located, payload)
                   PRIMARY KEY (entity_kind, entity_id, txn_id), INDEX (entity_kind, entity_id, event_time_us, txn_id)
+    txn_label     (txn_id PRIMARY KEY, is_fraud, label_time_us, source, expires_at_us)
+                  -- feed labels, one per transaction (label-aware specs only)
 
 Monotonic writes: each batch is one ``BEGIN IMMEDIATE`` transaction (writers, threads or
 processes, serialize on SQLite's write lock; WAL lets readers go on meanwhile). Per entity it
@@ -14,7 +16,9 @@ inserts events with ``INSERT OR IGNORE`` (idempotent by txn id), moves the as-of
 conditional upsert ``ON CONFLICT DO UPDATE SET asof_us = max(asof_us, excluded.asof_us)``
 (it never goes back), prunes by the retention rule of :mod:`finfeat.jobs.online.base`, and
 extends the expiry. A state whose expiry has passed is not served (:class:`KeyExpired`) and is
-dropped by the next write to that entity, which starts it afresh, as Redis does.
+dropped by the next write to that entity, which starts it afresh, as Redis does. Labels are
+upserted the same way (the stored label is replaced only by one that supersedes it, or when it
+has expired); a read of a label-aware entity joins its events with their live labels.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from finfeat.jobs.online.base import (
     DEFAULT_TTL_S,
     EntityState,
     EntityUpdate,
+    Label,
     MissingState,
     OnlineStore,
     OnlineStoreError,
@@ -59,6 +64,27 @@ CREATE TABLE IF NOT EXISTS entity_event (
     PRIMARY KEY (entity_kind, entity_id, txn_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entity_event_by_time ON entity_event (entity_kind, entity_id, event_time_us, txn_id);
+CREATE TABLE IF NOT EXISTS txn_label (
+    txn_id        TEXT PRIMARY KEY,
+    is_fraud      INTEGER NOT NULL,
+    label_time_us INTEGER NOT NULL,
+    source        TEXT NOT NULL,
+    expires_at_us INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+# A stored label is replaced when it has expired or the new one supersedes it (later label time,
+# then the larger source: text compares as bytes in SQLite's default BINARY collation).
+_UPSERT_LABEL = """
+INSERT INTO txn_label (txn_id, is_fraud, label_time_us, source, expires_at_us) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (txn_id) DO UPDATE SET
+    is_fraud = CASE WHEN expires_at_us <= ?6 OR (excluded.label_time_us, excluded.source) > (label_time_us, source)
+                    THEN excluded.is_fraud ELSE is_fraud END,
+    source = CASE WHEN expires_at_us <= ?6 OR (excluded.label_time_us, excluded.source) > (label_time_us, source)
+                  THEN excluded.source ELSE source END,
+    label_time_us = CASE WHEN expires_at_us <= ?6 OR (excluded.label_time_us, excluded.source) > (label_time_us, source)
+                         THEN excluded.label_time_us ELSE label_time_us END,
+    expires_at_us = max(expires_at_us, excluded.expires_at_us)
 """
 
 _UPSERT_STATE = """
@@ -195,6 +221,22 @@ class SqliteOnlineStore(OnlineStore):
             conn.execute("UPDATE entity_state SET pruned_max_us = ? WHERE entity_kind = ? AND entity_id = ?",
                          (newest_dropped, kind, key))
 
+    def _apply_labels(self, labels: Sequence[Label], *, expire_at_us: int, now_us: int) -> None:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._ensure_meta(conn, write=True)
+                conn.executemany(_UPSERT_LABEL, [(lab.txn_id, int(lab.is_fraud), lab.time_us, lab.source,
+                                                  expire_at_us, now_us) for lab in labels])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
+
     # -- reads ------------------------------------------------------------------------------
 
     def _read(self, keys: list[tuple[str, str]], *, now_us: int) -> list[EntityState | MissingState]:
@@ -202,12 +244,16 @@ class SqliteOnlineStore(OnlineStore):
         try:
             self._ensure_meta(conn, write=False)
             # one statement per entity: a consistent view of that entity (writers commit whole batches)
-            return [self._read_one(conn, kind, key, now_us) for kind, key in keys]
+            return [self._read_one(conn, kind, key, now_us, labels=self.retention[kind].labels)
+                    for kind, key in keys]
         except sqlite3.Error as exc:
             raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
-    def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int) -> EntityState | MissingState:
+    def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int, *, labels: bool = False
+                  ) -> EntityState | MissingState:
+        if labels:
+            return SqliteOnlineStore._read_labelled(conn, kind, key, now_us)
         rows = conn.execute(
             "SELECT s.asof_us, s.pruned_max_us, s.expires_at_us, e.txn_id, e.event_time_us, e.located, e.payload "
             "FROM entity_state AS s LEFT JOIN entity_event AS e "
@@ -222,6 +268,27 @@ class SqliteOnlineStore(OnlineStore):
                                                        if t is not None]))
         return EntityState(kind, key, asof, pruned_max, events)
 
+    @staticmethod
+    def _read_labelled(conn: sqlite3.Connection, kind: str, key: str, now_us: int) -> EntityState | MissingState:
+        """:meth:`_read_one` of a label-aware entity: its events with their live feed labels."""
+        rows = conn.execute(
+            "SELECT s.asof_us, s.pruned_max_us, s.expires_at_us, e.txn_id, e.event_time_us, e.located, e.payload, "
+            "l.is_fraud, l.label_time_us, l.source "
+            "FROM entity_state AS s LEFT JOIN entity_event AS e "
+            "ON e.entity_kind = s.entity_kind AND e.entity_id = s.entity_id "
+            "LEFT JOIN txn_label AS l ON l.txn_id = e.txn_id AND l.expires_at_us > ? "
+            "WHERE s.entity_kind = ? AND s.entity_id = ? ORDER BY e.event_time_us, e.txn_id",
+            (now_us, kind, key)).fetchall()
+        if not rows:
+            return MissingState(kind, key)
+        asof, pruned_max, expires = rows[0][:3]
+        if expires <= now_us:
+            return MissingState(kind, key, expired_at_us=expires)
+        events = tuple(StoredEvent.many_from_payloads([(r[3], r[4], bool(r[5]), r[6]) for r in rows
+                                                       if r[3] is not None]))
+        labels = {r[3]: Label(r[3], bool(r[7]), r[8], r[9]) for r in rows if r[3] is not None and r[7] is not None}
+        return EntityState(kind, key, asof, pruned_max, events, labels)
+
     def snapshot(self, *, now_us: int | None = None) -> dict[tuple[str, str], EntityState]:
         now = wall_clock_us() if now_us is None else now_us
         conn = self._conn()
@@ -234,7 +301,7 @@ class SqliteOnlineStore(OnlineStore):
         return {(s.entity, s.key): s for s in states if isinstance(s, EntityState)}
 
     def purge_expired(self, *, now_us: int | None = None) -> int:
-        """Delete every expired state (Redis does this by itself); returns how many."""
+        """Delete every expired state and label (Redis does this by itself); returns how many states."""
         now = wall_clock_us() if now_us is None else now_us
         conn = self._conn()
         try:
@@ -243,6 +310,7 @@ class SqliteOnlineStore(OnlineStore):
                 conn.execute("DELETE FROM entity_event WHERE (entity_kind, entity_id) IN "
                              "(SELECT entity_kind, entity_id FROM entity_state WHERE expires_at_us <= ?)", (now,))
                 n = conn.execute("DELETE FROM entity_state WHERE expires_at_us <= ?", (now,)).rowcount
+                conn.execute("DELETE FROM txn_label WHERE expires_at_us <= ?", (now,))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
