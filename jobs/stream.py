@@ -30,6 +30,7 @@ from deltalake import DeltaTable
 
 from finfeat.jobs import delta
 from finfeat.jobs.kafka.source import DEFAULT_BATCH_WAIT_S
+from finfeat.jobs.online.base import WRITE_RETRY_S
 from finfeat.pipelines.stop import STOP
 from finfeat.pipelines.stream_job import build_stream
 from finfeat.pipelines.streaming import DEFAULT_BUCKETS, DEFAULT_EMIT_EVERY_MS
@@ -84,6 +85,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the online store fresher, higher ones cost less per event")
     p.add_argument("--online-store", help="also write every valid event to the online store as it "
                                           "arrives: sqlite:PATH or redis://HOST:PORT/DB (Redis for production)")
+    p.add_argument("--store-retry-seconds", type=float, default=WRITE_RETRY_S,
+                   help="keep retrying an online store that cannot be reached for this long before the job "
+                        "fails (default %(default)s; writes are idempotent, so a retry is safe)")
     p.add_argument("--feature-spec")
     p.add_argument("--demo-key", action="store_true")
     p.add_argument("--engine", choices=["beam", "flink"], default="beam",
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
                              bound_s=args.bound_seconds, commit_every_s=args.commit_every_seconds,
                              stop_after_idle_s=args.stop_after_idle, buckets=args.buckets,
                              emit_every_ms=args.emit_every_ms, batch_wait_s=args.batch_wait_ms / 1000,
-                             online_store=store)
+                             online_store=store, store_retry_s=args.store_retry_seconds)
     except RuntimeError as exc:
         # the runner's message holds the worker's traceback (logged above); name the cause in one line
         cause = next((line.strip() for line in str(exc).splitlines()

@@ -46,6 +46,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from finfeat import __version__
 from finfeat.jobs import delta
 from finfeat.jobs.kafka.source import DEFAULT_BATCH_WAIT_S
+from finfeat.jobs.online.base import WRITE_RETRY_S, write_retrying
 from finfeat.jobs.stream_commit import commit_micro_batch
 from finfeat.pipelines.features import DEAD, ParseBatchFn
 from finfeat.pipelines.streaming import (
@@ -131,14 +132,17 @@ class WriteOnlineStoreFn(beam.DoFn):
     per thread, so every store call runs on one thread owned by this instance: one connection
     per instance, whichever thread runs the bundle. A bundle's events are buffered and written
     every ``batch_events`` events and at the end of the bundle; the bundle completes only after
-    its writes did. A store error is raised, never swallowed: the bundle fails and so does the
-    job (a write may have been partly applied; re-running is the recovery, writes are idempotent).
+    its writes did. A store it cannot reach (a restart, a stall under load) is retried with backoff
+    for up to ``retry_s`` seconds (``--store-retry-seconds``; writes are idempotent, so a batch
+    applied before its answer was lost is applied again with no change); then, or at once for any
+    other store error, the error is raised, never swallowed: the bundle fails and so does the job.
     """
 
-    def __init__(self, *, url: str, spec: FeatureSpec, batch_events: int = 2000) -> None:
+    def __init__(self, *, url: str, spec: FeatureSpec, batch_events: int = 2000,
+                 retry_s: float = WRITE_RETRY_S) -> None:
         if batch_events < 1:
             raise ValueError("batch_events must be at least 1")
-        self._url, self._spec, self._batch = url, spec, batch_events
+        self._url, self._spec, self._batch, self._retry_s = url, spec, batch_events, retry_s
         self._store = self._thread = None
 
     def setup(self) -> None:
@@ -171,7 +175,8 @@ class WriteOnlineStoreFn(beam.DoFn):
         self._pending, self._rows = [], 0
         for start in range(0, events.num_rows, self._batch):
             chunk = events.slice(start, self._batch)
-            self._thread.submit(self._store.write, chunk).result()  # raises the store's error here
+            # a store it cannot reach is retried for a while (writes are idempotent); its error raises here
+            self._thread.submit(write_retrying, self._store, chunk, within_s=self._retry_s).result()
             self._written.inc(chunk.num_rows)
 
     def teardown(self) -> None:
@@ -255,7 +260,7 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
                  stop_after_idle_s: float | None, start: str = "earliest", buckets: int = DEFAULT_BUCKETS,
                  emit_every_ms: int = DEFAULT_EMIT_EVERY_MS, poll_s: float = 0.5,
                  batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
-                 online_store: str | None = None) -> None:
+                 online_store: str | None = None, store_retry_s: float = WRITE_RETRY_S) -> None:
     """The stream job's pipeline on ``p``; ``online_store``: also write the events to this store
     (a URL as :func:`finfeat.jobs.online.open_store` takes it, e.g. from :func:`online_store_url`)."""
     from finfeat.jobs.kafka.source import ReadFromKafkaTopic
@@ -278,7 +283,8 @@ def build_stream(p: beam.Pipeline, *, bootstrap: str, topic: str, warehouse: Pat
     if online_store:
         # valid events as parsed, late and repeated ones included (the store keeps the first copy of a
         # txn id), in the stage that reads Kafka: no shuffle, no wait for the watermark
-        parsed.events | "WriteOnlineStore" >> beam.ParDo(WriteOnlineStoreFn(url=online_store, spec=spec))
+        parsed.events | "WriteOnlineStore" >> beam.ParDo(WriteOnlineStoreFn(url=online_store, spec=spec,
+                                                                            retry_s=store_retry_s))
     out = unique.events | "ComputeFeatures" >> ComputeFeaturesUnbounded(spec=spec, buckets=buckets,
                                                                         emit_every_ms=emit_every_ms)
     late = out["late"] | "LateToDeadLetters" >> beam.Map(_late_dead_letter, run_id)
