@@ -47,7 +47,7 @@ LATE_COMMAND_HELP = {
     "produce": "publish transactions (a file) to a Kafka topic as JSON",
     "stream": "Kafka -> features -> Delta (and the online store), exactly once",
     "serve-lookup": "look a candidate transaction up in the online store (prints JSON)",
-    "store-labels": "write a labels feed to the online store (for label-aware features)",
+    "store-labels": "write labels (files or a Kafka topic) to the online store, for label-aware features",
     "validate": "data-quality checks of a Delta table: expectation suite and drift (for CI)",
 }
 
