@@ -170,7 +170,9 @@ def consume_labels(store: OnlineStore, *, bootstrap: str, topic: str, group: str
     stop = stop or threading.Event()
     report = ConsumeReport()
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                         "auto.offset.reset": "earliest", "client.id": f"finfeat-store-labels-{os.getpid()}"})
+                         "auto.offset.reset": "earliest",
+                         # a member killed without leaving holds its partitions this long: a restart waits for it
+                         "session.timeout.ms": 10_000, "client.id": f"finfeat-store-labels-{os.getpid()}"})
     last_seen = time.monotonic()
 
     def on_assign(c: object, partitions: list[object]) -> None:
@@ -204,7 +206,7 @@ def consume_labels(store: OnlineStore, *, bootstrap: str, topic: str, group: str
             last_seen = time.monotonic()
             _write_batch(store, good, topic=topic, sinks=sinks, run_id=run_id,
                          default_source=default_source or topic, report=report)
-            testhooks.reached("labels:before-commit")
+            testhooks.reached(f"labels:before-commit:{report.batches}")  # batch n written, not committed
             ends: dict[int, int] = {}
             for msg in good:
                 ends[msg.partition()] = max(ends.get(msg.partition(), -1), msg.offset() + 1)
