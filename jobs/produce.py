@@ -13,7 +13,8 @@ _LOG = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("produce", help="publish transactions (a file) to a Kafka topic as JSON", allow_abbrev=False)
+    p = sub.add_parser("produce", help="publish transactions (or labels: --labels) to a Kafka topic as JSON",
+                       allow_abbrev=False)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--input", action="append", help="a file or folder of events; repeatable")
     what.add_argument("--labels", action="append", metavar="FILE",

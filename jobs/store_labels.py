@@ -156,6 +156,10 @@ def _run_files(args: argparse.Namespace, store: object, spec: object, files: lis
     from finfeat.schemas.mapping import MappingError
     from finfeat.transforms.labels import parse_labels
 
+    try:
+        sink = _warehouse_sink(args, spec, run_id, "store-labels:files:dead_letters")
+    except ValueError as exc:
+        return _usage(exc)
     recorded = wall_clock_us()
     report: dict[str, object] = {"store": args.store, "files": [str(f) for f in files]}
     read = accepted = written = 0
@@ -190,7 +194,6 @@ def _run_files(args: argparse.Namespace, store: object, spec: object, files: lis
             for row in dead.to_pylist():
                 fh.write(json.dumps(row, default=str, sort_keys=True) + "\n")
         report["dead_letters_file"] = args.dead_letters
-    sink = _warehouse_sink(args, spec, run_id, "store-labels:files:dead_letters")
     if sink is not None and dead is not None:
         report["dead_letters_new_in_warehouse"] = sink.write(dead)
     print(json.dumps(report, indent=2))
@@ -237,9 +240,12 @@ def _run_topic(args: argparse.Namespace, store: object, spec: object, run_id: st
 
     group = args.group or f"finfeat-store-labels-{args.topic}"
     sinks = []
-    if args.dead_letters:
-        sinks.append(JsonlDeadLetters(args.dead_letters))
-    warehouse = _warehouse_sink(args, spec, run_id, f"store-labels:{group}:dead_letters")
+    try:
+        if args.dead_letters:
+            sinks.append(JsonlDeadLetters(args.dead_letters))
+        warehouse = _warehouse_sink(args, spec, run_id, f"store-labels:{group}:dead_letters")
+    except ValueError as exc:
+        return _usage(exc)
     if warehouse is not None:
         sinks.append(warehouse)
     stop = threading.Event()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from deltalake import DeltaTable
 
 from finfeat.jobs.online import Candidate, lookup, materialize, open_store, retention_for
 from finfeat.jobs.online.base import Label, wall_clock_us
@@ -195,13 +196,17 @@ def test_store_labels_cli_writes_a_feed_with_dead_letters(tmp_path: Path, capsys
     assert lookup(store, SMALL, Candidate("c0", "m", 100, at)).features[f.name] == 1 / 8
     dead = tmp_path / "dead.jsonl"
     argv = ["store-labels", "--store", url, "--labels", str(feed), "--feature-spec", str(spec_path),
-            "--dead-letters", str(dead)]
-    for _ in range(2):  # a second run changes nothing
+            "--dead-letters", str(dead), "--warehouse", str(tmp_path / "wh")]
+    for run in range(2):  # a second run changes nothing
         assert main(argv) == 0
         report = json.loads(capsys.readouterr().out)
         assert (report["label_rows_read"], report["labels_accepted"], report["dead_letters"]) == (5, 3, 2)
         assert report["dead_letters_by_reason"] == {"missing_field": 1, "wrong_type": 1}
         assert len(dead.read_text().splitlines()) == 2
+        assert report["dead_letters_new_in_warehouse"] == (2 if run == 0 else 0)
+        held = DeltaTable(str(tmp_path / "wh" / "dead_letters")).to_pyarrow_table()
+        assert sorted(held.column("source_row").to_pylist()) == [3, 4]
+        assert set(held.column("source").to_pylist()) == {"chargebacks.csv"}
         assert lookup(store, SMALL, Candidate("c0", "m", 100, at)).features[f.name] == 1 / 8  # t3 in, t4 out
         assert store.read_state("merchant", "m").labels["t4"].source == "chargebacks.csv"
     store.close()

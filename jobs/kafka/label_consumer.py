@@ -65,6 +65,10 @@ class JsonlDeadLetters:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._seen: set[tuple[object, ...]] = set()
+        try:
+            self.path.open("a").close()   # fail now, not after the first batch is written
+        except OSError as exc:
+            raise ValueError(f"cannot write the dead-letter file {self.path}: {exc}") from exc
         if self.path.exists():
             data = self.path.read_bytes()
             whole = data[:data.rfind(b"\n") + 1]
@@ -104,6 +108,12 @@ class DeltaDeadLetters:
         from finfeat.jobs import delta
 
         self.path = delta.table_path(str(warehouse), delta.DEAD_LETTERS)
+        try:
+            Path(warehouse).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create the warehouse {warehouse}: {exc}") from exc
+        if not os.access(warehouse, os.W_OK | os.X_OK):
+            raise ValueError(f"the warehouse {warehouse} is not writable; pass another --warehouse")
         self._app_id, self._metadata = app_id, metadata
         self._version: int | None = None
 
@@ -261,7 +271,13 @@ def _write_batch(store: OnlineStore, messages: list[object], *, topic: str, sink
     written = store.write_labels(table).labels if table.num_rows else 0
     if dead_table.num_rows:
         for sink in sinks:
-            report.dead_letters_new[sink.name] = report.dead_letters_new.get(sink.name, 0) + sink.write(dead_table)
+            try:
+                new = sink.write(dead_table)
+            except Exception as exc:  # disk full, a Delta conflict: the batch is not committed
+                raise LabelConsumerError(f"writing dead letters to the {sink.name} failed ({type(exc).__name__}: "
+                                         f"{exc}); the batch's offsets are not committed: a restart reads it "
+                                         "again") from exc
+            report.dead_letters_new[sink.name] = report.dead_letters_new.get(sink.name, 0) + new
     report.messages_read += len(messages)
     report.labels_accepted += table.num_rows
     report.labels_written += written
