@@ -240,15 +240,21 @@ def consume_labels(store: OnlineStore, *, bootstrap: str, topic: str, group: str
 def _read_to_end(consumer: object) -> bool:
     """Whether this member has partitions and has read each to its end (an idle stop must not
     come while the group is still joining or the first fetch is under way)."""
+    from confluent_kafka import KafkaException
+
     parts = consumer.assignment()
     if not parts:
         return False
-    committed = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
-    for tp in consumer.position(parts):
-        low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-        at = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
-        if high > low and at < high:
-            return False
+    try:
+        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+        for tp in consumer.position(parts):
+            low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            at = tp.offset if tp.offset >= 0 else committed.get(tp.partition, -1)
+            if high > low and at < high:
+                return False
+    except KafkaException as exc:  # the broker did not answer: not known to be at the end, keep polling
+        _LOG.warning("cannot tell whether the labels topic is read to its end: %s", exc)
+        return False
     return True
 
 
