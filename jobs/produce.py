@@ -53,13 +53,19 @@ def send(producer, topic: str, key: bytes | None, value: bytes, *, backoff_s: fl
 
 def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, disorder_us: int = 0,
             seed: int = 5) -> int:
-    from confluent_kafka import Producer
-
     from finfeat.jobs.kafka.messages import encode_events
 
     order = delivery_order(events.column("event_time").cast(pa.int64()).to_numpy(), disorder_us=disorder_us,
                            seed=seed)
-    messages = encode_events(events.take(pa.array(order)))
+    return _publish(encode_events(events.take(pa.array(order))), bootstrap=bootstrap, topic=topic, rate=rate,
+                    what="messages")
+
+
+def _publish(messages: list[tuple[bytes, bytes]], *, bootstrap: str, topic: str, rate: float, what: str) -> int:
+    """Send ``(key, value)`` messages in order (idempotent producer, every replica acknowledging),
+    at ``rate`` per second (0: as fast as the broker takes them); returns how many."""
+    from confluent_kafka import Producer
+
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
                          "acks": "all"})
     started = time.monotonic()
@@ -72,32 +78,17 @@ def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, 
         producer.poll(0)
     left = producer.flush(60)
     if left:
-        raise RuntimeError(f"{left} messages were not delivered to {bootstrap}")
+        raise RuntimeError(f"{left} {what} were not delivered to {bootstrap}")
     return len(messages)
 
 
 def produce_labels(labels: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0) -> int:
     """Publish parsed labels (:data:`~finfeat.schemas.labels.LABEL_SCHEMA`) in label-time order
     (then txn id) as ``finfeat.label.v1`` messages keyed by txn id; returns how many."""
-    from confluent_kafka import Producer
-
     from finfeat.jobs.kafka.messages import encode_labels
 
     messages = encode_labels(labels.sort_by([("label_time", "ascending"), ("txn_id", "ascending")]))
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
-                         "acks": "all"})
-    started = time.monotonic()
-    for i, (key, value) in enumerate(messages):
-        if rate > 0:
-            wait = started + i / rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-        send(producer, topic, key, value)
-        producer.poll(0)
-    left = producer.flush(60)
-    if left:
-        raise RuntimeError(f"{left} label messages were not delivered to {bootstrap}")
-    return len(messages)
+    return _publish(messages, bootstrap=bootstrap, topic=topic, rate=rate, what="label messages")
 
 
 def _run_labels(args: argparse.Namespace) -> int:
