@@ -120,7 +120,9 @@ class ReadLabelsFn(beam.DoFn):
 class WriteFeatureFilesFn(beam.DoFn):
     """Feature rows -> uncommitted Parquet files in the features table's folder, one per day.
 
-    With a feature suite, its row-local expectations (see
+    The files are written by a background thread (Parquet encoding releases the GIL), so the
+    next table's features are computed meanwhile; the bundle's file list goes to the committer
+    when the bundle ends. With a feature suite, its row-local expectations (see
     :func:`finfeat.validation.validate.split_row_local`) run here, on each table of rows: only
     the rows they keep are written, and the outcome (without those rows) goes to the committer
     with the columns the other expectations read (uniqueness, table-level), for all rows. The
@@ -128,16 +130,27 @@ class WriteFeatureFilesFn(beam.DoFn):
     rows, validates the gathered rows as a whole (see :class:`CommitRunFn`).
     """
 
+    #: tables waiting for the writer thread at most (each is one bucket's rows)
+    MAX_PENDING = 2
+
     def __init__(self, *, cfg: BackfillConfig) -> None:
         self._cfg = cfg
 
     def setup(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finfeat-write")
+        self._path = delta.table_path(self._cfg.warehouse, delta.FEATURES)
         self._local = self._rest_columns = None
         if self._cfg.feature_suite:
             from finfeat.validation.validate import split_row_local
 
             self._local, rest = split_row_local(self._cfg.feature_suite)
             self._rest_columns = rest.columns if rest.rules else None
+
+    def start_bundle(self) -> None:
+        self._pending: list = []
+        self._done: list[delta.DataFile] = []
 
     def process(self, table: pa.Table) -> Iterator[tuple[int, tuple[str, object]]]:
         cfg = self._cfg
@@ -149,8 +162,20 @@ class WriteFeatureFilesFn(beam.DoFn):
             outcome = validate_table(table, self._local, run_id=cfg.run_id, missing_columns="skip")
             yield 0, ("feature_validation", outcome.without_passed())
             table = outcome.passed
-        path = delta.table_path(cfg.warehouse, delta.FEATURES)
-        yield 0, ("feature_files", delta.write_data_files(path, table, prefix=cfg.run_id))
+        while len(self._pending) >= self.MAX_PENDING:
+            self._done.extend(self._pending.pop(0).result())
+        self._pending.append(self._pool.submit(delta.write_data_files, self._path, table, prefix=cfg.run_id))
+
+    def finish_bundle(self) -> Iterator[object]:
+        from apache_beam.transforms.window import GlobalWindows
+
+        for future in self._pending:
+            self._done.extend(future.result())
+        files, self._pending, self._done = self._done, [], []
+        yield GlobalWindows.windowed_value((0, ("feature_files", files)))
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class CommitRunFn(beam.DoFn):
