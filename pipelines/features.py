@@ -20,7 +20,7 @@ from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
 from finfeat.pipelines import coders as _coders  # noqa: F401  (registers the Arrow table coder)
 from finfeat.pipelines.streaming import ComputeFeaturesUnbounded
 from finfeat.schemas.mapping import Mapping
-from finfeat.transforms.buckets import split_by_bucket
+from finfeat.transforms.buckets import split_by_bucket, stable_hash
 from finfeat.transforms.dedup import deduplicate
 from finfeat.transforms.labels import attach_labels, label_rows, parse_labels
 from finfeat.transforms.features import (
@@ -88,21 +88,73 @@ class ParseBatchFn(beam.DoFn):
             yield pvalue.TaggedOutput(DEAD, dead)
 
 
+class _RepeatedHashes(beam.CombineFn):
+    """The hashes that occur more than once among all the arrays of hashes it is given."""
+
+    def create_accumulator(self) -> list[np.ndarray]:
+        return []
+
+    def add_input(self, acc: list[np.ndarray], hashes: np.ndarray) -> list[np.ndarray]:
+        acc.append(hashes)
+        return acc
+
+    def merge_accumulators(self, accs: Iterator[list[np.ndarray]]) -> list[np.ndarray]:
+        return [a for acc in accs for a in acc]
+
+    def compact(self, acc: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate(acc)] if len(acc) > 1 else acc
+
+    def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
+        if not acc:
+            return np.zeros(0, dtype=np.uint64)
+        values, counts = np.unique(np.concatenate(acc), return_counts=True)
+        return values[counts > 1]
+
+
 class DeduplicateEvents(beam.PTransform):
     """Every txn id once (repeated copies become dead letters), labels from a feed attached.
 
     Bounded input. Takes the events, or ``{"events": ..., "labels": ...}`` to join a labels
-    feed on txn id in the same shuffle.
+    feed on txn id in the same shuffle; gives ``{"events": ..., "dead_letters": ...}``.
     """
 
     def __init__(self, *, buckets: int, run_id: str, recorded_at_us: int) -> None:
         super().__init__()
         self._buckets, self._run_id, self._recorded = buckets, run_id, recorded_at_us
 
-    def expand(self, inputs: beam.PCollection | dict[str, beam.PCollection]) -> beam.pvalue.DoOutputsTuple:
-        run_id, recorded, buckets = self._run_id, self._recorded, self._buckets
+    def expand(self, inputs: beam.PCollection | dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         if not isinstance(inputs, dict):
             inputs = {"events": inputs}
+        if set(inputs) == {"events"}:
+            return self._only_repeats_shuffled(inputs["events"])
+        return self._all_shuffled(inputs)
+
+    def _only_repeats_shuffled(self, events: beam.PCollection) -> dict[str, beam.PCollection]:
+        """Without a labels feed only the events whose txn id repeats need to meet: a narrow
+        global pass finds the repeated txn-id hashes, and only those events (every copy of a
+        repeated id, and any that share its hash) cross the shuffle by txn id."""
+        repeated = (events
+                    | "HashTxnIds" >> beam.Map(lambda t: stable_hash(t.column("txn_id")))
+                    | "FindRepeatedTxnIds" >> beam.CombineGlobally(_RepeatedHashes()))
+
+        def split(table: pa.Table, repeats: np.ndarray) -> Iterator[object]:
+            if len(repeats):
+                mask = np.isin(stable_hash(table.column("txn_id")), repeats)
+                if mask.any():
+                    yield pvalue.TaggedOutput("repeated", table.filter(pa.array(mask)))
+                    table = table.filter(pa.array(~mask))
+            if table.num_rows:
+                yield attach_labels(table, None)
+
+        parts = events | "SplitRepeatedTxnIds" >> beam.FlatMap(
+            split, repeats=pvalue.AsSingleton(repeated)).with_output_types(pa.Table).with_outputs(
+                "repeated", main="unique")
+        shuffled = self._all_shuffled({"events": parts.repeated})
+        unique = (parts.unique, shuffled["events"]) | "FlattenUniqueEvents" >> beam.Flatten()
+        return {"events": unique, DEAD: shuffled[DEAD]}
+
+    def _all_shuffled(self, inputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        run_id, recorded, buckets = self._run_id, self._recorded, self._buckets
         keyed = {name: pcoll | f"Partition{name.capitalize()}ByTxnId" >> beam.FlatMap(
                      split_by_bucket, "txn_id", buckets).with_output_types(Keyed)
                  for name, pcoll in inputs.items()}
@@ -118,9 +170,10 @@ class DeduplicateEvents(beam.PTransform):
             if dead.num_rows:
                 yield pvalue.TaggedOutput(DEAD, dead)
 
-        return (keyed
-                | "GroupByTxnId" >> beam.CoGroupByKey()
-                | "KeepOneCopy" >> beam.FlatMap(dedup).with_output_types(pa.Table).with_outputs(DEAD, main="events"))
+        out = (keyed
+               | "GroupByTxnId" >> beam.CoGroupByKey()
+               | "KeepOneCopy" >> beam.FlatMap(dedup).with_output_types(pa.Table).with_outputs(DEAD, main="events"))
+        return {"events": out.events, DEAD: out[DEAD]}
 
 
 class ParseLabelsFn(beam.DoFn):
@@ -329,7 +382,7 @@ class BuildFeatures(beam.PTransform):
             if kept.num_rows:
                 yield kept
 
-        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_output_types(
+        events = unique["events"] | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_output_types(
             pa.Table).with_outputs(STATS, LABELS, main="events")
         computed = events.events | "ComputeFeatures" >> ComputeFeatures(
             spec=self._spec, buckets=self._buckets, emit_from_us=self._from, emit_until_us=self._until)
