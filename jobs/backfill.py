@@ -123,8 +123,8 @@ class WriteFeatureFilesFn(beam.DoFn):
     The files are written by a background thread (Parquet encoding releases the GIL), so the
     next table's features are computed meanwhile; the bundle's file list goes to the committer
     when the bundle ends. With a feature suite, its row-local expectations (see
-    :func:`finfeat.validation.validate.split_row_local`) run here, on each table of rows: only
-    the rows they keep are written, and the outcome (without those rows) goes to the committer
+    :func:`finfeat.validation.validate.split_row_local`) run here, on up to
+    :data:`VALIDATE_ROWS` rows at a time (GX costs a fixed time per validation): only the rows they keep are written, and the outcome (without those rows) goes to the committer
     with the columns the other expectations read (uniqueness, table-level), for all rows. The
     committer validates those on the whole run and commits the files, or, if they quarantine
     rows, validates the gathered rows as a whole (see :class:`CommitRunFn`).
@@ -132,6 +132,9 @@ class WriteFeatureFilesFn(beam.DoFn):
 
     #: tables waiting for the writer thread at most (each is one bucket's rows)
     MAX_PENDING = 2
+    #: with a feature suite, rows validated together (GX costs a fixed time per validation, so
+    #: tables are gathered up to this many rows, which also bounds what is held)
+    VALIDATE_ROWS = 500_000
 
     def __init__(self, *, cfg: BackfillConfig) -> None:
         self._cfg = cfg
@@ -151,24 +154,39 @@ class WriteFeatureFilesFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending: list = []
         self._done: list[delta.DataFile] = []
+        self._held: list[pa.Table] = []
 
     def process(self, table: pa.Table) -> Iterator[tuple[int, tuple[str, object]]]:
-        cfg = self._cfg
-        if self._local is not None:
-            from finfeat.validation.validate import validate_table
+        if self._local is None:
+            self._write(table)
+            return
+        self._held.append(table)
+        if sum(t.num_rows for t in self._held) >= self.VALIDATE_ROWS:
+            yield from self._validate_and_write()
 
-            if self._rest_columns is not None:
-                yield 0, ("feature_columns", table.select([c for c in self._rest_columns if c in table.column_names]))
-            outcome = validate_table(table, self._local, run_id=cfg.run_id, missing_columns="skip")
-            yield 0, ("feature_validation", outcome.without_passed())
-            table = outcome.passed
+    def _validate_and_write(self) -> Iterator[tuple[int, tuple[str, object]]]:
+        from finfeat.validation.validate import validate_table
+
+        if not self._held:
+            return
+        table = pa.concat_tables(self._held)
+        self._held = []
+        if self._rest_columns is not None:
+            yield 0, ("feature_columns", table.select([c for c in self._rest_columns if c in table.column_names]))
+        outcome = validate_table(table, self._local, run_id=self._cfg.run_id, missing_columns="skip")
+        yield 0, ("feature_validation", outcome.without_passed())
+        self._write(outcome.passed)
+
+    def _write(self, table: pa.Table) -> None:
         while len(self._pending) >= self.MAX_PENDING:
             self._done.extend(self._pending.pop(0).result())
-        self._pending.append(self._pool.submit(delta.write_data_files, self._path, table, prefix=cfg.run_id))
+        self._pending.append(self._pool.submit(delta.write_data_files, self._path, table, prefix=self._cfg.run_id))
 
     def finish_bundle(self) -> Iterator[object]:
         from apache_beam.transforms.window import GlobalWindows
 
+        for item in self._validate_and_write():
+            yield GlobalWindows.windowed_value(item)
         for future in self._pending:
             self._done.extend(future.result())
         files, self._pending, self._done = self._done, [], []

@@ -93,14 +93,23 @@ def test_cli_exit_code_names_the_expectation(landed: Path, tmp_path: Path) -> No
     assert "amount_at_most_500_dollars" in proc.stderr and "nothing was committed" in proc.stderr
 
 
-def test_the_run_reports_what_the_whole_table_gives(landed: Path) -> None:
-    """Row-local expectations run where the rows are computed, the others on the gathered
-    columns: the run's outcome is the one of the suite on the whole committed table."""
+@pytest.mark.parametrize("at_once", [None, 700])
+def test_the_run_reports_what_the_whole_table_gives(landed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    at_once: int | None) -> None:
+    """Row-local expectations run where the rows are computed (``at_once`` rows at a time), the
+    others on the gathered columns: the run's outcome is the one of the suite on the whole
+    committed table."""
+    from finfeat.jobs.backfill import WriteFeatureFilesFn
     from finfeat.jobs.runs import read_reports
     from finfeat.validation.validate import QuarantinePolicy, validate_table
 
-    (report,) = [r for r in read_reports(landed).values() if r.get("status") == "succeeded"]
-    whole = validate_table(read_table(landed / "features"), "features", policy=QuarantinePolicy(0.5),
+    wh = landed
+    if at_once is not None:
+        monkeypatch.setattr(WriteFeatureFilesFn, "VALIDATE_ROWS", at_once)
+        wh = tmp_path / "in_parts"
+        run_backfill(_cfg(wh, "features"))
+    (report,) = [r for r in read_reports(wh).values() if r.get("status") == "succeeded"]
+    whole = validate_table(read_table(wh / "features"), "features", policy=QuarantinePolicy(0.5),
                            missing_columns="skip").summary()
     got = dict(report["validation"])
     assert got.pop("seconds") >= 0 and whole.pop("seconds") >= 0
