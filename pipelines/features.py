@@ -217,6 +217,31 @@ def _columns_needed(defs: tuple, entity: str, anchor_col: str) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def _join_on_txn_id(rows: pa.Table, right: pa.Table) -> pa.Table:
+    """``rows`` with ``right``'s other columns, matched on txn id (a left outer join that keeps
+    ``rows``' order). Matches on a 64-bit hash of the id, checked against the ids themselves:
+    if two ids share a hash, Arrow's hash join on the strings decides instead."""
+    if right.num_rows == 0 or rows.num_rows == 0:
+        return rows.join(right, keys="txn_id", join_type="left outer")
+    rh = stable_hash(right.column("txn_id"))
+    order = np.argsort(rh, kind="stable")
+    sorted_h = rh[order]
+    if len(sorted_h) > 1 and (sorted_h[1:] == sorted_h[:-1]).any():
+        return rows.join(right, keys="txn_id", join_type="left outer")
+    lh = stable_hash(rows.column("txn_id"))
+    pos = np.minimum(np.searchsorted(sorted_h, lh), len(sorted_h) - 1)
+    found = sorted_h[pos] == lh
+    idx = pa.array(order[pos], mask=~found)
+    ids = right.column("txn_id").take(idx)
+    same = pc.fill_null(pc.equal(ids, rows.column("txn_id")), False).to_numpy(zero_copy_only=False)
+    if not (same == found).all():  # a hash that matched another id: let the string join decide
+        return rows.join(right, keys="txn_id", join_type="left outer")
+    taken = right.drop_columns(["txn_id"]).take(idx)
+    for name in taken.column_names:
+        rows = rows.append_column(taken.schema.field(name), taken.column(name))
+    return rows
+
+
 class ComputeFeatures(beam.PTransform):
     """Exact point-in-time features for a PCollection of event tables -> ``{"features", "late"}``.
 
@@ -307,7 +332,7 @@ class ComputeFeatures(beam.PTransform):
                 if not parts[entity]:
                     raise RuntimeError(f"no {entity} features for a bucket that has events")
                 right = pa.concat_tables(parts[entity]).drop_columns([anchor_col])
-                rows = rows.join(right, keys="txn_id", join_type="left outer")
+                rows = _join_on_txn_id(rows, right)
             if rows.num_rows:
                 yield rows.select(schema.names).cast(schema)
 
