@@ -204,6 +204,15 @@ def _emit_mask(table: pa.Table, emit_from_us: int | None, emit_until_us: int | N
     return mask
 
 
+def _in_range(rows: pa.Table, events: pa.Table, emit_from_us: int | None, emit_until_us: int | None) -> pa.Table:
+    """The rows of ``rows`` whose event (the same row of ``events``) is in the emit range; ``rows``
+    itself, not a copy, when all are."""
+    if emit_from_us is None and emit_until_us is None:
+        return rows
+    mask = _emit_mask(events, emit_from_us, emit_until_us)
+    return rows if pc.all(mask).as_py() is not False else rows.filter(mask)
+
+
 def _columns_needed(defs: tuple, entity: str, anchor_col: str) -> list[str]:
     """The event columns an entity's features read (so only those are shuffled)."""
     cols = ["txn_id", "event_time", ENTITY_COLUMNS[entity], anchor_col]
@@ -300,7 +309,7 @@ class ComputeFeatures(beam.PTransform):
                 table = pa.concat_tables(list(pieces))
                 cols = compute_entity_features(table, defs, entity)
                 out = pa.table({"txn_id": table.column("txn_id"), anchor_col: table.column(anchor_col), **cols})
-                yield from split_by_bucket(out.filter(_emit_mask(table, lo, hi)), anchor_col, buckets)
+                yield from split_by_bucket(_in_range(out, table, lo, hi), anchor_col, buckets)
 
             needed = _columns_needed(defs, entity, anchor_col)
             branches[entity] = (events
@@ -325,7 +334,7 @@ class ComputeFeatures(beam.PTransform):
             for name in IDENTITY_COLUMNS:
                 if name not in cols:
                     cols[name] = table.column(name)
-            rows = pa.table(cols).filter(_emit_mask(table, lo, hi))
+            rows = _in_range(pa.table(cols), table, lo, hi)
             for entity in entities[1:]:
                 if rows.num_rows == 0:
                     break
@@ -395,13 +404,13 @@ class BuildFeatures(beam.PTransform):
             before them, which features without a window still reach."""
             yield _stat("events_accepted", table.num_rows)
             table = table.drop_columns(["_source", "_source_row"])
-            kept = table.filter(_emit_mask(table, lo, until))
+            kept = _in_range(table, table, lo, until)
             if lo is not None and unbounded:
                 before = table.filter(pc.less(table.column("event_time").cast(pa.int64()), lo))
                 tails = np.unique(np.concatenate([history_tail(before, e) for e in unbounded]))
                 kept = pa.concat_tables([before.take(pa.array(tails, pa.int64())), kept])
             yield _stat("events_outside_range", table.num_rows - kept.num_rows)
-            labelled = label_rows(kept.filter(_emit_mask(kept, emit_from, until)), delay_us=delay)
+            labelled = label_rows(_in_range(kept, kept, emit_from, until), delay_us=delay)
             if labelled.num_rows:
                 yield pvalue.TaggedOutput(LABELS, labelled)
             if kept.num_rows:
