@@ -124,8 +124,9 @@ class WriteFeatureFilesFn(beam.DoFn):
     next table's features are computed meanwhile; the bundle's file list goes to the committer
     when the bundle ends. With a feature suite, its row-local expectations (see
     :func:`finfeat.validation.validate.split_row_local`) run here, on up to
-    :data:`VALIDATE_ROWS` rows at a time (GX costs a fixed time per validation): only the rows they keep are written, and the outcome (without those rows) goes to the committer
-    with the columns the other expectations read (uniqueness, table-level), for all rows. The
+    :data:`VALIDATE_ROWS` rows at a time (GX costs a fixed time per validation): only the rows
+    they keep are written, and the outcome (without those rows) goes to the committer with the
+    columns the other expectations read (uniqueness, table-level), for all rows. The
     committer validates those on the whole run and commits the files, or, if they quarantine
     rows, validates the gathered rows as a whole (see :class:`CommitRunFn`).
     """
@@ -374,7 +375,6 @@ class CommitRunFn(beam.DoFn):
         }
         return delta.update_run_report(cfg.warehouse, cfg.run_id, **report)
 
-
     def _validate_features(self, tagged: list[tuple[str, object]], files: list[delta.DataFile],
                            schema: pa.Schema) -> ValidationOutcome:
         """The feature suite's outcome for the whole run: the workers' row-local outcomes combined,
@@ -388,10 +388,10 @@ class CommitRunFn(beam.DoFn):
         cfg = self._cfg
         policy = QuarantinePolicy(cfg.max_quarantine_fraction)
         suite = as_suite(cfg.feature_suite)
-        _, rest_suite = split_row_local(suite)
+        local_suite, rest_suite = split_row_local(suite)
         parts = [o for kind, o in tagged if kind == "feature_validation"]
         local = (ValidationOutcome.combine(parts) if parts else
-                 validate_table(schema.empty_table(), split_row_local(suite)[0], run_id=cfg.run_id,
+                 validate_table(schema.empty_table(), local_suite, run_id=cfg.run_id,
                                 missing_columns="skip").without_passed())
         rest = None
         if rest_suite.rules:
