@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import apache_beam as beam
 import pyarrow as pa
@@ -26,6 +27,9 @@ from finfeat.schemas.labels import LABEL_SCHEMA
 from finfeat.schemas.mapping import Mapping
 from finfeat.transforms.parse import CardTokenizer
 from finfeat.transforms.spec import FeatureSpec
+
+if TYPE_CHECKING:
+    from finfeat.validation.validate import ValidationOutcome
 
 _LOG = logging.getLogger(__name__)
 _US_PER_DAY = 86_400_000_000
@@ -113,6 +117,86 @@ class ReadLabelsFn(beam.DoFn):
             yield Path(path).name, raw, unreadable
 
 
+class WriteFeatureFilesFn(beam.DoFn):
+    """Feature rows -> uncommitted Parquet files in the features table's folder, one per day.
+
+    The files are written by a background thread (Parquet encoding releases the GIL), so the
+    next table's features are computed meanwhile; the bundle's file list goes to the committer
+    when the bundle ends. With a feature suite, its row-local expectations (see
+    :func:`finfeat.validation.validate.split_row_local`) run here, on up to
+    :data:`VALIDATE_ROWS` rows at a time (GX costs a fixed time per validation): only the rows
+    they keep are written, and the outcome (without those rows) goes to the committer with the
+    columns the other expectations read (uniqueness, table-level), for all rows. The
+    committer validates those on the whole run and commits the files, or, if they quarantine
+    rows, validates the gathered rows as a whole (see :class:`CommitRunFn`).
+    """
+
+    #: tables waiting for the writer thread at most (each is one bucket's rows)
+    MAX_PENDING = 2
+    #: with a feature suite, rows validated together (GX costs a fixed time per validation, so
+    #: tables are gathered up to this many rows, which also bounds what is held)
+    VALIDATE_ROWS = 500_000
+
+    def __init__(self, *, cfg: BackfillConfig) -> None:
+        self._cfg = cfg
+
+    def setup(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finfeat-write")
+        self._path = delta.table_path(self._cfg.warehouse, delta.FEATURES)
+        self._local = self._rest_columns = None
+        if self._cfg.feature_suite:
+            from finfeat.validation.validate import split_row_local
+
+            self._local, rest = split_row_local(self._cfg.feature_suite)
+            self._rest_columns = rest.columns if rest.rules else None
+
+    def start_bundle(self) -> None:
+        self._pending: list = []
+        self._done: list[delta.DataFile] = []
+        self._held: list[pa.Table] = []
+
+    def process(self, table: pa.Table) -> Iterator[tuple[int, tuple[str, object]]]:
+        if self._local is None:
+            self._write(table)
+            return
+        self._held.append(table)
+        if sum(t.num_rows for t in self._held) >= self.VALIDATE_ROWS:
+            yield from self._validate_and_write()
+
+    def _validate_and_write(self) -> Iterator[tuple[int, tuple[str, object]]]:
+        from finfeat.validation.validate import validate_table
+
+        if not self._held:
+            return
+        table = pa.concat_tables(self._held)
+        self._held = []
+        if self._rest_columns is not None:
+            yield 0, ("feature_columns", table.select([c for c in self._rest_columns if c in table.column_names]))
+        outcome = validate_table(table, self._local, run_id=self._cfg.run_id, missing_columns="skip")
+        yield 0, ("feature_validation", outcome.without_passed())
+        self._write(outcome.passed)
+
+    def _write(self, table: pa.Table) -> None:
+        while len(self._pending) >= self.MAX_PENDING:
+            self._done.extend(self._pending.pop(0).result())
+        self._pending.append(self._pool.submit(delta.write_data_files, self._path, table, prefix=self._cfg.run_id))
+
+    def finish_bundle(self) -> Iterator[object]:
+        from apache_beam.transforms.window import GlobalWindows
+
+        for item in self._validate_and_write():
+            yield GlobalWindows.windowed_value(item)
+        for future in self._pending:
+            self._done.extend(future.result())
+        files, self._pending, self._done = self._done, [], []
+        yield GlobalWindows.windowed_value((0, ("feature_files", files)))
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class CommitRunFn(beam.DoFn):
     """The one committer: checks reconciliation and the guards, then writes every table.
 
@@ -124,25 +208,33 @@ class CommitRunFn(beam.DoFn):
     def __init__(self, *, cfg: BackfillConfig, recorded_at_us: int) -> None:
         self._cfg, self._recorded = cfg, recorded_at_us
 
-    def process(self, item: tuple[int, list[tuple[str, object]]], features: list[pa.Table]
-                ) -> Iterator[dict[str, object]]:
+    def process(self, item: tuple[int, list[tuple[str, object]]]) -> Iterator[dict[str, object]]:
         cfg = self._cfg
+        _, tagged = item
+        files = [f for kind, fs in tagged if kind == "feature_files" for f in fs]
+        self._features_committed = False
         try:
-            yield self._commit(item, features)
+            yield self._commit(tagged, files)
         except _REFUSALS as exc:
+            self._discard(files)
             # a clean refusal, said once by run_backfill from the report (no runner traceback)
             delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
                                     error={"type": type(exc).__name__, "message": str(exc)})
         except Exception as exc:
+            self._discard(files)
             report = delta.read_run_report(cfg.warehouse, cfg.run_id) or {}
             if report.get("status") != "failed":
                 delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
                                         error={"type": type(exc).__name__, "message": str(exc)})
             raise
 
-    def _commit(self, item: tuple[int, list[tuple[str, object]]], features: list[pa.Table]) -> dict[str, object]:
+    def _discard(self, files: list[delta.DataFile]) -> None:
+        """The workers' feature files, when the run ends before their commit (no reader sees them)."""
+        if not self._features_committed:
+            delta.discard_data_files(delta.table_path(self._cfg.warehouse, delta.FEATURES), files)
+
+    def _commit(self, tagged: list[tuple[str, object]], files: list[delta.DataFile]) -> dict[str, object]:
         cfg = self._cfg
-        _, tagged = item
         schema = feature_schema(cfg.spec)
         dead = [t for kind, t in tagged if kind == "dead"]
         labels = [t for kind, t in tagged if kind == "labels"]
@@ -153,7 +245,6 @@ class CommitRunFn(beam.DoFn):
         for kind, kv in tagged:
             if kind == "stat":
                 stats[kv[0]] = stats.get(kv[0], 0) + kv[1]
-        feature_table = pa.concat_tables(features).cast(schema) if features else schema.empty_table()
         dead_table = pa.concat_tables(dead).cast(DEAD_LETTER_SCHEMA) if dead else DEAD_LETTER_SCHEMA.empty_table()
         if event_failures:
             delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed", failures=event_failures,
@@ -188,19 +279,19 @@ class CommitRunFn(beam.DoFn):
             "finfeat.schema_version": SCHEMA_VERSION, "finfeat.spec_hash": cfg.spec.spec_hash,
             "finfeat.range": f"{cfg.start.isoformat()}..{cfg.end.isoformat()}",
         }
+        features_path = delta.table_path(cfg.warehouse, delta.FEATURES)
+        feature_table = None  # the gathered rows, only when the whole-table expectations quarantine some
         outcome = None
         if cfg.feature_suite:
-            from finfeat.validation.validate import QuarantinePolicy, validate_table
-
-            outcome = validate_table(feature_table, cfg.feature_suite, run_id=cfg.run_id,
-                                     policy=QuarantinePolicy(cfg.max_quarantine_fraction),
-                                     missing_columns="skip")
+            outcome = self._validate_features(tagged, files, schema)
             if outcome.failures:
                 delta.update_run_report(cfg.warehouse, cfg.run_id, status="failed",
                                         failures=list(outcome.failures), suite=cfg.feature_suite,
                                         validation=outcome.summary())
                 outcome.raise_for_failures()
-            feature_table = outcome.passed
+            if outcome.passed_rows is None:
+                feature_table = outcome.passed
+                self._discard(files)
         key = delta.run_key(inputs=cfg.inputs, labels=cfg.labels, start=cfg.start, end=cfg.end)
         tables: dict[str, dict[str, object]] = {}
         races: list[str] = []  # commits lost to concurrent writers (then retried)
@@ -208,6 +299,8 @@ class CommitRunFn(beam.DoFn):
         def committed(name: str, path: str, write: Callable[[], int | None]) -> None:
             before = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else None
             version = write()
+            if name == "features":
+                self._features_committed = True
             if version is not None or not name.startswith("quarantine/"):
                 tables[name] = {"path": path, "version": version}
             if version is not None and version != before:
@@ -216,10 +309,14 @@ class CommitRunFn(beam.DoFn):
 
         testhooks.commit_barrier()
         testhooks.reached("before:commit")
-        features_path = delta.table_path(cfg.warehouse, delta.FEATURES)
-        committed("features", features_path, lambda: delta.overwrite_partitions(
-            features_path, feature_table, start=cfg.start, end=cfg.end, metadata=metadata,
-            allow_shrink=cfg.allow_shrink, races=races))
+        if feature_table is None:
+            committed("features", features_path, lambda: delta.commit_data_files(
+                features_path, files, schema=schema, start=cfg.start, end=cfg.end, metadata=metadata,
+                allow_shrink=cfg.allow_shrink, races=races))
+        else:
+            committed("features", features_path, lambda: delta.overwrite_partitions(
+                features_path, feature_table, start=cfg.start, end=cfg.end, metadata=metadata,
+                allow_shrink=cfg.allow_shrink, races=races))
         dead_path = delta.table_path(cfg.warehouse, delta.DEAD_LETTERS)
         committed("dead_letters", dead_path, lambda: delta.replace_dead_letters(dead_path, dead_table, key=key,
                                                                                metadata=metadata, races=races))
@@ -268,7 +365,7 @@ class CommitRunFn(beam.DoFn):
             "labels_written": label_table.num_rows,
             "dead_letters_by_reason": dict(sorted(by_reason.items())),
             "events_outside_range": stats.get("events_outside_range", 0),
-            "features_written": feature_table.num_rows,
+            "features_written": feature_table.num_rows if feature_table is not None else sum(f.rows for f in files),
             "status": "succeeded",
             "online_store": online,
             "validation": outcome.summary() if outcome is not None else None,
@@ -277,6 +374,41 @@ class CommitRunFn(beam.DoFn):
             "finished_at": datetime.now(timezone.utc).isoformat(),
         }
         return delta.update_run_report(cfg.warehouse, cfg.run_id, **report)
+
+    def _validate_features(self, tagged: list[tuple[str, object]], files: list[delta.DataFile],
+                           schema: pa.Schema) -> ValidationOutcome:
+        """The feature suite's outcome for the whole run: the workers' row-local outcomes combined,
+        with the other expectations run here on the columns they read. If those quarantine rows,
+        the run's rows are gathered (files and quarantined rows) and validated as one table, as
+        without the split; that outcome's ``passed`` holds the rows to write (``passed_rows`` None).
+        """
+        from finfeat.validation.validate import (QuarantinePolicy, ValidationOutcome, as_suite, split_row_local,
+                                                 validate_table)
+
+        cfg = self._cfg
+        policy = QuarantinePolicy(cfg.max_quarantine_fraction)
+        suite = as_suite(cfg.feature_suite)
+        local_suite, rest_suite = split_row_local(suite)
+        parts = [o for kind, o in tagged if kind == "feature_validation"]
+        local = (ValidationOutcome.combine(parts) if parts else
+                 validate_table(schema.empty_table(), local_suite, run_id=cfg.run_id,
+                                missing_columns="skip").without_passed())
+        rest = None
+        if rest_suite.rules:
+            cols = [t for kind, t in tagged if kind == "feature_columns"]
+            narrow = pa.concat_tables(cols) if cols else schema.empty_table().select(
+                [c for c in rest_suite.columns if c in schema.names])
+            rest = validate_table(narrow, rest_suite, run_id=cfg.run_id, missing_columns="skip")
+        if rest is None or rest.quarantined.num_rows == 0:
+            return ValidationOutcome.merge_split(suite, local, rest, policy=policy)
+        _LOG.info("whole-table expectations quarantined %d row(s): validating the gathered feature rows",
+                  rest.quarantined.num_rows)
+        path = delta.table_path(cfg.warehouse, delta.FEATURES)
+        pieces = [delta.read_data_file(path, f, schema) for f in files]
+        if local.quarantined.num_rows:
+            pieces.append(local.quarantined.select(schema.names).cast(schema))
+        whole = pa.concat_tables(pieces) if pieces else schema.empty_table()
+        return validate_table(whole, suite, run_id=cfg.run_id, policy=policy, missing_columns="skip")
 
 
 def _fill_run_id(rows: pa.Table, run_id: str) -> pa.Table:
@@ -304,9 +436,10 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
         recorded_at_us=recorded_at_us, emit_from_us=_day_us(cfg.start), event_suite=cfg.event_suite,
         emit_until_us=_day_us(cfg.end + timedelta(days=1)), buckets=cfg.buckets)
     stats = out["stats"] | "SumStats" >> beam.CombinePerKey(sum)
-    # Feature rows reach the committer as a side input, so Beam moves them with the Arrow coder;
-    # everything else (small) is gathered under one key.
-    tagged = ((out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
+    # Feature rows are written where they are computed; their files' descriptions (and, with a
+    # feature suite, the validation outcomes) and everything else (small) are gathered under one key.
+    tagged = ((out["features"] | "WriteFeatureFiles" >> beam.ParDo(WriteFeatureFilesFn(cfg=cfg)),
+               out["dead_letters"] | "TagDeadLetters" >> beam.Map(lambda t: (0, ("dead", t))),
                out["labels"] | "TagLabels" >> beam.Map(lambda t: (0, ("labels", t))),
                *([out["events"] | "TagEvents" >> beam.Map(lambda t: (0, ("events", t)))] if cfg.online_store else []),
                out["quarantined_events"] | "TagQuarantinedEvents" >> beam.Map(lambda t: (0, ("quarantine", t))),
@@ -315,8 +448,7 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
               | "FlattenForCommit" >> beam.Flatten())
     (tagged
      | "GatherRun" >> beam.GroupByKey()
-     | "CommitToDelta" >> beam.ParDo(CommitRunFn(cfg=cfg, recorded_at_us=recorded_at_us),
-                                     features=beam.pvalue.AsList(out["features"])))
+     | "CommitToDelta" >> beam.ParDo(CommitRunFn(cfg=cfg, recorded_at_us=recorded_at_us)))
 
 
 def run_backfill(cfg: BackfillConfig) -> dict[str, object]:

@@ -232,7 +232,9 @@ def day_writers(features_path: str) -> dict[date, Writer]:
         return out
     for entry in sorted(DeltaTable(features_path).history(), key=lambda e: e.get("version", 0)):
         rng = entry.get("finfeat.range")
-        if not rng or ".." not in str(rng) or entry.get("operation") not in ("WRITE", None):
+        # a backfill's commit is a WRITE, or the CREATE TABLE of the first one (files committed by
+        # their add actions create the table in the same commit)
+        if not rng or ".." not in str(rng) or entry.get("operation") not in ("WRITE", "CREATE TABLE", None):
             continue
         lo, hi = (date.fromisoformat(x) for x in str(rng).split(".."))
         writer = Writer(run_id=str(entry.get("finfeat.run_id")), version=int(entry.get("version", 0)),

@@ -17,14 +17,18 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime, timezone
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
+from deltalake.transaction import AddAction, create_table_with_add_actions
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
@@ -161,16 +165,20 @@ def partition_counts(table: DeltaTable, *, start: date, end: date) -> dict[date,
     return counts
 
 
-def _check_shrink(table: DeltaTable, rows: pa.Table, *, start: date, end: date) -> None:
-    held = partition_counts(table, start=start, end=end)
-    if not held:
-        return
+def _day_counts(rows: pa.Table) -> dict[date, int]:
     new: dict[date, int] = {}
     if rows.num_rows:
         for day, n in zip(*pc.value_counts(rows.column(PARTITION_COLUMN)).flatten()):
             new[day.as_py()] = n.as_py()
+    return new
+
+
+def _check_shrink(table: DeltaTable, new: dict[date, int], *, start: date, end: date) -> None:
+    held = partition_counts(table, start=start, end=end)
+    if not held:
+        return
     emptied = sorted(d for d, n in held.items() if n and not new.get(d))
-    before, after = sum(held.values()), rows.num_rows
+    before, after = sum(held.values()), sum(new.values())
     if emptied or after * 2 < before:
         days = (f"; {len(emptied)} partition(s) that hold rows would become empty: "
                 + ", ".join(d.isoformat() for d in emptied[:5]) + (" ..." if len(emptied) > 5 else "")) if emptied else ""
@@ -200,9 +208,157 @@ def overwrite_partitions(path: str, table: pa.Table, *, start: date, end: date, 
             return 0
         current = DeltaTable(path)
         if not allow_shrink:
-            _check_shrink(current, table, start=start, end=end)
+            _check_shrink(current, _day_counts(table), start=start, end=end)
         write_deltalake(current, table, partition_by=[PARTITION_COLUMN], mode="overwrite", predicate=predicate,
                         schema_mode="merge", commit_properties=CommitProperties(custom_metadata=metadata))
+        return DeltaTable(path).version()
+
+    return _commit("features", path, attempt, races)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A Parquet file written into a table's folder but not committed yet (no reader sees it):
+    what its Delta add action says, and its rows."""
+
+    path: str                      # relative to the table's folder
+    size: int
+    partition_values: dict[str, str]
+    modification_time: int         # ms since the epoch
+    stats: str                     # the add action's JSON statistics
+    rows: int
+
+    def add_action(self) -> AddAction:
+        return AddAction(self.path, self.size, self.partition_values, self.modification_time, True, self.stats)
+
+
+#: column types whose Parquet min/max go into the add action as they are (others: counts only)
+_STATS_TYPES = (pa.types.is_integer, pa.types.is_date32, pa.types.is_string)
+
+
+def _file_stats(meta: pq.FileMetaData, schema: pa.Schema) -> str:
+    """Delta statistics of one written file from its Parquet footer: rows, null counts, and the
+    min/max of integer, date and string columns (readers use them to skip files)."""
+    nulls: dict[str, int] = {}
+    lo: dict[str, object] = {}
+    hi: dict[str, object] = {}
+    for i, field in enumerate(schema):
+        keep_range = any(test(field.type) for test in _STATS_TYPES)
+        n, mins, maxs = 0, [], []
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(i).statistics
+            if st is None:
+                keep_range, n = False, None
+                break
+            n += st.null_count if st.has_null_count else 0
+            if st.has_min_max:
+                mins.append(st.min)
+                maxs.append(st.max)
+        if n is not None:
+            nulls[field.name] = n
+        if keep_range and mins:
+            lo[field.name], hi[field.name] = min(mins), max(maxs)
+    as_text = lambda v: v.isoformat() if isinstance(v, date) else v  # noqa: E731
+    return json.dumps({"numRecords": meta.num_rows, "nullCount": nulls,
+                       "minValues": {k: as_text(v) for k, v in lo.items()},
+                       "maxValues": {k: as_text(v) for k, v in hi.items()}})
+
+
+def write_data_files(path: str, table: pa.Table, *, partition: str = PARTITION_COLUMN, prefix: str) -> list[DataFile]:
+    """Write ``table`` into ``path`` as one Parquet file per value of its date column ``partition``
+    (``partition=YYYY-MM-DD/part-<prefix>-<uuid>.parquet``, without that column, as Delta lays
+    partitions out), uncommitted. Commit them with :func:`commit_data_files`; until then, and if
+    the run dies first, no reader sees them (a vacuum deletes such files)."""
+    if table.num_rows == 0:
+        return []
+    days = table.column(partition).cast(pa.int32()).to_numpy()
+    data = table.drop_columns([partition])
+    if len(days) > 1 and (days[1:] < days[:-1]).any():
+        order = np.argsort(days, kind="stable")
+        days, data = days[order], data.take(pa.array(order))
+    cuts = np.flatnonzero(np.diff(days)) + 1
+    bounds = np.concatenate([[0], cuts, [len(days)]])
+    out: list[DataFile] = []
+    for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        day = (date(1970, 1, 1) + timedelta(days=int(days[s]))).isoformat()
+        rel = f"{partition}={day}/part-{prefix}-{uuid.uuid4().hex}.snappy.parquet"
+        full = os.path.join(path, rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        collected: list[pq.FileMetaData] = []
+        pq.write_table(data.slice(s, e - s), full, compression="snappy", metadata_collector=collected)
+        st = os.stat(full)
+        out.append(DataFile(path=rel, size=st.st_size, partition_values={partition: day},
+                            modification_time=int(st.st_mtime * 1000), stats=_file_stats(collected[0], data.schema),
+                            rows=e - s))
+    return out
+
+
+def read_data_file(path: str, f: DataFile, schema: pa.Schema) -> pa.Table:
+    """The rows of one uncommitted file with its partition column, in ``schema``'s column order."""
+    rows = pq.read_table(os.path.join(path, f.path))
+    for name, value in f.partition_values.items():
+        rows = rows.append_column(name, pa.array([date.fromisoformat(value)] * rows.num_rows, pa.date32()))
+    return rows.select(schema.names).cast(schema)
+
+
+def discard_data_files(path: str, files: list[DataFile]) -> None:
+    """Delete files written for a commit that did not happen (best effort); a file the table's
+    current version references (the commit landed after all) is kept."""
+    if not files:
+        return
+    held: set[str] = set()
+    try:
+        if DeltaTable.is_deltatable(path):
+            held = set(pa.table(DeltaTable(path).get_add_actions(flatten=True)).column("path").to_pylist())
+    except (DeltaError, OSError) as exc:
+        _LOG.warning("%s: cannot read the table (%s); its uncommitted files stay until a vacuum", path, exc)
+        return
+    for f in files:
+        if f.path in held:
+            continue
+        try:
+            os.unlink(os.path.join(path, f.path))
+        except OSError:
+            pass
+
+
+def commit_data_files(path: str, files: list[DataFile], *, schema: pa.Schema, start: date, end: date,
+                      metadata: dict[str, str], allow_shrink: bool = False,
+                      races: list[str] | None = None) -> int:
+    """Replace every ``event_date`` partition in ``[start, end]`` with ``files`` in one commit.
+
+    What :func:`overwrite_partitions` does for a table, for files the workers already wrote:
+    the same range check, shrink guard, create-or-replace and retries of lost races. The files
+    are committed by their add actions (``create_table_with_add_actions`` for a new table,
+    ``create_write_transaction`` in overwrite mode under the range's partition filters).
+    """
+    new: dict[date, int] = {}
+    for f in files:
+        day = date.fromisoformat(f.partition_values[PARTITION_COLUMN])
+        if not start <= day <= end:
+            raise ValueError(f"feature rows on {day}, outside the backfill range {start}..{end}")
+        new[day] = new.get(day, 0) + f.rows
+    adds = [f.add_action() for f in files]
+    props = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
+    filters = [(PARTITION_COLUMN, ">=", start.isoformat()), (PARTITION_COLUMN, "<=", end.isoformat())]
+
+    def attempt() -> int:
+        if not DeltaTable.is_deltatable(path):
+            try:
+                create_table_with_add_actions(path, Schema.from_arrow(schema), adds, mode="error",
+                                              partition_by=[PARTITION_COLUMN], commit_properties=props)
+                return 0
+            except (CommitFailedError, DeltaError):
+                if not DeltaTable.is_deltatable(path):
+                    raise
+                _LOG.warning("%s was created by a concurrent writer first; replacing its partitions", path)
+                if races is not None:
+                    races.append(f"create {Path(path).name}")
+        current = DeltaTable(path)
+        if not allow_shrink:
+            _check_shrink(current, new, start=start, end=end)
+        current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION_COLUMN],
+                                         partition_filters=filters, commit_properties=props)
         return DeltaTable(path).version()
 
     return _commit("features", path, attempt, races)

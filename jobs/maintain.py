@@ -6,7 +6,8 @@ the replaced files stay on disk (time travel to earlier versions reads them) unt
 * compaction: ``DeltaTable.optimize.compact()`` (delta-rs, ``--engine local``) or ``OPTIMIZE``
   (delta-spark, ``--engine spark``): small files of a partition are rewritten into larger
   ones in one commit; the table's content does not change.
-* vacuum: files that the table stopped referencing more than the retention ago are deleted
+* vacuum: files that the table stopped referencing (or that no commit ever referenced: a run killed
+  before its commit) more than the retention ago are deleted
   (``vacuum`` / ``VACUUM ... RETAIN n HOURS``). After it, time travel to versions older than the
   retention can fail: pinned training sets older than that cannot be rebuilt.
 
@@ -125,8 +126,9 @@ def _local(path: str, rep: TableReport, *, retention_hours: float, compact: bool
         rep.files_removed = int(metrics.get("numFilesRemoved", 0))
     if vacuum:
         # finfeat's own retention check ran (check_retention); Delta's 168 h default is not enforced.
+        # full: also files no commit ever referenced (a run killed before its commit), as Spark's VACUUM
         rep.vacuumed = sorted(DeltaTable(path).vacuum(
-            retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False,
+            retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False, full=True,
             commit_properties=None if dry_run else CommitProperties(custom_metadata=_metadata())))
 
 

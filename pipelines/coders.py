@@ -1,4 +1,5 @@
-"""A Beam coder for Arrow tables: IPC stream bytes, and a size estimate that costs nothing.
+"""A Beam coder for Arrow tables: IPC stream bytes (:mod:`finfeat.schemas.arrow_pickle`), and a
+size estimate that costs nothing.
 
 Beam samples element sizes for its metrics by encoding elements (always the first ten of
 every step). Our elements are whole tables, few and large, so without this coder every one
@@ -11,16 +12,15 @@ from __future__ import annotations
 import apache_beam as beam
 import pyarrow as pa
 
+from finfeat.schemas.arrow_pickle import from_ipc, to_ipc
+
 
 class ArrowTableCoder(beam.coders.Coder):
     def encode(self, table: pa.Table) -> bytes:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        return sink.getvalue().to_pybytes()
+        return to_ipc(table)
 
     def decode(self, payload: bytes) -> pa.Table:
-        return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+        return from_ipc(payload)
 
     def estimate_size(self, table: pa.Table) -> int:
         return table.nbytes

@@ -20,7 +20,7 @@ from finfeat.schemas.features import IDENTITY_COLUMNS, feature_schema
 from finfeat.pipelines import coders as _coders  # noqa: F401  (registers the Arrow table coder)
 from finfeat.pipelines.streaming import ComputeFeaturesUnbounded
 from finfeat.schemas.mapping import Mapping
-from finfeat.transforms.buckets import split_by_bucket
+from finfeat.transforms.buckets import split_by_bucket, stable_hash
 from finfeat.transforms.dedup import deduplicate
 from finfeat.transforms.labels import attach_labels, label_rows, parse_labels
 from finfeat.transforms.features import (
@@ -88,21 +88,73 @@ class ParseBatchFn(beam.DoFn):
             yield pvalue.TaggedOutput(DEAD, dead)
 
 
+class _RepeatedHashes(beam.CombineFn):
+    """The hashes that occur more than once among all the arrays of hashes it is given."""
+
+    def create_accumulator(self) -> list[np.ndarray]:
+        return []
+
+    def add_input(self, acc: list[np.ndarray], hashes: np.ndarray) -> list[np.ndarray]:
+        acc.append(hashes)
+        return acc
+
+    def merge_accumulators(self, accs: Iterator[list[np.ndarray]]) -> list[np.ndarray]:
+        return [a for acc in accs for a in acc]
+
+    def compact(self, acc: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.concatenate(acc)] if len(acc) > 1 else acc
+
+    def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
+        if not acc:
+            return np.zeros(0, dtype=np.uint64)
+        values, counts = np.unique(np.concatenate(acc), return_counts=True)
+        return values[counts > 1]
+
+
 class DeduplicateEvents(beam.PTransform):
     """Every txn id once (repeated copies become dead letters), labels from a feed attached.
 
     Bounded input. Takes the events, or ``{"events": ..., "labels": ...}`` to join a labels
-    feed on txn id in the same shuffle.
+    feed on txn id in the same shuffle; gives ``{"events": ..., "dead_letters": ...}``.
     """
 
     def __init__(self, *, buckets: int, run_id: str, recorded_at_us: int) -> None:
         super().__init__()
         self._buckets, self._run_id, self._recorded = buckets, run_id, recorded_at_us
 
-    def expand(self, inputs: beam.PCollection | dict[str, beam.PCollection]) -> beam.pvalue.DoOutputsTuple:
-        run_id, recorded, buckets = self._run_id, self._recorded, self._buckets
+    def expand(self, inputs: beam.PCollection | dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         if not isinstance(inputs, dict):
             inputs = {"events": inputs}
+        if set(inputs) == {"events"}:
+            return self._only_repeats_shuffled(inputs["events"])
+        return self._all_shuffled(inputs)
+
+    def _only_repeats_shuffled(self, events: beam.PCollection) -> dict[str, beam.PCollection]:
+        """Without a labels feed only the events whose txn id repeats need to meet: a narrow
+        global pass finds the repeated txn-id hashes, and only those events (every copy of a
+        repeated id, and any that share its hash) cross the shuffle by txn id."""
+        repeated = (events
+                    | "HashTxnIds" >> beam.Map(lambda t: stable_hash(t.column("txn_id")))
+                    | "FindRepeatedTxnIds" >> beam.CombineGlobally(_RepeatedHashes()))
+
+        def split(table: pa.Table, repeats: np.ndarray) -> Iterator[object]:
+            if len(repeats):
+                mask = np.isin(stable_hash(table.column("txn_id")), repeats)
+                if mask.any():
+                    yield pvalue.TaggedOutput("repeated", table.filter(pa.array(mask)))
+                    table = table.filter(pa.array(~mask))
+            if table.num_rows:
+                yield attach_labels(table, None)
+
+        parts = events | "SplitRepeatedTxnIds" >> beam.FlatMap(
+            split, repeats=pvalue.AsSingleton(repeated)).with_output_types(pa.Table).with_outputs(
+                "repeated", main="unique")
+        shuffled = self._all_shuffled({"events": parts.repeated})
+        unique = (parts.unique, shuffled["events"]) | "FlattenUniqueEvents" >> beam.Flatten()
+        return {"events": unique, DEAD: shuffled[DEAD]}
+
+    def _all_shuffled(self, inputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        run_id, recorded, buckets = self._run_id, self._recorded, self._buckets
         keyed = {name: pcoll | f"Partition{name.capitalize()}ByTxnId" >> beam.FlatMap(
                      split_by_bucket, "txn_id", buckets).with_output_types(Keyed)
                  for name, pcoll in inputs.items()}
@@ -118,9 +170,10 @@ class DeduplicateEvents(beam.PTransform):
             if dead.num_rows:
                 yield pvalue.TaggedOutput(DEAD, dead)
 
-        return (keyed
-                | "GroupByTxnId" >> beam.CoGroupByKey()
-                | "KeepOneCopy" >> beam.FlatMap(dedup).with_output_types(pa.Table).with_outputs(DEAD, main="events"))
+        out = (keyed
+               | "GroupByTxnId" >> beam.CoGroupByKey()
+               | "KeepOneCopy" >> beam.FlatMap(dedup).with_output_types(pa.Table).with_outputs(DEAD, main="events"))
+        return {"events": out.events, DEAD: out[DEAD]}
 
 
 class ParseLabelsFn(beam.DoFn):
@@ -151,6 +204,15 @@ def _emit_mask(table: pa.Table, emit_from_us: int | None, emit_until_us: int | N
     return mask
 
 
+def _in_range(rows: pa.Table, events: pa.Table, emit_from_us: int | None, emit_until_us: int | None) -> pa.Table:
+    """The rows of ``rows`` whose event (the same row of ``events``) is in the emit range; ``rows``
+    itself, not a copy, when all are."""
+    if emit_from_us is None and emit_until_us is None:
+        return rows
+    mask = _emit_mask(events, emit_from_us, emit_until_us)
+    return rows if pc.all(mask).as_py() is not False else rows.filter(mask)
+
+
 def _columns_needed(defs: tuple, entity: str, anchor_col: str) -> list[str]:
     """The event columns an entity's features read (so only those are shuffled)."""
     cols = ["txn_id", "event_time", ENTITY_COLUMNS[entity], anchor_col]
@@ -162,6 +224,31 @@ def _columns_needed(defs: tuple, entity: str, anchor_col: str) -> list[str]:
         if f.agg == "fraud_rate":
             cols += ["is_fraud", "label_time"]
     return list(dict.fromkeys(cols))
+
+
+def _join_on_txn_id(rows: pa.Table, right: pa.Table) -> pa.Table:
+    """``rows`` with ``right``'s other columns, matched on txn id (a left outer join that keeps
+    ``rows``' order). Matches on a 64-bit hash of the id, checked against the ids themselves:
+    if two ids share a hash, Arrow's hash join on the strings decides instead."""
+    if right.num_rows == 0 or rows.num_rows == 0:
+        return rows.join(right, keys="txn_id", join_type="left outer")
+    rh = stable_hash(right.column("txn_id"))
+    order = np.argsort(rh, kind="stable")
+    sorted_h = rh[order]
+    if len(sorted_h) > 1 and (sorted_h[1:] == sorted_h[:-1]).any():
+        return rows.join(right, keys="txn_id", join_type="left outer")
+    lh = stable_hash(rows.column("txn_id"))
+    pos = np.minimum(np.searchsorted(sorted_h, lh), len(sorted_h) - 1)
+    found = sorted_h[pos] == lh
+    idx = pa.array(order[pos], mask=~found)
+    ids = right.column("txn_id").take(idx)
+    same = pc.fill_null(pc.equal(ids, rows.column("txn_id")), False).to_numpy(zero_copy_only=False)
+    if not (same == found).all():  # a hash that matched another id: let the string join decide
+        return rows.join(right, keys="txn_id", join_type="left outer")
+    taken = right.drop_columns(["txn_id"]).take(idx)
+    for name in taken.column_names:
+        rows = rows.append_column(taken.schema.field(name), taken.column(name))
+    return rows
 
 
 class ComputeFeatures(beam.PTransform):
@@ -222,7 +309,7 @@ class ComputeFeatures(beam.PTransform):
                 table = pa.concat_tables(list(pieces))
                 cols = compute_entity_features(table, defs, entity)
                 out = pa.table({"txn_id": table.column("txn_id"), anchor_col: table.column(anchor_col), **cols})
-                yield from split_by_bucket(out.filter(_emit_mask(table, lo, hi)), anchor_col, buckets)
+                yield from split_by_bucket(_in_range(out, table, lo, hi), anchor_col, buckets)
 
             needed = _columns_needed(defs, entity, anchor_col)
             branches[entity] = (events
@@ -247,14 +334,14 @@ class ComputeFeatures(beam.PTransform):
             for name in IDENTITY_COLUMNS:
                 if name not in cols:
                     cols[name] = table.column(name)
-            rows = pa.table(cols).filter(_emit_mask(table, lo, hi))
+            rows = _in_range(pa.table(cols), table, lo, hi)
             for entity in entities[1:]:
                 if rows.num_rows == 0:
                     break
                 if not parts[entity]:
                     raise RuntimeError(f"no {entity} features for a bucket that has events")
                 right = pa.concat_tables(parts[entity]).drop_columns([anchor_col])
-                rows = rows.join(right, keys="txn_id", join_type="left outer")
+                rows = _join_on_txn_id(rows, right)
             if rows.num_rows:
                 yield rows.select(schema.names).cast(schema)
 
@@ -317,19 +404,19 @@ class BuildFeatures(beam.PTransform):
             before them, which features without a window still reach."""
             yield _stat("events_accepted", table.num_rows)
             table = table.drop_columns(["_source", "_source_row"])
-            kept = table.filter(_emit_mask(table, lo, until))
+            kept = _in_range(table, table, lo, until)
             if lo is not None and unbounded:
                 before = table.filter(pc.less(table.column("event_time").cast(pa.int64()), lo))
                 tails = np.unique(np.concatenate([history_tail(before, e) for e in unbounded]))
                 kept = pa.concat_tables([before.take(pa.array(tails, pa.int64())), kept])
             yield _stat("events_outside_range", table.num_rows - kept.num_rows)
-            labelled = label_rows(kept.filter(_emit_mask(kept, emit_from, until)), delay_us=delay)
+            labelled = label_rows(_in_range(kept, kept, emit_from, until), delay_us=delay)
             if labelled.num_rows:
                 yield pvalue.TaggedOutput(LABELS, labelled)
             if kept.num_rows:
                 yield kept
 
-        events = unique.events | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_output_types(
+        events = unique["events"] | "SelectWarmupAndRange" >> beam.FlatMap(in_reach).with_output_types(
             pa.Table).with_outputs(STATS, LABELS, main="events")
         computed = events.events | "ComputeFeatures" >> ComputeFeatures(
             spec=self._spec, buckets=self._buckets, emit_from_us=self._from, emit_until_us=self._until)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 import pyarrow as pa
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -62,3 +63,24 @@ def test_build_features_outputs_dead_letters_and_stats() -> None:
         assert_that(stats | beam.Filter(lambda kv: kv[0] in {"rows_read", "events_accepted", "features_out"}),
                     equal_to([("rows_read", total + 4), ("events_accepted", total), ("features_out", total)]),
                     label="Reconciles")
+
+
+@pytest.mark.parametrize("hashing", ["real", "colliding"])
+def test_join_on_txn_id_matches_the_hash_join(monkeypatch: pytest.MonkeyPatch, hashing: str) -> None:
+    """The merchant-feature join of the assembly gives what Arrow's join on the strings gives,
+    in the left table's order, also when ids share a hash (then the string join decides)."""
+    import numpy as np
+
+    from finfeat.pipelines import features as fp
+
+    if hashing == "colliding":
+        monkeypatch.setattr(fp, "stable_hash", lambda ids: np.array([len(x) % 3 for x in ids.to_pylist()],
+                                                                    dtype=np.uint64))
+    rows = pa.table({"txn_id": ["t1", "t22", "t333", "t4", "t55"], "v": [1, 2, 3, 4, 5]})
+    right = pa.table({"txn_id": ["t55", "t4", "t1", "t333", "x9"], "m": [50, 40, 10, 30, 90]})
+    got = fp._join_on_txn_id(rows, right)
+    want = rows.join(right, keys="txn_id", join_type="left outer")
+    assert sorted(got.to_pylist(), key=str) == sorted(want.to_pylist(), key=str)
+    assert {r["txn_id"]: r["m"] for r in got.to_pylist()} == {"t1": 10, "t22": None, "t333": 30, "t4": 40, "t55": 50}
+    if hashing == "real":
+        assert got.column("txn_id").to_pylist() == rows.column("txn_id").to_pylist()

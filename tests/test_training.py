@@ -394,6 +394,10 @@ def test_maintain_local_compacts_and_vacuums_safely(sparkov_warehouse: Path, tmp
     assert on_disk == files + len(dt.file_uris())
     assert _cli(maintain_cli, [*args, "--retention-hours", "0", "--force", "--dry-run"]) == 0
     assert maintain_cli.files_on_disk(wh / "features") == on_disk
+    # a data file no commit references (a backfill killed before its commit) goes too
+    day_folder = next(p for p in (wh / "features").iterdir() if p.name.startswith("event_date="))
+    pq.write_table(pa.table({"txn_id": ["orphan"]}), day_folder / "part-killed-run.snappy.parquet")
+    assert maintain_cli.files_on_disk(wh / "features") == on_disk + 1
     assert _cli(maintain_cli, [*args, "--retention-hours", "0", "--force"]) == 0
     assert maintain_cli.files_on_disk(wh / "features") == len(DeltaTable(str(wh / "features")).file_uris())
     assert DeltaTable(str(wh / "features")).to_pyarrow_table().sort_by("txn_id").equals(content)

@@ -91,3 +91,67 @@ def test_cli_exit_code_names_the_expectation(landed: Path, tmp_path: Path) -> No
                            f"--runner={RUNNER}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "amount_at_most_500_dollars" in proc.stderr and "nothing was committed" in proc.stderr
+
+
+@pytest.mark.parametrize("at_once", [None, 700])
+def test_the_run_reports_what_the_whole_table_gives(landed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    at_once: int | None) -> None:
+    """Row-local expectations run where the rows are computed (``at_once`` rows at a time), the
+    others on the gathered columns: the run's outcome is the one of the suite on the whole
+    committed table."""
+    from finfeat.jobs.backfill import WriteFeatureFilesFn
+    from finfeat.jobs.runs import read_reports
+    from finfeat.validation.validate import QuarantinePolicy, validate_table
+
+    wh = landed
+    if at_once is not None:
+        monkeypatch.setattr(WriteFeatureFilesFn, "VALIDATE_ROWS", at_once)
+        wh = tmp_path / "in_parts"
+        run_backfill(_cfg(wh, "features"))
+    (report,) = [r for r in read_reports(wh).values() if r.get("status") == "succeeded"]
+    whole = validate_table(read_table(wh / "features"), "features", policy=QuarantinePolicy(0.5),
+                           missing_columns="skip").summary()
+    got = dict(report["validation"])
+    assert got.pop("seconds") >= 0 and whole.pop("seconds") >= 0
+    assert got == whole and got["rows"] == 5_116
+
+
+def test_whole_table_expectations_that_drop_rows(landed: Path, tmp_path: Path) -> None:
+    """A uniqueness expectation with policy drop (it needs every row at once) and a row-local
+    one: every copy of a repeated amount and every amount above the cap is quarantined, with
+    the names of the expectations each row broke, and the rest is committed."""
+    import dataclasses
+
+    CAP = 10_000  # noqa: N806  (low enough that some repeated amounts are above it)
+    suite = tmp_path / "unique.yaml"
+    suite.write_text(f"""name: unique_amounts
+expectations:
+  - name: amount_unique
+    policy: drop
+    type: expect_column_values_to_be_unique
+    kwargs: {{column: amount_minor}}
+  - name: amount_capped
+    policy: drop
+    type: expect_column_values_to_be_between
+    kwargs: {{column: amount_minor, max_value: {CAP}}}
+""")
+    before = read_table(landed / "features")
+    amounts = before.column("amount_minor").to_pylist()
+    seen: dict[int, int] = {}
+    for a in amounts:
+        seen[a] = seen.get(a, 0) + 1
+    expected = {}
+    for txn, a in zip(before.column("txn_id").to_pylist(), amounts):
+        broken = (["amount_unique"] if seen[a] > 1 else []) + (["amount_capped"] if a > CAP else [])
+        if broken:
+            expected[txn] = broken
+    assert 0 < len(expected) < before.num_rows
+    assert any(len(b) == 2 for b in expected.values()) and any(b == ["amount_capped"] for b in expected.values())
+
+    report = run_backfill(dataclasses.replace(_cfg(landed, suite, max_fraction=1.0), allow_shrink=True))
+    after = read_table(landed / "features")
+    quarantined = read_table(landed / "quarantine" / "features")
+    assert sorted(after.column("txn_id").to_pylist()) == sorted(set(before.column("txn_id").to_pylist()) - set(expected))
+    assert dict(zip(quarantined.column("txn_id").to_pylist(),
+                    quarantined.column("broken_expectations").to_pylist())) == expected
+    assert report["features_written"] == after.num_rows and report["validation"]["quarantined"] == len(expected)

@@ -9,7 +9,6 @@ hold has card-number-like runs masked (:mod:`finfeat.schemas.redaction`).
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from dataclasses import dataclass
@@ -51,20 +50,32 @@ _NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infin
 class CardTokenizer:
     """Keyed HMAC-SHA256 of the card number's digits; the same key gives the same token."""
 
+    #: tokens remembered across batches (a card repeats in every batch); cleared when full
+    CACHE_SIZE = 200_000
+
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("the tokenization key must be at least 16 bytes; set FINFEAT_TOKEN_KEY "
                              "to a secret of at least 16 bytes")
         self._key = key
+        self._known: dict[str, str] = {}
 
     def token(self, digits: str) -> str:
-        return "tok_" + hmac.new(self._key, digits.encode(), hashlib.sha256).hexdigest()[:32]
+        return "tok_" + hmac.digest(self._key, digits.encode(), "sha256").hex()[:32]
+
+    def _cached(self, digits: str) -> str:
+        tok = self._known.get(digits)
+        if tok is None:
+            if len(self._known) >= self.CACHE_SIZE:
+                self._known.clear()
+            tok = self._known[digits] = self.token(digits)
+        return tok
 
     def tokens(self, digits: pa.Array) -> pa.Array:
         """Vectorized over the distinct numbers of a batch."""
         encoded = pc.dictionary_encode(digits).combine_chunks() if isinstance(digits, pa.ChunkedArray) \
             else pc.dictionary_encode(digits)
-        tokens = pa.array([self.token(d) if d is not None else None for d in encoded.dictionary.to_pylist()],
+        tokens = pa.array([self._cached(d) if d is not None else None for d in encoded.dictionary.to_pylist()],
                           pa.string())
         return tokens.take(encoded.indices)
 

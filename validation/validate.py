@@ -117,6 +117,16 @@ class ValidationOutcome:
     results: tuple[ExpectationResult, ...] = ()
     seconds: float = 0.0
     failed_expectations: list[str] = field(default_factory=list)   # names only
+    #: rows kept, when ``passed`` was left out (:meth:`without_passed`: the rows went elsewhere)
+    passed_rows: int | None = None
+
+    @property
+    def passed_count(self) -> int:
+        return self.passed.num_rows if self.passed_rows is None else self.passed_rows
+
+    def without_passed(self) -> ValidationOutcome:
+        """This outcome with an empty ``passed`` table (``passed_count`` still counts its rows)."""
+        return replace(self, passed=self.passed.schema.empty_table(), passed_rows=self.passed_count)
 
     @property
     def ok(self) -> bool:
@@ -133,7 +143,7 @@ class ValidationOutcome:
     def summary(self) -> dict[str, Any]:
         """Counts for a run report (JSON-serializable)."""
         return {
-            "suite": self.suite, "rows": self.rows, "passed": self.passed.num_rows,
+            "suite": self.suite, "rows": self.rows, "passed": self.passed_count,
             "quarantined": self.quarantined.num_rows,
             "quarantined_by_expectation": {r.name: r.unexpected_count for r in self.results
                                            if r.policy == "drop" and r.unexpected_count},
@@ -170,8 +180,23 @@ class ValidationOutcome:
         results = tuple(merged.values())
         passed = pa.concat_tables([o.passed for o in outcomes], promote_options="permissive")
         quarantined = pa.concat_tables([o.quarantined for o in outcomes], promote_options="permissive")
+        passed_rows = None if all(o.passed_rows is None for o in outcomes) else sum(o.passed_count for o in outcomes)
         return _finish(suite, rows, passed, quarantined, results, policy,
-                       seconds=round(sum(o.seconds for o in outcomes), 4))
+                       seconds=round(sum(o.seconds for o in outcomes), 4), passed_rows=passed_rows)
+
+    @classmethod
+    def merge_split(cls, suite: Suite, parts: ValidationOutcome, rest: ValidationOutcome | None, *,
+                    policy: QuarantinePolicy | None = None) -> ValidationOutcome:
+        """The outcome of ``suite`` on a whole table validated as :func:`split_row_local` cut it:
+        ``parts``, the row-local expectations combined over the table's parts, and ``rest``, the
+        others on the whole table's columns, which quarantined nothing. Results in suite order."""
+        if rest is not None and rest.quarantined.num_rows:
+            raise ValueError("the whole-table expectations quarantined rows: validate the gathered table")
+        found = {r.name: r for o in (parts, rest) if o is not None for r in o.results}
+        results = tuple(found[r.name] for r in suite.rules if r.name in found)
+        return _finish(suite.name, parts.rows, parts.passed, parts.quarantined, results, policy,
+                       seconds=round(parts.seconds + (rest.seconds if rest is not None else 0.0), 4),
+                       passed_rows=parts.passed_rows)
 
 
 def _add(a: int | None, b: int | None) -> int | None:
@@ -179,7 +204,7 @@ def _add(a: int | None, b: int | None) -> int | None:
 
 
 def _finish(suite: str, rows: int, passed: pa.Table, quarantined: pa.Table, results: tuple[ExpectationResult, ...],
-            policy: QuarantinePolicy | None, *, seconds: float) -> ValidationOutcome:
+            policy: QuarantinePolicy | None, *, seconds: float, passed_rows: int | None = None) -> ValidationOutcome:
     warnings: dict[str, int] = {}
     failures: list[str] = []
     failed: list[str] = []
@@ -195,7 +220,8 @@ def _finish(suite: str, rows: int, passed: pa.Table, quarantined: pa.Table, resu
             failures.append(r.reason(rows))
             failed.append(r.name)
     outcome = ValidationOutcome(suite=suite, rows=rows, passed=passed, quarantined=quarantined, warnings=warnings,
-                                failures=failures, results=results, seconds=seconds, failed_expectations=failed)
+                                failures=failures, results=results, seconds=seconds, failed_expectations=failed,
+                                passed_rows=passed_rows)
     if policy is not None:
         message = policy.check(outcome)
         if message:
@@ -204,12 +230,40 @@ def _finish(suite: str, rows: int, passed: pa.Table, quarantined: pa.Table, resu
     return outcome
 
 
+#: Row-level expectations whose verdict on a row reads that row alone: evaluated on parts of a
+#: table, their counts add up to those of the whole table (uniqueness, for one, is not among them).
+ROW_LOCAL_TYPES = frozenset({
+    "expect_column_values_to_not_be_null", "expect_column_values_to_be_null",
+    "expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set",
+    "expect_column_values_to_be_between", "expect_column_value_lengths_to_be_between",
+    "expect_column_value_lengths_to_equal", "expect_column_values_to_match_regex",
+    "expect_column_values_to_not_match_regex", "expect_column_values_to_match_regex_list",
+    "expect_column_values_to_not_match_regex_list", "expect_column_values_to_match_like_pattern",
+    "expect_column_values_to_not_match_like_pattern", "expect_column_values_to_match_strftime_format",
+    "expect_column_pair_values_a_to_be_greater_than_b", "expect_column_pair_values_to_be_equal",
+    "expect_column_pair_values_to_be_in_set", "expect_multicolumn_sum_to_equal",
+    "expect_select_column_values_to_be_unique_within_record",
+})
+
+
+def split_row_local(suite: Suite | str | Path) -> tuple[Suite, Suite]:
+    """``suite`` cut in two: the expectations that judge each row by itself (a type of
+    :data:`ROW_LOCAL_TYPES` without ``mostly``), which can run on any part of a table, and the
+    rest (uniqueness, table-level, ``mostly``), which need the whole table's columns."""
+    suite = as_suite(suite)
+    local = tuple(r for r in suite.rules if r.type in ROW_LOCAL_TYPES and r.kwargs.get("mostly") is None)
+    rest = tuple(r for r in suite.rules if r not in local)
+    return (Suite(name=suite.name, rules=local, origin=suite.origin),
+            Suite(name=suite.name, rules=rest, origin=suite.origin))
+
+
 @lru_cache(maxsize=32)
 def _load_cached(name_or_path: str) -> Suite:
     return Suite.load(name_or_path)
 
 
-def _as_suite(suite: Suite | str | Path) -> Suite:
+def as_suite(suite: Suite | str | Path) -> Suite:
+    """A :class:`Suite` as it is, or a built-in name or YAML path loaded (once per process)."""
     return suite if isinstance(suite, Suite) else _load_cached(str(suite))
 
 
@@ -229,7 +283,7 @@ def validate_table(
     the default) or is left out and listed as skipped ("skip").
     """
     started = time.monotonic()
-    suite = _as_suite(suite)
+    suite = as_suite(suite)
     n = table.num_rows
     if quarantined_at_us is None:
         quarantined_at_us = int(time.time() * 1_000_000)
