@@ -49,5 +49,5 @@ setup(
         "serve": ["starlette==1.10.0", "uvicorn==0.54.0", "prometheus-client==0.26.0"],
         "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "redis==8.1.0", "hiredis==3.5.0"],
     },
-    entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:main"]},
+    entry_points={"console_scripts": ["finfeat = finfeat.jobs.cli:entry"]},
 )

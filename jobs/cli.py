@@ -447,5 +447,27 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+#: Commands that run a streaming engine in this process: they end with ``os._exit`` (see :func:`entry`).
+_EXIT_AT_ONCE = frozenset({"stream"})
+
+
+def entry() -> None:
+    """The ``finfeat`` executable: :func:`main`, then exit with its code.
+
+    A streaming command leaves native threads behind (gRPC's of the Beam runner, librdkafka's),
+    and the interpreter's shutdown could abort on them ("terminate called without an active
+    exception", exit -6) after the job had committed everything and printed its summary. Such a
+    command flushes its output and logs and ends with ``os._exit`` instead, skipping that
+    shutdown; its exit code is the job's. Every other command exits normally."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if _command(argv) in _EXIT_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
