@@ -5,18 +5,22 @@ at steady rates, capacity, and (Flink) recovery after a TaskManager kill.
                                       [--emit-every-ms 200] [--commit-every-seconds 1] [--backlog 60000]
                                       [--batch-wait-ms 100] [--online-store redis|none] [--sample-every 10]
                                       [--feature-spec spec.yaml]
-                                      [--engine flink [--parallelism 1] [--recovery-rate 1000]]
+                                      [--engine beam|flink|beam,flink [--parallelism 1,2] [--recovery-rate 1000]]
 
 Engine: Prism (Beam's portable local runner), or with ``--engine flink`` the Flink job on a local
 standalone cluster the script starts (``make flink``; free ports, one TaskManager with
-``--parallelism`` slots, checkpoints every ``--checkpoint-interval-ms``). Give Flink a longer
-``--warmup-seconds`` (its job starts in 20-40 s here).
+``--parallelism`` slots, checkpoints every ``--checkpoint-interval-ms``); ``--engine beam,flink``
+runs both back to back on the same broker and Redis, and ``--parallelism 1,2`` each parallelism
+on a cluster of its own.
 
 For each rate: a throwaway Kafka broker topic, a database of a ``redis-server`` on 127.0.0.1
 (no persistence), the stream job (``finfeat stream --online-store redis://...`` on Prism,
 ``--stop-after-idle``) started first and warmed up, then synthetic transactions published at
 that steady rate for ``--seconds``, each stamped with its wall-clock send time as event time
-(so the watermark moves with the clock).
+(so the watermark moves with the clock). The schedule starts once the job reads its topic (a
+probe message published before the job is in the online store; Flink without a store: every task
+runs), so the job's start-up (20-40 s for Flink here) is not measured; ``--warmup-seconds`` at
+the rate follow, not measured either.
 
 * Online visibility of a transaction = the first time a poller (its own process, so that it
   does not share the publisher's interpreter) reads the card's state and finds the txn id
@@ -45,7 +49,7 @@ throughput before lag would grow, on this machine (with the online store writes,
 Recovery (Flink, ``--recovery-rate``): a steady run whose TaskManager is killed (SIGKILL) half way
 through the measured seconds and replaced by a new one at once, as a supervisor would; recovery =
 the time from the kill to the first Delta commit after it whose rows' median freshness is back
-under the run's pre-kill p99 (at least 1 s): output current again.
+under the p99 of the rows committed before the kill (at least 1 s): output current again.
 
 Everything runs on 127.0.0.1 and is stopped at the end. Nothing is asserted; it prints a table.
 """
@@ -205,6 +209,56 @@ def start_job(bootstrap: str, topic: str, warehouse: Path, log: Path, args: argp
                                 start_new_session=True)
 
 
+def wait_ready(proc: subprocess.Popen, args: argparse.Namespace, redis_url: str | None, bootstrap: str,
+               topic: str, timeout_s: float = 300) -> float:
+    """Wait until the job reads its topic: one of the probe transactions published every 0.5 s
+    meanwhile (which also keep ``--stop-after-idle`` from ending a job that has read everything
+    before the schedule starts) is in the online store (with Redis), or (Flink without a store)
+    every task of the job runs. Returns the seconds waited. Prism without a store: at once (its
+    job starts in seconds; the warm-up covers it)."""
+    from finfeat.jobs.online.base import EntityState
+    from finfeat.jobs.online.redis_store import RedisOnlineStore
+    from finfeat.transforms.spec import FeatureSpec
+
+    started = time.monotonic()
+    deadline = started + timeout_s
+    if not redis_url and args.engine != "flink":
+        return 0.0
+    probes = Synthetic(int(timeout_s * 2) + 1, prefix=f"w-{topic}-", seed=1)
+    store = (RedisOnlineStore(redis_url, FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec
+                              else FeatureSpec.default()) if redis_url else None)
+    p = producer(bootstrap)
+    sent: list[tuple[str, str]] = []  # (txn id, card) of the probes sent
+    try:
+        while True:
+            key, prefix = probes.prefixes[len(sent)]
+            send(p, topic, key, Synthetic.message(prefix, time.time()), backoff_s=0.01)
+            p.flush(5)
+            sent.append((f"w-{topic}-{len(sent):08d}", key.decode()))
+            if store is not None:
+                states = store.read_states([("card", c) for c in sorted({c for _, c in sent})])
+                held = {t.txn_id for s in states if isinstance(s, EntityState) for t in s.events}
+                if any(txn in held for txn, _ in sent):
+                    break
+            else:
+                jobs = args.cluster.get("/jobs/overview").get("jobs", [])
+                if any(j["state"] == "RUNNING" and j["tasks"]["running"] == j["tasks"]["total"] for j in jobs):
+                    break
+            _not_yet(proc, deadline)
+            time.sleep(0.5)
+    finally:
+        if store is not None:
+            store.close()
+    return time.monotonic() - started
+
+
+def _not_yet(proc: subprocess.Popen, deadline: float) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(f"the job ended (exit {proc.returncode}) before it read its topic; see its log")
+    if time.monotonic() > deadline:
+        raise RuntimeError("the job did not read its topic in time; see its log")
+
+
 def stop_job(proc: subprocess.Popen, timeout_s: float) -> int | None:
     try:
         return proc.wait(timeout=timeout_s)
@@ -235,14 +289,6 @@ def commits(table: Path) -> list[tuple[float, list[str]]]:
     return out
 
 
-def wait_for_rows(table: Path, n: int, timeout_s: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum(len(ids) for _, ids in commits(table)) < n:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the job did not commit {n} warm-up rows; see its log")
-        time.sleep(0.2)
-
-
 def _stats(fresh: np.ndarray) -> dict:
     """p50 / p99 / max and the lag (median of the last fifth minus median of the first) of
     freshness values in send order."""
@@ -253,21 +299,22 @@ def _stats(fresh: np.ndarray) -> dict:
 
 def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, redis_url: str | None,
            *, kill: bool = False) -> dict:
-    name = f"{'recovery' if kill else 'steady'}-{rate}"
+    name = f"{args.label}-{'recovery' if kill else 'steady'}-{rate}"
     topic, wh, log = name, work / f"wh-{name}", work / f"stream-{name}.log"
     n = int(rate * (args.warmup_seconds + args.seconds))
     prefix = f"s{rate}-"
     data = Synthetic(n, prefix=prefix, seed=rate)
     ids = [f"{prefix}{i:08d}" for i in range(n)]
-    publish(kafka.bootstrap, topic, Synthetic(1, prefix=f"w{rate}-"), 0,
-            event_time_of=lambda j: time.time() - 60)  # the topic exists before the job lists its partitions
+    # the topic exists before the job lists its partitions
+    publish(kafka.bootstrap, topic, Synthetic(1, prefix=f"w{rate}-"), 0, event_time_of=lambda j: time.time() - 60)
     proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)
     poller = stop = None
-    seen_file = work / f"online-{rate}.json"
-    # followed in the store: every n-th transaction due after the warm-up (Prism start, catching up)
+    seen_file = work / f"online-{name}.json"
+    # followed in the store: every n-th transaction due after the warm-up
     followed = np.arange(int(np.ceil(rate * args.warmup_seconds)), n, args.sample_every)
     try:
-        t0 = time.time() + 1.0  # the poller follows the schedule t0 + j / rate
+        startup_s = wait_ready(proc, args, redis_url, kafka.bootstrap, topic)
+        t0 = time.time() + 0.5  # the poller follows the schedule t0 + j / rate
         if redis_url:
             ctx = multiprocessing.get_context("spawn")
             stop = ctx.Event()
@@ -306,20 +353,21 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
         for txn in committed:
             visible.setdefault(txn, ts)
     missing = sum(1 for txn in ids if txn not in visible)
-    after_warmup = sent >= t0 + args.warmup_seconds  # Prism start, catching up
+    after_warmup = sent >= t0 + args.warmup_seconds
     # Delta: before the end's watermark stall
     keep = after_warmup & (sent < sent[-1] - args.bound_seconds - 2)
     fresh = np.array([visible.get(txn, np.nan) for txn in ids]) - sent
     measured = fresh[keep & ~np.isnan(fresh)]
-    out = {"case": f"{'recovery' if kill else 'steady'} {rate:,}/s", "events": n, "produced/s": n / produce_s, "missing": missing, "rc": rc,
-           "log": str(log)}
+    out = {"engine": args.label, "case": f"{'recovery' if kill else 'steady'} {rate:,}/s", "events": n,
+           "produced/s": n / produce_s, "startup_s": startup_s, "missing": missing, "rc": rc, "log": str(log)}
     if measured.size == 0:
         out["error"] = "nothing committed"
         return out
     out.update({"measured": int(measured.size), **_stats(measured)})
     if kill and killed:
         sent_at = dict(zip(ids, sent))
-        before = fresh[keep & ~np.isnan(fresh) & (sent < killed[0])]
+        # before the kill: the rows committed before it
+        before = fresh[after_warmup & ~np.isnan(fresh) & (fresh + sent < killed[0])]
         current = max(1.0, float(np.percentile(before, 99))) if before.size else 1.0
         back = next((ts for ts, got in commits(wh / "features") if ts > killed[0] and got and np.median(
             [ts - sent_at[t] for t in got if t in sent_at] or [np.inf]) <= current), None)
@@ -337,7 +385,8 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
 
 
 def backlog(kafka: LocalKafka, n: int, args: argparse.Namespace, work: Path, redis_url: str | None) -> dict:
-    topic, wh, log = "backlog", work / "wh-backlog", work / "stream-backlog.log"
+    topic = f"{args.label}-backlog"
+    wh, log = work / f"wh-{topic}", work / f"stream-{topic}.log"
     data = Synthetic(n, prefix="k", seed=99)
     now = time.time()
     step = 1 / 5000  # event times 5,000/s apart, ending now
@@ -351,15 +400,85 @@ def backlog(kafka: LocalKafka, n: int, args: argparse.Namespace, work: Path, red
     first_ts, first_ids = done[0] if done else (t0, [])
     last_ts = done[-1][0] if done else t0
     rate = (rows - len(first_ids)) / (last_ts - first_ts) if len(done) > 1 else float("nan")
-    return {"case": f"backlog {n:,}", "events": n, "rows": rows, "commits": len(done), "wall": wall,
+    return {"engine": args.label, "case": f"backlog {n:,}", "events": n, "rows": rows, "commits": len(done), "wall": wall,
             "throughput": rate, "rc": rc, "log": str(log)}
+
+
+def run_engine(kafka: LocalKafka, args: argparse.Namespace, work: Path, redis_url: str | None,
+               stack: ExitStack) -> list[dict]:
+    """Every case of one engine (``args.engine``, ``args.parallelism``), each in a clean Redis database."""
+    def store() -> str | None:
+        if not redis_url:
+            return None
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        client.flushdb()
+        client.close()
+        return redis_url
+
+    results = []
+    if args.engine == "flink":
+        from finfeat.jobs.flink.cluster import LocalFlinkCluster
+
+        # one TaskManager with as many slots as the job's parallelism
+        args.cluster = stack.enter_context(LocalFlinkCluster(workdir=work / f"flink-{args.parallelism}",
+                                                             slots=args.parallelism))
+    for rate in [int(r) for r in args.rates.split(",") if r]:
+        results.append(steady(kafka, rate, args, work, store()))
+        print(json.dumps(results[-1]), flush=True)
+    if args.backlog:
+        results.append(backlog(kafka, args.backlog, args, work, store()))
+        print(json.dumps(results[-1]), flush=True)
+    if args.engine == "flink" and args.recovery_rate:
+        results.append(steady(kafka, args.recovery_rate, args, work, store(), kill=True))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def report(results: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nfinfeat stream, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
+          f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s, "
+          f"batch wait {args.batch_wait_ms} ms, {args.seconds:g} s measured after {args.warmup_seconds:g} s of warm-up"
+          + (f"; online store Redis on 127.0.0.1, every {args.sample_every}th transaction followed"
+             if args.online_store == "redis" else "; no online store"))
+    print(f"{'engine':<9}{'case':<18}{'events':>9}{'sent/s':>9}  {'to':<8}{'p50 s':>8}{'p99 s':>8}{'max s':>8}"
+          f"{'lag s':>8}{'missing':>9}")
+    for r in results:
+        if not r["case"].startswith(("steady", "recovery")):
+            continue
+        head = f"{r['engine']:<9}{r['case']:<18}{r['events']:>9,}"
+        if "error" in r:
+            print(f"{head}  {r['error']} (see {r['log']})")
+            continue
+        head += f"{r['produced/s']:>9,.0f}"
+        if "online" in r:
+            o = r["online"]
+            print(f"{head}  {'online':<8}{o['p50']:>8.3f}{o['p99']:>8.3f}{o['max']:>8.3f}{o['lag']:>8.3f}"
+                  f"{r['online_missing']:>9,} of {r['online_followed']:,} followed")
+            head = " " * 45
+        elif "online_followed" in r:
+            print(f"{head}  {'online':<8}  none of {r['online_followed']:,} followed transactions seen")
+            head = " " * 45
+        print(f"{head}  {'Delta':<8}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['max']:>8.2f}{r['lag']:>8.2f}"
+              f"{r['missing']:>9,}")
+    for r in results:
+        if "recovery_s" in r:
+            print(f"{r['engine']}: recovery after a TaskManager killed at {r['case'].split()[1]}: output current "
+                  f"again (a commit's median freshness under {r['pre_kill_p99']:.2f} s) {r['recovery_s']:.1f} s "
+                  f"after the kill")
+        if r["case"].startswith("backlog"):
+            print(f"{r['engine']}: capacity: {r['rows']:,} of {r['events']:,} backlog events in {r['commits']} "
+                  f"commits, {r['throughput']:,.0f} events/s between first and last commit ({r['wall']:.1f} s wall "
+                  f"incl. start-up and idle stop)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="1000,5000")
     ap.add_argument("--seconds", type=float, default=20, help="measured seconds per rate")
-    ap.add_argument("--warmup-seconds", type=float, default=8, help="published first, not measured")
+    ap.add_argument("--warmup-seconds", type=float, default=8,
+                    help="published at the rate once the job reads its topic, not measured")
     ap.add_argument("--bound-seconds", type=float, default=1.0)
     ap.add_argument("--emit-every-ms", type=int, default=200)
     ap.add_argument("--commit-every-seconds", type=float, default=1.0)
@@ -372,16 +491,27 @@ def main() -> int:
     ap.add_argument("--sample-every", type=int, default=10, help="follow every n-th transaction in the store")
     ap.add_argument("--feature-spec", help="the job's feature spec YAML (default: the built-in v1 set)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, tables)")
-    ap.add_argument("--engine", choices=["beam", "flink"], default="beam")
-    ap.add_argument("--parallelism", type=int, default=1, help="Flink: parallelism and task slots")
+    ap.add_argument("--engine", default="beam",
+                    help="beam (Prism), flink, or both in one run, back to back: beam,flink")
+    ap.add_argument("--parallelism", default="1",
+                    help="Flink: parallelism and task slots of its TaskManager; a list (1,2) runs each")
     ap.add_argument("--checkpoint-interval-ms", type=int, default=2000, help="Flink checkpoints")
     ap.add_argument("--recovery-rate", type=int, default=1000, help="Flink: the TaskManager-kill run's rate (0 skips)")
     args = ap.parse_args()
-    if args.engine == "beam" and not PRISM.exists():
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not engines or set(engines) - {"beam", "flink"}:
+        ap.error("--engine takes beam, flink or beam,flink")
+    try:
+        slots = [int(p) for p in args.parallelism.split(",") if p]
+    except ValueError:
+        ap.error("--parallelism takes a number or a list such as 1,2")
+    if not slots or min(slots) < 1:
+        ap.error("--parallelism takes numbers of at least 1")
+    if "beam" in engines and not PRISM.exists():
         print(f"no Prism binary at {PRISM}: make prism", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="finfeat-bench-stream-"))
-    results = []
+    results: list[dict] = []
     try:
         with ExitStack() as stack:
             redis_url = None
@@ -390,58 +520,18 @@ def main() -> int:
                     server = stack.enter_context(running_redis(work / "redis"))
                 except RedisServerMissing as exc:
                     raise SystemExit(f"{exc}, or pass --online-store none") from None
-                redis_url = f"redis://127.0.0.1:{server.port}"
+                redis_url = f"redis://127.0.0.1:{server.port}/0"
             kafka = stack.enter_context(LocalKafka())
-            if args.engine == "flink":
-                from finfeat.jobs.flink.cluster import LocalFlinkCluster
-
-                args.cluster = stack.enter_context(LocalFlinkCluster(workdir=work / "flink",
-                                                                     slots=max(2, args.parallelism)))
-            rates = [int(r) for r in args.rates.split(",") if r]
-            for i, rate in enumerate(rates):  # each case in a Redis database of its own
-                results.append(steady(kafka, rate, args, work, redis_url and f"{redis_url}/{i}"))
-                print(json.dumps(results[-1]), flush=True)
-            if args.backlog:
-                results.append(backlog(kafka, args.backlog, args, work, redis_url and f"{redis_url}/{len(rates)}"))
-                print(json.dumps(results[-1]), flush=True)
-            if args.engine == "flink" and args.recovery_rate:
-                results.append(steady(kafka, args.recovery_rate, args, work,
-                                      redis_url and f"{redis_url}/{len(rates) + 1}", kill=True))
-                print(json.dumps(results[-1]), flush=True)
+            for engine in engines:
+                for p in slots if engine == "flink" else [1]:
+                    args.engine, args.parallelism = engine, p
+                    args.label = "prism" if engine == "beam" else f"flink-p{p}"
+                    with ExitStack() as cluster:  # a Flink cluster per parallelism, stopped after its cases
+                        results += run_engine(kafka, args, work, redis_url, cluster)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    engine = f"Flink (parallelism {args.parallelism})" if args.engine == "flink" else "Prism"
-    print(f"\nfinfeat stream on {engine}, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
-          f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s, "
-          f"batch wait {args.batch_wait_ms} ms"
-          + (f"; online store Redis on 127.0.0.1, every {args.sample_every}th transaction followed"
-             if args.online_store == "redis" else "; no online store"))
-    print(f"{'case':<18}{'events':>9}{'sent/s':>9}  {'to':<8}{'p50 s':>8}{'p99 s':>8}{'max s':>8}{'lag s':>8}"
-          f"{'missing':>9}")
-    for r in results:
-        if r["case"].startswith(("steady", "recovery")) and "error" in r:
-            print(f"{r['case']:<18}{r['events']:>9,}  {r['error']} (see {r['log']})")
-        elif r["case"].startswith(("steady", "recovery")):
-            head = f"{r['case']:<18}{r['events']:>9,}{r['produced/s']:>9,.0f}"
-            if "online" in r:
-                o = r["online"]
-                print(f"{head}  {'online':<8}{o['p50']:>8.3f}{o['p99']:>8.3f}{o['max']:>8.3f}{o['lag']:>8.3f}"
-                      f"{r['online_missing']:>9,} of {r['online_followed']:,} followed")
-                head = f"{'':<36}"
-            elif "online_followed" in r:
-                print(f"{head}  {'online':<8}  none of {r['online_followed']:,} followed transactions seen")
-                head = f"{'':<36}"
-            print(f"{head}  {'Delta':<8}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['max']:>8.2f}{r['lag']:>8.2f}"
-                  f"{r['missing']:>9,}")
-    for r in results:
-        if "recovery_s" in r:
-            print(f"recovery: a TaskManager killed at {r['case'].split()[1]}: output current again (a commit's median "
-                  f"freshness under {r['pre_kill_p99']:.2f} s) {r['recovery_s']:.1f} s after the kill")
-        if r["case"].startswith("backlog"):
-            print(f"capacity: {r['rows']:,} of {r['events']:,} backlog events in {r['commits']} commits, "
-                  f"{r['throughput']:,.0f} events/s between first and last commit ({r['wall']:.1f} s wall "
-                  f"incl. start-up and idle stop)")
+        report(results, args)
     return 0
 
 
