@@ -17,10 +17,9 @@ For each rate: a throwaway Kafka broker topic, a database of a ``redis-server`` 
 (no persistence), the stream job (``finfeat stream --online-store redis://...`` on Prism,
 ``--stop-after-idle``) started first and warmed up, then synthetic transactions published at
 that steady rate for ``--seconds``, each stamped with its wall-clock send time as event time
-(so the watermark moves with the clock). The schedule starts once the job reads its topic (a
-probe message published before the job is in the online store; Flink without a store: every task
-runs), so the job's start-up (20-40 s for Flink here) is not measured; ``--warmup-seconds`` at
-the rate follow, not measured either.
+(so the watermark moves with the clock). For Flink the schedule starts once the job reads its
+topic (probe messages are in the online store; without a store: every task runs), so its start-up
+(20-70 s here) is not measured; ``--warmup-seconds`` at the rate follow, not measured either.
 
 * Online visibility of a transaction = the first time a poller (its own process, so that it
   does not share the publisher's interpreter) reads the card's state and finds the txn id
@@ -211,20 +210,21 @@ def start_job(bootstrap: str, topic: str, warehouse: Path, log: Path, args: argp
 
 def wait_ready(proc: subprocess.Popen, args: argparse.Namespace, redis_url: str | None, bootstrap: str,
                topic: str, timeout_s: float = 300) -> float:
-    """Wait until the job reads its topic: one of the probe transactions published every 0.5 s
-    meanwhile (which also keep ``--stop-after-idle`` from ending a job that has read everything
-    before the schedule starts) is in the online store (with Redis), or (Flink without a store)
-    every task of the job runs. Returns the seconds waited. Prism without a store: at once (its
-    job starts in seconds; the warm-up covers it)."""
+    """Flink: wait until the job reads its topic: one of the probe transactions published every
+    0.25 s meanwhile (which also keep ``--stop-after-idle`` from ending a job that has read
+    everything before the schedule starts) is in the online store (with Redis), or (without a
+    store) every task of the job runs. Returns the seconds waited. Prism: at once (its job starts
+    in seconds and the warm-up covers it; its idle stop counts time caught up with the topic, which
+    a trickle of probes does not interrupt)."""
     from finfeat.jobs.online.base import EntityState
     from finfeat.jobs.online.redis_store import RedisOnlineStore
     from finfeat.transforms.spec import FeatureSpec
 
     started = time.monotonic()
     deadline = started + timeout_s
-    if not redis_url and args.engine != "flink":
+    if args.engine != "flink":
         return 0.0
-    probes = Synthetic(int(timeout_s * 2) + 1, prefix=f"w-{topic}-", seed=1)
+    probes = Synthetic(int(timeout_s * 4) + 1, prefix=f"w-{topic}-", seed=1)
     store = (RedisOnlineStore(redis_url, FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec
                               else FeatureSpec.default()) if redis_url else None)
     p = producer(bootstrap)
@@ -245,7 +245,7 @@ def wait_ready(proc: subprocess.Popen, args: argparse.Namespace, redis_url: str 
                 if any(j["state"] == "RUNNING" and j["tasks"]["running"] == j["tasks"]["total"] for j in jobs):
                     break
             _not_yet(proc, deadline)
-            time.sleep(0.5)
+            time.sleep(0.25)
     finally:
         if store is not None:
             store.close()
@@ -314,7 +314,7 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
     followed = np.arange(int(np.ceil(rate * args.warmup_seconds)), n, args.sample_every)
     try:
         startup_s = wait_ready(proc, args, redis_url, kafka.bootstrap, topic)
-        t0 = time.time() + 0.5  # the poller follows the schedule t0 + j / rate
+        t0 = time.time() + (0.5 if args.engine == "flink" else 1.0)  # the poller follows t0 + j / rate
         if redis_url:
             ctx = multiprocessing.get_context("spawn")
             stop = ctx.Event()

@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -526,13 +527,46 @@ def _idle(bootstrap: str, topic: str, group_id: str) -> bool:
         consumer.close()
 
 
-def _drain(client, savepoint_dir: str) -> str:  # noqa: ANN001
-    """Stop the job with a savepoint, the watermark first advanced to the end of time (Flink 2's
-    JobClient takes a savepoint format, which PyFlink's wrapper does not pass)."""
+def _stop(client, savepoint_dir: str, *, drain: bool) -> str:  # noqa: ANN001
+    """Stop the job with a savepoint; ``drain`` first advances the watermark to the end of time
+    (Flink 2's JobClient takes a savepoint format, which PyFlink's wrapper does not pass)."""
     from pyflink.java_gateway import get_gateway
 
     fmt = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
-    return str(client._j_job_client.stopWithSavepoint(True, savepoint_dir, fmt).get())
+    return str(client._j_job_client.stopWithSavepoint(drain, savepoint_dir, fmt).get())
+
+
+class _StopRequest:
+    """SIGTERM or SIGINT (or the parent process gone) asks the job to stop with a savepoint; a
+    second signal exits at once (128 + signal)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._parent = os.getppid()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:  # noqa: ANN001
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        if self.signal is None and os.getppid() != self._parent:  # whoever started the job is gone
+            self.signal = signal.SIGTERM
+        return self.signal is not None
+
+
+def _failure(client) -> str:  # noqa: ANN001
+    """The first line of the failed job's root cause."""
+    try:
+        client.get_job_execution_result().result()
+    except Exception as exc:  # noqa: BLE001  the failure is what is wanted here
+        text = str(exc)
+        causes = [line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line]
+        return causes[-1] if causes else text.splitlines()[0] if text else type(exc).__name__
+    return "unknown cause"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -553,33 +587,44 @@ def run(args: argparse.Namespace) -> int:
           commit_every_s=args.commit_every_seconds, buckets=args.buckets, emit_every_ms=args.emit_every_ms,
           online_store=args.online_store, batch_wait_ms=args.batch_wait_ms,
           drains=args.stop_after_idle is not None)
+    stop = _StopRequest()
     started = time.monotonic()
     client = env.execute_async(f"finfeat-stream {args.app_id}")
     job_id = str(client.get_job_id())
+    savepoints = (Path(args.checkpoint_dir).resolve() / "savepoints").as_uri()
     print(f"stream {run_id}: Flink job {job_id} running (checkpoints in {args.checkpoint_dir})", flush=True)
-    if args.stop_after_idle is None:
-        client.get_job_execution_result().result()
-    else:
-        quiet_since = None
-        while True:
-            time.sleep(1.0)
-            status = client.get_job_status().result().name
-            if status in ("FAILED", "CANCELED", "FINISHED"):
-                print(f"stream {run_id}: the Flink job ended {status}", file=sys.stderr)
-                return 0 if status == "FINISHED" else 1
-            if _idle(args.bootstrap, args.topic, group_id):
-                quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since >= args.stop_after_idle:
-                    break
+    quiet_since = None
+    while True:
+        time.sleep(1.0)
+        status = client.get_job_status().result().name
+        if status in ("FAILED", "CANCELED", "FINISHED"):
+            if status == "FAILED":
+                print(f"stream {run_id}: the Flink job failed: {_failure(client)}", file=sys.stderr)
             else:
-                quiet_since = None
-        # drain: the watermark goes to the end of time, every timer fires, the last commit lands
-        where = _drain(client, (Path(args.checkpoint_dir).resolve() / "savepoints").as_uri())
-        print(f"stream {run_id}: input idle for {args.stop_after_idle:g} s; drained, savepoint {where}", flush=True)
-        try:
-            client.get_job_execution_result().result()
-        except Exception:  # noqa: BLE001  the stopped job's result may be unavailable after the stop
-            pass
+                print(f"stream {run_id}: the Flink job ended {status}", file=sys.stderr)
+            return 0 if status == "FINISHED" else 1
+        if stop.requested:
+            # no drain: events still waiting for the watermark stay in the savepoint's state, and
+            # the rows waiting for their commit too; a job resumed from it carries on from there
+            where = _stop(client, savepoints, drain=False)
+            print(f"stream {run_id}: stopped on request; savepoint {where} "
+                  f"(resume with --from-checkpoint {where})", flush=True)
+            return 0
+        if args.stop_after_idle is None:
+            continue
+        if _idle(args.bootstrap, args.topic, group_id):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= args.stop_after_idle:
+                break
+        else:
+            quiet_since = None
+    # drain: the watermark goes to the end of time, every timer fires, the last commit lands
+    where = _stop(client, savepoints, drain=True)
+    print(f"stream {run_id}: input idle for {args.stop_after_idle:g} s; drained, savepoint {where}", flush=True)
+    try:
+        client.get_job_execution_result().result()
+    except Exception:  # noqa: BLE001  the stopped job's result may be unavailable after the stop
+        pass
     features = delta.table_path(args.warehouse, delta.FEATURES)
     from deltalake import DeltaTable
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,4 +73,21 @@ def run(args: argparse.Namespace, rest: list[str], token_key: bytes) -> int:
     env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode()}
     if args.flink_master:  # `flink run` reads its client configuration from here
         env.setdefault("FLINK_CONF_DIR", str(flink_env.flink_home() / "conf"))
-    return subprocess.run(cmd, env=env).returncode
+        return subprocess.run(cmd, env=env).returncode
+    # the mini cluster: the job's process in a session of its own, so that a Ctrl-C in a terminal
+    # does not reach the JVM it starts; SIGINT and SIGTERM are passed to it, and it stops the job
+    # with a savepoint (it also stops when this process is gone)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, frame) -> None:  # noqa: ANN001
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
