@@ -143,15 +143,19 @@ def _dense(n: int) -> pa.Table:
     return events.set_column(events.schema.get_field_index("event_time"), "event_time", dense)
 
 
-def test_stop_on_sigterm_keeps_what_waits_for_the_watermark_and_a_resumed_job_completes_it(kafka, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("where", ["mini", "cluster"])
+def test_stop_on_sigterm_keeps_what_waits_for_the_watermark_and_a_resumed_job_completes_it(
+        kafka, tmp_path: Path, request: pytest.FixtureRequest, where: str) -> None:  # noqa: ANN001
     """A job without --stop-after-idle, its source quiet for longer than the bound (so Flink
-    treats it as idle), stopped with SIGTERM: it stops with a savepoint, without a drain, and the
-    events still waiting for the watermark stay in it; a job resumed from that savepoint commits
-    them: every row once, nothing lost, no dead letter."""
+    treats it as idle), stopped with SIGTERM to ``finfeat stream``'s process group (as a Ctrl-C
+    in a terminal): it stops with a savepoint, without a drain, and the events still waiting for
+    the watermark stay in it; a job resumed from that savepoint commits them: every row once,
+    nothing lost, no dead letter. On the mini cluster and on a standalone one."""
+    master = request.getfixturevalue("cluster").master if where == "cluster" else None
     events = _dense(3000)
-    topic, wh, log = "flink-sigterm-stop", tmp_path / "wh", tmp_path / "job.log"
+    topic, wh, log = f"flink-sigterm-stop-{where}", tmp_path / "wh", tmp_path / "job.log"
     _produce(events, kafka.bootstrap, topic)
-    proc = _start(kafka.bootstrap, topic, wh, log, bound_s=1, idle_s=None)
+    proc = _start(kafka.bootstrap, topic, wh, log, bound_s=1, idle_s=None, master=master)
     try:
         # the final events' rows land; the last second's events wait for a watermark that does not come
         wait_until(lambda: commits(wh / "features") >= 1, 300, "the first features commit", proc, log)
@@ -170,7 +174,7 @@ def test_stop_on_sigterm_keeps_what_waits_for_the_watermark_and_a_resumed_job_co
     first = _features(wh)
     assert 0 < first.num_rows < events.num_rows, f"{first.num_rows} rows before the resume"
     assert pc.count_distinct(first.column("txn_id")).as_py() == first.num_rows
-    _run(kafka.bootstrap, topic, wh, log, bound_s=1, idle_s=4, extra=("--from-checkpoint", savepoint))
+    _run(kafka.bootstrap, topic, wh, log, bound_s=1, idle_s=4, master=master, extra=("--from-checkpoint", savepoint))
     _assert_equals_batch(_features(wh), events)
     assert not DeltaTable.is_deltatable(str(wh / "dead_letters")), "unexpected dead letters"
 
@@ -336,6 +340,35 @@ def test_online_store_equals_batch_materialization(kafka, tmp_path: Path) -> Non
     finally:
         reference.close()
         streamed.close()
+
+
+def test_online_store_failure_ends_the_job_with_an_error(kafka, tmp_path: Path) -> None:  # noqa: ANN001
+    """The store goes away mid-stream: the job must end (exit 1, the store's error named), not
+    have Flink restart the failing task forever."""
+    from finfeat.jobs.online.base import EntityState
+    from finfeat.jobs.online.redis_store import RedisOnlineStore
+    from tests.online_fixtures import running_redis
+
+    events = sparkov_events(400)
+    topic, wh, log = "flink-online-failure", tmp_path / "wh", tmp_path / "job.log"
+    _produce(events.slice(0, 200), kafka.bootstrap, topic)
+    with running_redis(tmp_path / "redis") as server:
+        proc = _start(kafka.bootstrap, topic, wh, log, idle_s=None, extra=("--online-store", server.url))
+        try:
+            probe = RedisOnlineStore(server.url, SPEC)
+            card = events.column("card_token")[0].as_py()
+            wait_until(lambda: isinstance(probe.read_states([("card", card)])[0], EntityState), 300,
+                       "the first online-store write", proc, log)
+            probe.close()
+            server.kill()
+            _produce(events.slice(200), kafka.bootstrap, topic)
+            rc = wait_for(proc, log, 240)
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+    assert rc == 1, f"the job exited {rc}; its log:\n{tail(log)}"
+    text = log.read_text(errors="replace")
+    assert "the online store failed and the job stopped" in text and "unavailable" in text, tail(log)
 
 
 def test_engine_flink_without_its_environment_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

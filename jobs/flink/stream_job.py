@@ -47,6 +47,7 @@ from pyflink.table import StreamTableEnvironment
 from finfeat import __version__
 from finfeat.jobs import delta
 from finfeat.jobs.flink import env as flink_env
+from finfeat.jobs.online.base import OnlineStoreError
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.transforms import stream_steps as steps
@@ -145,12 +146,21 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
     input ends. The store's writes are idempotent per txn id and monotonic, so repeated and late
     deliveries, and a batch written again after a restart from a checkpoint, change nothing
     (the Beam job's ``WriteOnlineStoreFn`` does the same). Unparseable messages are the feature
-    path's dead letters; here they are skipped. A store error fails the task (Flink restarts it)."""
+    path's dead letters; here they are skipped. A store error is written to ``failure_path``
+    (which the driver watches: it cancels the job and exits 1, as the Beam job does, instead of
+    Flink restarting the task forever) and fails the task."""
 
     def __init__(self, *, url: str, spec: FeatureSpec, token_key: bytes, topic: str, run_id: str,
-                 wait_ms: int) -> None:
+                 wait_ms: int, failure_path: str | None = None) -> None:
         self._url, self._spec, self._key, self._topic, self._run_id = url, spec, token_key, topic, run_id
         self._wait = max(1, wait_ms)
+        self._failure_path = failure_path
+
+    def _failed(self, exc: Exception) -> None:
+        if self._failure_path:
+            path = Path(self._failure_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{type(exc).__name__}: {exc}")
 
     def open(self, ctx) -> None:  # noqa: ANN001
         from finfeat.jobs.online import open_store
@@ -160,11 +170,17 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
         self._pending = ctx.get_list_state(ListStateDescriptor("pending", _BYTES))
         self._armed = ctx.get_state(ValueStateDescriptor("armed", Types.BOOLEAN()))
         self._mapping, self._tokenizer = Mapping.load("canonical"), CardTokenizer(self._key)
-        self._store = open_store(self._url, self._spec)
+        self._store = None
+        try:
+            self._store = open_store(self._url, self._spec)
+        except OnlineStoreError as exc:
+            self._failed(exc)
+            raise
         self._written = ctx.get_metrics_group().counter("finfeat_online_events_written")
 
     def close(self) -> None:
-        self._store.close()
+        if self._store is not None:
+            self._store.close()
 
     def process_element(self, row, ctx):  # noqa: ANN001, ANN201
         self._pending.add((int(row[2]), bytes(row[0]) if row[0] is not None else None))
@@ -189,7 +205,11 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
             events, _ = parse_batch(raw, mapping=self._mapping, tokenizer=self._tokenizer, source=source,
                                     run_id=self._run_id, recorded_at_us=0)
             if events.num_rows:
-                self._store.write(steps.as_events(events))
+                try:
+                    self._store.write(steps.as_events(events))
+                except OnlineStoreError as exc:
+                    self._failed(exc)
+                    raise
                 self._written.inc(events.num_rows)
         return iter(())
 
@@ -432,9 +452,10 @@ CREATE TEMPORARY TABLE kafka_messages (
 def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, warehouse: str, spec: FeatureSpec,
           app_id: str, group_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
           buckets: int, emit_every_ms: int, online_store: str | None = None, batch_wait_ms: int = 100,
-          drains: bool = False) -> None:
+          drains: bool = False, failure_path: str | None = None) -> None:
     """The stream job's graph on ``env``. ``drains``: the job ends with a stop with drain (the
-    source then has no idle timeout, see :func:`source_ddl`)."""
+    source then has no idle timeout, see :func:`source_ddl`). ``failure_path``: where the online
+    store's step writes its error before failing (see :class:`WriteOnlineStoreFn`)."""
     if not spec.entities:
         raise ValueError("the Flink stream job needs a feature spec with at least one entity")
     t_env = StreamTableEnvironment.create(env)
@@ -445,7 +466,7 @@ def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, wareho
     if online_store:  # not behind the watermark: the store takes events in any order
         (by_partition
          .process(WriteOnlineStoreFn(url=online_store, spec=spec, token_key=token_key, topic=topic, run_id=run_id,
-                                     wait_ms=batch_wait_ms), output_type=_BYTES)
+                                     wait_ms=batch_wait_ms, failure_path=failure_path), output_type=_BYTES)
          .name("WriteOnlineStore").uid("write-online-store"))
     parsed = (by_partition
               .process(ParseEventsFn(topic=topic, run_id=run_id, token_key=token_key, tick_ms=emit_every_ms,
@@ -582,11 +603,12 @@ def run(args: argparse.Namespace) -> int:
     # a consumer group per run: Flink commits this run's offsets to it on each completed checkpoint,
     # which is how --stop-after-idle sees that everything was read (offsets themselves live in checkpoints)
     group_id = f"{args.app_id}.{run_id}"
+    failure = Path(args.checkpoint_dir).resolve() / "_failures" / run_id  # written by a failing store step
     build(env, bootstrap=args.bootstrap, topic=args.topic, warehouse=str(Path(args.warehouse).resolve()), spec=spec,
           app_id=args.app_id, group_id=group_id, run_id=run_id, token_key=token_key, bound_s=args.bound_seconds,
           commit_every_s=args.commit_every_seconds, buckets=args.buckets, emit_every_ms=args.emit_every_ms,
           online_store=args.online_store, batch_wait_ms=args.batch_wait_ms,
-          drains=args.stop_after_idle is not None)
+          drains=args.stop_after_idle is not None, failure_path=str(failure))
     stop = _StopRequest()
     started = time.monotonic()
     client = env.execute_async(f"finfeat-stream {args.app_id}")
@@ -597,16 +619,29 @@ def run(args: argparse.Namespace) -> int:
     while True:
         time.sleep(1.0)
         status = client.get_job_status().result().name
-        if status in ("FAILED", "CANCELED", "FINISHED"):
-            if status == "FAILED":
-                print(f"stream {run_id}: the Flink job failed: {_failure(client)}", file=sys.stderr)
-            else:
-                print(f"stream {run_id}: the Flink job ended {status}", file=sys.stderr)
-            return 0 if status == "FINISHED" else 1
+        if status == "FINISHED":
+            break
+        if status in ("FAILED", "CANCELED"):
+            cause = f"failed: {_failure(client)}" if status == "FAILED" else "was cancelled"
+            print(f"stream {run_id}: the Flink job {cause}", file=sys.stderr)
+            return 1
+        if failure.exists():
+            client.cancel().result()
+            print(f"finfeat stream: error: the online store failed and the job stopped ({failure.read_text()}); "
+                  "Delta commits made so far stand; resume with --from-checkpoint and the job's latest retained "
+                  f"checkpoint in {args.checkpoint_dir} (store writes are idempotent)", file=sys.stderr)
+            return 1
         if stop.requested:
             # no drain: events still waiting for the watermark stay in the savepoint's state, and
             # the rows waiting for their commit too; a job resumed from it carries on from there
-            where = _stop(client, savepoints, drain=False)
+            try:
+                where = _stop(client, savepoints, drain=False)
+            except Exception as exc:  # noqa: BLE001  e.g. the job not running yet: no savepoint possible
+                client.cancel().result()
+                print(f"stream {run_id}: stopped on request, without a savepoint ({str(exc).splitlines()[0]}); "
+                      f"the job was cancelled: resume from its latest retained checkpoint in {args.checkpoint_dir}",
+                      file=sys.stderr)
+                return 1
             print(f"stream {run_id}: stopped on request; savepoint {where} "
                   f"(resume with --from-checkpoint {where})", flush=True)
             return 0
@@ -618,13 +653,14 @@ def run(args: argparse.Namespace) -> int:
                 break
         else:
             quiet_since = None
-    # drain: the watermark goes to the end of time, every timer fires, the last commit lands
-    where = _stop(client, savepoints, drain=True)
-    print(f"stream {run_id}: input idle for {args.stop_after_idle:g} s; drained, savepoint {where}", flush=True)
-    try:
-        client.get_job_execution_result().result()
-    except Exception:  # noqa: BLE001  the stopped job's result may be unavailable after the stop
-        pass
+    if status != "FINISHED":
+        # drain: the watermark goes to the end of time, every timer fires, the last commit lands
+        where = _stop(client, savepoints, drain=True)
+        print(f"stream {run_id}: input idle for {args.stop_after_idle:g} s; drained, savepoint {where}", flush=True)
+        try:
+            client.get_job_execution_result().result()
+        except Exception:  # noqa: BLE001  the stopped job's result may be unavailable after the stop
+            pass
     features = delta.table_path(args.warehouse, delta.FEATURES)
     from deltalake import DeltaTable
 

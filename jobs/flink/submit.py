@@ -73,17 +73,18 @@ def run(args: argparse.Namespace, rest: list[str], token_key: bytes) -> int:
     env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode()}
     if args.flink_master:  # `flink run` reads its client configuration from here
         env.setdefault("FLINK_CONF_DIR", str(flink_env.flink_home() / "conf"))
-        return subprocess.run(cmd, env=env).returncode
-    # the mini cluster: the job's process in a session of its own, so that a Ctrl-C in a terminal
-    # does not reach the JVM it starts; SIGINT and SIGTERM are passed to it, and it stops the job
+    # the job's driver (the Python program that submitted the job; under `flink run`, a child of
+    # Flink's client, whose JVM serves it) in a session of its own, so that a Ctrl-C in a terminal
+    # reaches neither JVM; SIGINT and SIGTERM are passed to the driver alone, which stops the job
     # with a savepoint (it also stops when this process is gone)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, frame) -> None:  # noqa: ANN001
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        for pid in _drivers(proc.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -91,3 +92,20 @@ def run(args: argparse.Namespace, rest: list[str], token_key: bytes) -> int:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def _drivers(root: int) -> list[int]:
+    """The processes under ``root`` (itself included) that run the job's Python driver; ``root``
+    when none does yet (``flink run`` still starting: it then ends without a job)."""
+    from finfeat.jobs.flink.cluster import _descendants
+
+    found = []
+    for pid in [root, *_descendants(root)]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"python" in Path(argv[0].decode(errors="replace")).name.encode() and any(
+                a.endswith((b"stream_job.py", b"finfeat.jobs.flink.stream_job")) for a in argv):
+            found.append(pid)
+    return found or [root]
