@@ -14,7 +14,8 @@ standalone cluster the script starts (``make flink``; free ports, one TaskManage
 runs both back to back on the same broker and Redis, and ``--parallelism 1,2`` each parallelism
 on a cluster of its own.
 
-For each rate: a throwaway Kafka broker topic, a database of a ``redis-server`` on 127.0.0.1
+For each rate: a throwaway Kafka broker topic (one partition per unit of ``--parallelism``: a
+source subtask without a partition would hold the watermark back), a database of a ``redis-server`` on 127.0.0.1
 (no persistence), the stream job (``finfeat stream --online-store redis://...`` on Prism,
 ``--stop-after-idle``) started first and warmed up, then synthetic transactions published at
 that steady rate for ``--seconds``, each stamped with its wall-clock send time as event time
@@ -117,6 +118,15 @@ class Synthetic:
     def message(prefix: bytes, t: float) -> bytes:
         stamp = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return prefix + b',"event_time":"' + stamp.encode() + b'"}'
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """The topic with ``partitions`` partitions (one per source subtask of the job)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # held until the topic exists
+    for future in admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)]).values():
+        future.result(30)
 
 
 def producer(bootstrap: str):  # noqa: ANN201
@@ -311,6 +321,7 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
     data = Synthetic(n, prefix=prefix, seed=rate)
     ids = [f"{prefix}{i:08d}" for i in range(n)]
     # the topic exists before the job lists its partitions
+    create_topic(kafka.bootstrap, topic, args.parallelism)
     publish(kafka.bootstrap, topic, Synthetic(1, prefix=f"w{rate}-"), 0, event_time_of=lambda j: time.time() - 60)
     proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)
     poller = stop = None
@@ -403,6 +414,7 @@ def backlog(kafka: LocalKafka, n: int, args: argparse.Namespace, work: Path, red
     data = Synthetic(n, prefix="k", seed=99)
     now = time.time()
     step = 1 / 5000  # event times 5,000/s apart, ending now
+    create_topic(kafka.bootstrap, topic, args.parallelism)
     publish(kafka.bootstrap, topic, data, 0, event_time_of=lambda j: now - (n - j) * step)
     t0 = time.time()
     proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)

@@ -558,11 +558,14 @@ def _stop(client, savepoint_dir: str, *, drain: bool) -> str:  # noqa: ANN001
 
 
 class _StopRequest:
-    """SIGTERM or SIGINT (or the parent process gone) asks the job to stop with a savepoint; a
-    second signal exits at once (128 + signal)."""
+    """SIGTERM or SIGINT (or the ``finfeat stream`` process that started this driver gone, named
+    by ``FINFEAT_FLINK_OWNER``; else this process's parent) asks the job to stop with a
+    savepoint; a second signal exits at once (128 + signal)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        owner = os.environ.get("FINFEAT_FLINK_OWNER", "")
+        self._owner = int(owner) if owner.isdigit() else None
         self._parent = os.getppid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -574,9 +577,23 @@ class _StopRequest:
 
     @property
     def requested(self) -> bool:
-        if self.signal is None and os.getppid() != self._parent:  # whoever started the job is gone
+        if self.signal is None and not self._owner_alive():  # whoever started the job is gone
             self.signal = signal.SIGTERM
         return self.signal is not None
+
+    def _owner_alive(self) -> bool:
+        if self._owner is None:
+            return os.getppid() == self._parent
+        try:
+            os.kill(self._owner, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a zombie (killed, not yet reaped) is gone too
+            return Path(f"/proc/{self._owner}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
 
 
 def _failure(client) -> str:  # noqa: ANN001

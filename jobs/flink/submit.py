@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, rest: list[str], token_key: bytes) -> int:
     from finfeat.jobs import delta
 
     delta.check_warehouse(args.warehouse)  # outputs before any input is read, as for Beam
-    env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode()}
+    env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode(), "FINFEAT_FLINK_OWNER": str(os.getpid())}
     if args.flink_master:  # `flink run` reads its client configuration from here
         env.setdefault("FLINK_CONF_DIR", str(flink_env.flink_home() / "conf"))
     # the job's driver (the Python program that submitted the job; under `flink run`, a child of
