@@ -174,7 +174,9 @@ def main() -> int:
                 for m in range(args.minutes):
                     time.sleep(max(0.0, t0 + 60 * (m + 1) - time.time()))
                     if job.poll() is not None:
-                        raise SystemExit(f"the job exited ({job.returncode}) in minute {m}; see {log}")
+                        tail = log.read_bytes()[-6000:].decode(errors="replace")
+                        raise SystemExit(f"{tail}\nthe job exited ({job.returncode}) in minute {m + 1} (its log ends "
+                                         "above; --keep keeps the work folder)")
                     rss_mib.append(_tree_rss_kib(job.pid) / 1024)
                     print(f"minute {m + 1}: job RSS {rss_mib[-1]:,.0f} MiB", file=sys.stderr, flush=True)
                 pub.join(120)

@@ -44,10 +44,10 @@ LATE_COMMAND_HELP = {
     "serve": "serve online features (and scores) over HTTP",
     "features": "list the feature spec's features, or describe one",
     "init": "write a finfeat.yaml project file here",
-    "produce": "publish transactions (a file) to a Kafka topic as JSON",
+    "produce": "publish transactions (or labels: --labels) to a Kafka topic as JSON",
     "stream": "Kafka -> features -> Delta (and the online store), exactly once",
     "serve-lookup": "look a candidate transaction up in the online store (prints JSON)",
-    "store-labels": "write a labels feed to the online store (for label-aware features)",
+    "store-labels": "write labels (files or a Kafka topic) to the online store, for label-aware features",
     "validate": "data-quality checks of a Delta table: expectation suite and drift (for CI)",
 }
 

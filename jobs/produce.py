@@ -1,4 +1,5 @@
-"""``finfeat produce``: publish transactions to a Kafka topic, in order or with bounded disorder."""
+"""``finfeat produce``: publish transactions to a Kafka topic, in order or with bounded disorder;
+or, with ``--labels``, a labels feed as label messages in label-time order."""
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,16 @@ _LOG = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("produce", help="publish transactions (a file) to a Kafka topic as JSON", allow_abbrev=False)
-    p.add_argument("--input", action="append", required=True, help="a file or folder of events; repeatable")
+    p = sub.add_parser("produce", help="publish transactions (or labels: --labels) to a Kafka topic as JSON",
+                       allow_abbrev=False)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", action="append", help="a file or folder of events; repeatable")
+    what.add_argument("--labels", action="append", metavar="FILE",
+                      help="instead: a labels file (txn_id, is_fraud, label_time), published as finfeat.label.v1 "
+                           "messages (default topic labels); repeatable")
     p.add_argument("--mapping", default="generated", help="mapping YAML or built-in name (default generated)")
     p.add_argument("--bootstrap", default="127.0.0.1:19092", help="Kafka bootstrap servers")
-    p.add_argument("--topic", default="transactions")
+    p.add_argument("--topic", help="default transactions (labels with --labels)")
     p.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
     p.add_argument("--disorder-seconds", type=float, default=0.0,
                    help="deliver each event up to this much event time late (bounded disorder)")
@@ -47,13 +53,19 @@ def send(producer, topic: str, key: bytes | None, value: bytes, *, backoff_s: fl
 
 def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, disorder_us: int = 0,
             seed: int = 5) -> int:
-    from confluent_kafka import Producer
-
     from finfeat.jobs.kafka.messages import encode_events
 
     order = delivery_order(events.column("event_time").cast(pa.int64()).to_numpy(), disorder_us=disorder_us,
                            seed=seed)
-    messages = encode_events(events.take(pa.array(order)))
+    return _publish(encode_events(events.take(pa.array(order))), bootstrap=bootstrap, topic=topic, rate=rate,
+                    what="messages")
+
+
+def _publish(messages: list[tuple[bytes, bytes]], *, bootstrap: str, topic: str, rate: float, what: str) -> int:
+    """Send ``(key, value)`` messages in order (idempotent producer, every replica acknowledging),
+    at ``rate`` per second (0: as fast as the broker takes them); returns how many."""
+    from confluent_kafka import Producer
+
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
                          "acks": "all"})
     started = time.monotonic()
@@ -66,8 +78,42 @@ def produce(events: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0, 
         producer.poll(0)
     left = producer.flush(60)
     if left:
-        raise RuntimeError(f"{left} messages were not delivered to {bootstrap}")
+        raise RuntimeError(f"{left} {what} were not delivered to {bootstrap}")
     return len(messages)
+
+
+def produce_labels(labels: pa.Table, *, bootstrap: str, topic: str, rate: float = 0.0) -> int:
+    """Publish parsed labels (:data:`~finfeat.schemas.labels.LABEL_SCHEMA`) in label-time order
+    (then txn id) as ``finfeat.label.v1`` messages keyed by txn id; returns how many."""
+    from finfeat.jobs.kafka.messages import encode_labels
+
+    messages = encode_labels(labels.sort_by([("label_time", "ascending"), ("txn_id", "ascending")]))
+    return _publish(messages, bootstrap=bootstrap, topic=topic, rate=rate, what="label messages")
+
+
+def _run_labels(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from finfeat.jobs.online.base import wall_clock_us
+    from finfeat.jobs.sources import read_labels_file
+    from finfeat.transforms.labels import parse_labels
+
+    recorded = wall_clock_us()
+    parts, dead = [], 0
+    for name in args.labels:
+        path = Path(name)
+        for raw, unreadable in read_labels_file(path, run_id="produce", recorded_at_us=recorded):
+            labels, bad = parse_labels(raw, source=path.name, run_id="produce", recorded_at_us=recorded)
+            parts.append(labels)
+            dead += unreadable.num_rows + bad.num_rows
+    labels = pa.concat_tables(parts)
+    if args.limit:
+        labels = labels.sort_by([("label_time", "ascending"), ("txn_id", "ascending")]).slice(0, args.limit)
+    topic = args.topic or "labels"
+    n = produce_labels(labels, bootstrap=args.bootstrap, topic=topic, rate=args.rate)
+    print(f"published {n:,} labels to {topic} on {args.bootstrap}"
+          + (f" ({dead:,} label rows were not valid labels and were skipped)" if dead else ""))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.parse import CardTokenizer
 
+    if args.labels:
+        if args.disorder_seconds:
+            raise ValueError("--disorder-seconds is for events; labels are published in label-time order")
+        return _run_labels(args)
+    args.topic = args.topic or "transactions"
     events, dead = parse_files(args.input, Mapping.load(args.mapping), CardTokenizer(_token_key(args, demo=False)),
                                run_id="produce")
     if args.limit:

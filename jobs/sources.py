@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -515,9 +515,18 @@ def _label_records(path: Path, fmt: str, dead: list[tuple[int, str, str]]) -> pa
             except (ValueError, RecursionError) as exc:
                 dead.append((ordinal, f"line {lineno}: {exc}", opaque_payload(chars=len(line.strip()))))
                 continue
-            records.append([_json_value(rec.get(k)) for k in _LABEL_COLUMNS])
+            records.append(rec)
             ordinals.append(ordinal)
-    return _strings_table(_LABEL_COLUMNS, records, ordinals)
+    return label_records_table(records, ordinals)
+
+
+def label_records_table(records: Sequence[dict[str, object]], ordinals: Sequence[int]) -> pa.Table:
+    """JSON label records (objects read with numbers kept as text) -> the raw table
+    :func:`~finfeat.transforms.labels.parse_labels` reads: the label columns as text (absent:
+    null) and ``_source_row`` = ``ordinals``. Labels files (JSON Lines) and Kafka label messages
+    both go through it."""
+    rows = [[_json_value(rec.get(k)) for k in _LABEL_COLUMNS] for rec in records]
+    return _strings_table(_LABEL_COLUMNS, rows, list(ordinals))
 
 
 def read_labels_file(path: str | Path, *, run_id: str, recorded_at_us: int) -> Iterator[tuple[pa.Table, pa.Table]]:

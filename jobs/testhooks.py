@@ -1,7 +1,8 @@
 """Fault-injection points for the crash and concurrency tests; inert unless a test sets the variables.
 
 ``FINFEAT_TEST_KILL_AT=<point>`` makes the process SIGKILL itself when the backfill reaches that
-point (``started``, ``before:commit``, ``after:features``, ``after:dead_letters``, ...): a kill -9 at
+point (``started``, ``before:commit``, ``after:features``, ``after:dead_letters``, ...; the labels
+consumer's ``labels:before-commit:N``: batch N written, its offsets not committed): a kill -9 at
 an exact commit boundary, without a debugger or a timing guess. ``FINFEAT_TEST_COMMIT_BARRIER=<file>``
 makes the committer announce itself (``<file>.<pid>.ready``) and wait until ``<file>`` exists, so
 that a test can release several processes into their first commit at the same instant.

@@ -16,3 +16,5 @@ LABEL_SCHEMA = pa.schema(
 )
 #: Columns a labels file must have (CSV, JSON Lines or Parquet).
 LABEL_FILE_COLUMNS = ("txn_id", "is_fraud", "label_time")
+#: The ``schema`` value of a label message on Kafka (``finfeat.jobs.kafka.messages``).
+LABEL_MESSAGE_SCHEMA = "finfeat.label.v1"

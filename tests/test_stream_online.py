@@ -185,7 +185,8 @@ def test_store_failure_fails_the_stream(kafka, tmp_path: Path) -> None:  # noqa:
     _produce(events.slice(0, 200), kafka.bootstrap, topic)
     wh, log = tmp_path / "wh", tmp_path / "stream.log"
     with running_redis(tmp_path / "redis") as server:
-        proc = start_stream(kafka.bootstrap, topic, wh, log, idle_s=12, extra=("--online-store", server.url))
+        proc = start_stream(kafka.bootstrap, topic, wh, log, idle_s=12,
+                            extra=("--online-store", server.url, "--store-retry-seconds", "3"))
         try:
             probe = RedisOnlineStore(server.url, FeatureSpec.default())
             card = events.column("card_token")[0].as_py()
@@ -204,6 +205,46 @@ def test_store_failure_fails_the_stream(kafka, tmp_path: Path) -> None:  # noqa:
     assert rc != 0, f"the job exited 0 although the online store was gone; its log:\n{tail(log)}"
     text = log.read_text(errors="replace")
     assert "online store" in text and "unavailable" in text, tail(log)
+
+
+def test_a_stalled_store_is_ridden_out(kafka, tmp_path: Path) -> None:  # noqa: ANN001
+    """The store stops answering for longer than its socket timeout, then answers again: the job
+    retries the writes it could not make (idempotent), loses none, and finishes with exit 0."""
+    events = sparkov_events(400)
+    topic = "online-stall"
+    _produce(events.slice(0, 200), kafka.bootstrap, topic)
+    wh, log = tmp_path / "wh", tmp_path / "stream.log"
+    with running_redis(tmp_path / "redis") as server:
+        probe = RedisOnlineStore(server.url, FeatureSpec.default())
+        try:
+            proc = start_stream(kafka.bootstrap, topic, wh, log, idle_s=12,
+                                extra=("--online-store", server.url, "--store-retry-seconds", "120"))
+            try:
+                first = events.column("card_token")[0].as_py()
+                wait_until(lambda: isinstance(probe.read_states([("card", first)])[0], EntityState), 90,
+                           "the first online-store write", proc, log)
+                server.pause()  # SIGSTOP: connections stay open, nothing answers
+                try:
+                    _send(kafka.bootstrap, topic, events.slice(200))
+                    wait_until(lambda: "retrying" in log.read_text(errors="replace"), 90,
+                               "a retried online-store write", proc, log)
+                finally:
+                    server.resume()
+                rc = wait_for(proc, log, 180)
+            finally:
+                if proc.poll() is None:
+                    kill_group(proc)
+            assert rc == 0, tail(log)
+            reference = SqliteOnlineStore(tmp_path / "reference.db", FeatureSpec.default())
+            try:
+                materialize(reference, events.select(EVENT_SCHEMA.names), FeatureSpec.default())
+                want, have = _canonical(reference), _canonical(probe)
+            finally:
+                reference.close()
+            assert set(have) == set(want), sorted(set(have) ^ set(want))[:5]
+            assert [k for k in want if have[k] != want[k]] == [], "writes were lost or changed during the stall"
+        finally:
+            probe.close()
 
 
 def test_unusable_store_fails_before_the_job_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from finfeat.schemas.events import EVENT_TIME_TYPE
 from finfeat.schemas.labels import LABEL_FILE_COLUMNS, LABEL_SCHEMA
 from finfeat.schemas.mapping import MappingError
 from finfeat.schemas.redaction import CARD_IN_ID_RE2
-from finfeat.transforms.parse import SOURCE_ROW, _parse_label, _parse_time, _Problems, make_dead_letters
+from finfeat.transforms.parse import MAX_ID_CHARS, SOURCE_ROW, _parse_label, _parse_time, _Problems, make_dead_letters
 
 _US_PER_DAY = 86_400_000_000
 
@@ -32,6 +32,9 @@ def parse_labels(raw: pa.Table, *, source: str, run_id: str, recorded_at_us: int
     p.flag(pc.or_(pc.is_null(txn), pc.equal(txn, "")).fill_null(True), "missing_field", "txn_id is missing")
     p.flag(pc.match_substring_regex(txn, CARD_IN_ID_RE2), "card_number_in_field",
            "txn_id holds a card-number-like value (value not shown)")
+    p.flag(pc.greater(pc.utf8_length(txn), MAX_ID_CHARS).fill_null(False), "field_too_long",
+           f"txn_id is longer than {MAX_ID_CHARS} characters")
+    p.flag(pc.match_substring(txn, "\0").fill_null(False), "wrong_type", "txn_id holds a NUL character")
     label_raw = raw.column("is_fraud").combine_chunks()
     label = _parse_label(label_raw, ["1", "true", "True", "TRUE"], ["0", "false", "False", "FALSE"], p, "is_fraud")
     p.flag(pc.is_null(label), "missing_field", "is_fraud is missing")

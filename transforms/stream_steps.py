@@ -1,6 +1,6 @@
 """The streaming job's steps as plain functions and small state classes, one copy for every runner.
 
-The Beam DoFns (``pipelines/streaming.py``, ``jobs/stream.py``) and the Flink functions call
+The Beam DoFns (``pipelines/streaming.py``, ``pipelines/stream_job.py``) and the Flink functions call
 these and only move state in and out of their runner. Imports: numpy, pyarrow (16.1 or
 newer), finfeat's transforms and schemas; nothing of Beam, Flink or delta-rs. Every state
 piece is an Arrow table or a plain value, so plain pickle (Beam's ``PickleCoder``, bytes in

@@ -22,7 +22,9 @@ from finfeat.jobs.online.base import (
     Retention,
     StoreSpecMismatch,
     StoreUnavailable,
+    WRITE_RETRY_S,
     retention_for,
+    write_retrying,
 )
 from finfeat.jobs.online.lookup import CANDIDATE_TXN_ID, Candidate, LookupResult, lookup, lookup_many
 from finfeat.jobs.online.materialize import materialize
@@ -32,7 +34,7 @@ __all__ = [
     "CANDIDATE_TXN_ID", "DEFAULT_TTL_S", "Candidate", "CandidateBeforeState", "EntityState", "KeyExpired",
     "KeyNotFound", "LookupResult", "MaterializeStats", "MissingState", "OnlineStore", "OnlineStoreError",
     "Retention", "StoreSpecMismatch", "StoreUnavailable", "lookup", "lookup_many", "materialize", "open_store",
-    "retention_for", "sqlite_path",
+    "retention_for", "sqlite_path", "WRITE_RETRY_S", "write_retrying",
 ]
 
 

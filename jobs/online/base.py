@@ -572,3 +572,35 @@ class MaterializeStats:
     @property
     def writes_per_s(self) -> float:
         return self.events_written / self.seconds if self.seconds else float("inf")
+
+
+#: How long a long-running writer (the stream jobs) keeps retrying a store it cannot reach before
+#: it gives up and fails: a server restart or a stall under load is ridden out, a store that stays
+#: away stops the job with the store's error.
+WRITE_RETRY_S = 120.0
+
+
+def write_retrying(store: OnlineStore, events: pa.Table, *, within_s: float = WRITE_RETRY_S) -> int:
+    """``store.write(events)``, retried with jittered exponential backoff (0.2 s growing to 10 s) for
+    up to ``within_s`` seconds while the store is unavailable (:class:`StoreUnavailable`:
+    unreachable, or no answer within its socket timeout). Safe because writes are idempotent and
+    order-independent: a batch applied before its answer was lost changes nothing when applied
+    again. Any other error (a store of another spec, a refused write) raises at once, and so does
+    the last :class:`StoreUnavailable`. Returns the number of attempts made."""
+    import logging
+
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+    log = logging.getLogger(__name__)
+
+    def note(state) -> None:  # noqa: ANN001
+        log.warning("online store write failed (attempt %d, %.1f s so far): %s; retrying",
+                    state.attempt_number, state.seconds_since_start, state.outcome.exception())
+
+    attempts = 0
+    for attempt in Retrying(retry=retry_if_exception_type(StoreUnavailable), stop=stop_after_delay(within_s),
+                            wait=wait_random_exponential(multiplier=0.2, max=10), reraise=True, before_sleep=note):
+        with attempt:
+            attempts += 1
+            store.write(events)
+    return attempts

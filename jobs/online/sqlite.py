@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from finfeat.jobs.online.base import (
@@ -165,14 +166,16 @@ class SqliteOnlineStore(OnlineStore):
 
     # -- writes -----------------------------------------------------------------------------
 
-    def _apply(self, updates: Sequence[EntityUpdate], *, expire_at_us: int, now_us: int) -> None:
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE, the store's metadata checked): committed at the
+        end of the block, rolled back on any error; SQLite's errors as :class:`StoreUnavailable`."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._ensure_meta(conn, write=True)
-                for u in updates:
-                    self._apply_one(conn, u, expire_at_us=expire_at_us, now_us=now_us)
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -180,6 +183,11 @@ class SqliteOnlineStore(OnlineStore):
                 raise
         except sqlite3.Error as exc:
             raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
+
+    def _apply(self, updates: Sequence[EntityUpdate], *, expire_at_us: int, now_us: int) -> None:
+        with self._writing() as conn:
+            for u in updates:
+                self._apply_one(conn, u, expire_at_us=expire_at_us, now_us=now_us)
 
     def _apply_one(self, conn: sqlite3.Connection, u: EntityUpdate, *, expire_at_us: int, now_us: int) -> None:
         kind, key = u.entity, u.key
@@ -222,20 +230,9 @@ class SqliteOnlineStore(OnlineStore):
                          (newest_dropped, kind, key))
 
     def _apply_labels(self, labels: Sequence[Label], *, expire_at_us: int, now_us: int) -> None:
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._ensure_meta(conn, write=True)
-                conn.executemany(_UPSERT_LABEL, [(lab.txn_id, int(lab.is_fraud), lab.time_us, lab.source,
-                                                  expire_at_us, now_us) for lab in labels])
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
+        with self._writing() as conn:
+            conn.executemany(_UPSERT_LABEL, [(lab.txn_id, int(lab.is_fraud), lab.time_us, lab.source,
+                                              expire_at_us, now_us) for lab in labels])
 
     # -- reads ------------------------------------------------------------------------------
 
