@@ -343,8 +343,8 @@ def test_online_store_equals_batch_materialization(kafka, tmp_path: Path) -> Non
 
 
 def test_online_store_failure_ends_the_job_with_an_error(kafka, tmp_path: Path) -> None:  # noqa: ANN001
-    """The store goes away mid-stream: the job must end (exit 1, the store's error named), not
-    have Flink restart the failing task forever."""
+    """The store goes away mid-stream and stays away past --store-retry-seconds: the job must end
+    (exit 1, the store's error named), not have Flink restart the failing task forever."""
     from finfeat.jobs.online.base import EntityState
     from finfeat.jobs.online.redis_store import RedisOnlineStore
     from tests.online_fixtures import running_redis
@@ -353,7 +353,8 @@ def test_online_store_failure_ends_the_job_with_an_error(kafka, tmp_path: Path) 
     topic, wh, log = "flink-online-failure", tmp_path / "wh", tmp_path / "job.log"
     _produce(events.slice(0, 200), kafka.bootstrap, topic)
     with running_redis(tmp_path / "redis") as server:
-        proc = _start(kafka.bootstrap, topic, wh, log, idle_s=None, extra=("--online-store", server.url))
+        proc = _start(kafka.bootstrap, topic, wh, log, idle_s=None,
+                      extra=("--online-store", server.url, "--store-retry-seconds", "3"))
         try:
             probe = RedisOnlineStore(server.url, SPEC)
             card = events.column("card_token")[0].as_py()

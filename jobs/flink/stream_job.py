@@ -47,7 +47,7 @@ from pyflink.table import StreamTableEnvironment
 from finfeat import __version__
 from finfeat.jobs import delta
 from finfeat.jobs.flink import env as flink_env
-from finfeat.jobs.online.base import OnlineStoreError
+from finfeat.jobs.online.base import WRITE_RETRY_S, OnlineStoreError, write_retrying
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.transforms import stream_steps as steps
@@ -146,15 +146,16 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
     input ends. The store's writes are idempotent per txn id and monotonic, so repeated and late
     deliveries, and a batch written again after a restart from a checkpoint, change nothing
     (the Beam job's ``WriteOnlineStoreFn`` does the same). Unparseable messages are the feature
-    path's dead letters; here they are skipped. A store error is written to ``failure_path``
+    path's dead letters; here they are skipped. An unreachable store is retried for ``retry_s``
+    (``--store-retry-seconds``), as in the Beam job. A store error is written to ``failure_path``
     (which the driver watches: it cancels the job and exits 1, as the Beam job does, instead of
     Flink restarting the task forever) and fails the task."""
 
     def __init__(self, *, url: str, spec: FeatureSpec, token_key: bytes, topic: str, run_id: str,
-                 wait_ms: int, failure_path: str | None = None) -> None:
+                 wait_ms: int, failure_path: str | None = None, retry_s: float = WRITE_RETRY_S) -> None:
         self._url, self._spec, self._key, self._topic, self._run_id = url, spec, token_key, topic, run_id
         self._wait = max(1, wait_ms)
-        self._failure_path = failure_path
+        self._failure_path, self._retry_s = failure_path, retry_s
 
     def _failed(self, exc: Exception) -> None:
         if self._failure_path:
@@ -205,8 +206,8 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
             events, _ = parse_batch(raw, mapping=self._mapping, tokenizer=self._tokenizer, source=source,
                                     run_id=self._run_id, recorded_at_us=0)
             if events.num_rows:
-                try:
-                    self._store.write(steps.as_events(events))
+                try:  # an unreachable store is retried for retry_s (writes are idempotent)
+                    write_retrying(self._store, steps.as_events(events), within_s=self._retry_s)
                 except OnlineStoreError as exc:
                     self._failed(exc)
                     raise
@@ -452,7 +453,7 @@ CREATE TEMPORARY TABLE kafka_messages (
 def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, warehouse: str, spec: FeatureSpec,
           app_id: str, group_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
           buckets: int, emit_every_ms: int, online_store: str | None = None, batch_wait_ms: int = 100,
-          drains: bool = False, failure_path: str | None = None) -> None:
+          drains: bool = False, failure_path: str | None = None, store_retry_s: float = WRITE_RETRY_S) -> None:
     """The stream job's graph on ``env``. ``drains``: the job ends with a stop with drain (the
     source then has no idle timeout, see :func:`source_ddl`). ``failure_path``: where the online
     store's step writes its error before failing (see :class:`WriteOnlineStoreFn`)."""
@@ -466,7 +467,8 @@ def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, wareho
     if online_store:  # not behind the watermark: the store takes events in any order
         (by_partition
          .process(WriteOnlineStoreFn(url=online_store, spec=spec, token_key=token_key, topic=topic, run_id=run_id,
-                                     wait_ms=batch_wait_ms, failure_path=failure_path), output_type=_BYTES)
+                                     wait_ms=batch_wait_ms, failure_path=failure_path, retry_s=store_retry_s),
+                  output_type=_BYTES)
          .name("WriteOnlineStore").uid("write-online-store"))
     parsed = (by_partition
               .process(ParseEventsFn(topic=topic, run_id=run_id, token_key=token_key, tick_ms=emit_every_ms,
@@ -625,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
           app_id=args.app_id, group_id=group_id, run_id=run_id, token_key=token_key, bound_s=args.bound_seconds,
           commit_every_s=args.commit_every_seconds, buckets=args.buckets, emit_every_ms=args.emit_every_ms,
           online_store=args.online_store, batch_wait_ms=args.batch_wait_ms,
-          drains=args.stop_after_idle is not None, failure_path=str(failure))
+          drains=args.stop_after_idle is not None, failure_path=str(failure), store_retry_s=args.store_retry_seconds)
     stop = _StopRequest()
     started = time.monotonic()
     client = env.execute_async(f"finfeat-stream {args.app_id}")
@@ -703,6 +705,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--online-store")
     p.add_argument("--batch-wait-ms", type=int, default=100,
                    help="the online store is written this long after the first message of a batch")
+    p.add_argument("--store-retry-seconds", type=float, default=WRITE_RETRY_S,
+                   help="keep retrying an online store that cannot be reached for this long")
     p.add_argument("--feature-spec")
     p.add_argument("--parallelism", type=int, default=1)
     p.add_argument("--checkpoint-dir", required=True)

@@ -44,7 +44,7 @@ def command(args: argparse.Namespace) -> list[str]:
                 "--app-id", args.app_id, "--bound-seconds", str(args.bound_seconds),
                 "--commit-every-seconds", str(args.commit_every_seconds), "--emit-every-ms", str(args.emit_every_ms),
                 "--buckets", str(args.buckets), "--parallelism", str(args.parallelism),
-                "--batch-wait-ms", str(args.batch_wait_ms),
+                "--batch-wait-ms", str(args.batch_wait_ms), "--store-retry-seconds", str(args.store_retry_seconds),
                 "--checkpoint-dir", str(Path(checkpoints).resolve()),
                 "--checkpoint-interval-ms", str(args.checkpoint_interval_ms), "--state-backend", args.state_backend]
     for flag, value in (("--stop-after-idle", args.stop_after_idle), ("--online-store", args.online_store),
