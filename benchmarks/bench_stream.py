@@ -5,18 +5,23 @@ at steady rates, capacity, and (Flink) recovery after a TaskManager kill.
                                       [--emit-every-ms 200] [--commit-every-seconds 1] [--backlog 60000]
                                       [--batch-wait-ms 100] [--online-store redis|none] [--sample-every 10]
                                       [--feature-spec spec.yaml]
-                                      [--engine flink [--parallelism 1] [--recovery-rate 1000]]
+                                      [--engine beam|flink|beam,flink [--parallelism 1,2] [--recovery-rate 1000]
+                                       [--recovery-seconds S]]
 
 Engine: Prism (Beam's portable local runner), or with ``--engine flink`` the Flink job on a local
 standalone cluster the script starts (``make flink``; free ports, one TaskManager with
-``--parallelism`` slots, checkpoints every ``--checkpoint-interval-ms``). Give Flink a longer
-``--warmup-seconds`` (its job starts in 20-40 s here).
+``--parallelism`` slots, checkpoints every ``--checkpoint-interval-ms``); ``--engine beam,flink``
+runs both back to back on the same broker and Redis, and ``--parallelism 1,2`` each parallelism
+on a cluster of its own.
 
-For each rate: a throwaway Kafka broker topic, a database of a ``redis-server`` on 127.0.0.1
+For each rate: a throwaway Kafka broker topic (one partition per unit of ``--parallelism``: a
+source subtask without a partition would hold the watermark back), a database of a ``redis-server`` on 127.0.0.1
 (no persistence), the stream job (``finfeat stream --online-store redis://...`` on Prism,
 ``--stop-after-idle``) started first and warmed up, then synthetic transactions published at
 that steady rate for ``--seconds``, each stamped with its wall-clock send time as event time
-(so the watermark moves with the clock).
+(so the watermark moves with the clock). For Flink the schedule starts once the job reads its
+topic (probe messages are in the online store; without a store: every task runs), so its start-up
+(20-70 s here) is not measured; ``--warmup-seconds`` at the rate follow, not measured either.
 
 * Online visibility of a transaction = the first time a poller (its own process, so that it
   does not share the publisher's interpreter) reads the card's state and finds the txn id
@@ -38,14 +43,17 @@ that steady rate for ``--seconds``, each stamped with its wall-clock send time a
 keeps up has flat freshness; one that falls behind has freshness growing with time.
 
 Then the capacity: ``--backlog`` transactions published before the job starts, and the rate at
-which the job commits them (rows / time between its first and last commit): the sustained
-throughput before lag would grow, on this machine (with the online store writes, unless
-``--online-store none``).
+which the job commits them (rows / time from the first message's arrival in the online store, when
+the job starts reading, to its last commit; without a store, rows after the first commit / time
+between its first and last commit): the sustained throughput before lag would grow, on this
+machine (with the online store writes, unless ``--online-store none``).
 
-Recovery (Flink, ``--recovery-rate``): a steady run whose TaskManager is killed (SIGKILL) half way
-through the measured seconds and replaced by a new one at once, as a supervisor would; recovery =
-the time from the kill to the first Delta commit after it whose rows' median freshness is back
-under the run's pre-kill p99 (at least 1 s): output current again.
+Recovery (Flink, ``--recovery-rate``): a steady run whose TaskManager is killed (SIGKILL) a
+quarter into the measured seconds and replaced by a new one at once, as a supervisor would;
+recovery = the time from the kill to the first Delta commit after it whose rows' median freshness
+is back under the p99 of the rows committed before the kill (at least 1 s): output current again;
+and for the online store, to the first transaction sent after the kill that became visible within
+the pre-kill online p99 (at least 0.5 s).
 
 Everything runs on 127.0.0.1 and is stopped at the end. Nothing is asserted; it prints a table.
 """
@@ -110,6 +118,15 @@ class Synthetic:
     def message(prefix: bytes, t: float) -> bytes:
         stamp = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return prefix + b',"event_time":"' + stamp.encode() + b'"}'
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """The topic with ``partitions`` partitions (one per source subtask of the job)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # held until the topic exists
+    for future in admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)]).values():
+        future.result(30)
 
 
 def producer(bootstrap: str):  # noqa: ANN201
@@ -205,6 +222,57 @@ def start_job(bootstrap: str, topic: str, warehouse: Path, log: Path, args: argp
                                 start_new_session=True)
 
 
+def wait_ready(proc: subprocess.Popen, args: argparse.Namespace, redis_url: str | None, bootstrap: str,
+               topic: str, timeout_s: float = 300) -> float:
+    """Flink: wait until the job reads its topic: one of the probe transactions published every
+    0.25 s meanwhile (which also keep ``--stop-after-idle`` from ending a job that has read
+    everything before the schedule starts) is in the online store (with Redis), or (without a
+    store) every task of the job runs. Returns the seconds waited. Prism: at once (its job starts
+    in seconds and the warm-up covers it; its idle stop counts time caught up with the topic, which
+    a trickle of probes does not interrupt)."""
+    from finfeat.jobs.online.base import EntityState
+    from finfeat.jobs.online.redis_store import RedisOnlineStore
+    from finfeat.transforms.spec import FeatureSpec
+
+    started = time.monotonic()
+    deadline = started + timeout_s
+    if args.engine != "flink":
+        return 0.0
+    probes = Synthetic(int(timeout_s * 4) + 1, prefix=f"w-{topic}-", seed=1)
+    store = (RedisOnlineStore(redis_url, FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec
+                              else FeatureSpec.default()) if redis_url else None)
+    p = producer(bootstrap)
+    sent: list[tuple[str, str]] = []  # (txn id, card) of the probes sent
+    try:
+        while True:
+            key, prefix = probes.prefixes[len(sent)]
+            send(p, topic, key, Synthetic.message(prefix, time.time()), backoff_s=0.01)
+            p.flush(5)
+            sent.append((f"w-{topic}-{len(sent):08d}", key.decode()))
+            if store is not None:
+                states = store.read_states([("card", c) for c in sorted({c for _, c in sent})])
+                held = {t.txn_id for s in states if isinstance(s, EntityState) for t in s.events}
+                if any(txn in held for txn, _ in sent):
+                    break
+            else:
+                jobs = args.cluster.get("/jobs/overview").get("jobs", [])
+                if any(j["state"] == "RUNNING" and j["tasks"]["running"] == j["tasks"]["total"] for j in jobs):
+                    break
+            _not_yet(proc, deadline)
+            time.sleep(0.25)
+    finally:
+        if store is not None:
+            store.close()
+    return time.monotonic() - started
+
+
+def _not_yet(proc: subprocess.Popen, deadline: float) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(f"the job ended (exit {proc.returncode}) before it read its topic; see its log")
+    if time.monotonic() > deadline:
+        raise RuntimeError("the job did not read its topic in time; see its log")
+
+
 def stop_job(proc: subprocess.Popen, timeout_s: float) -> int | None:
     try:
         return proc.wait(timeout=timeout_s)
@@ -235,14 +303,6 @@ def commits(table: Path) -> list[tuple[float, list[str]]]:
     return out
 
 
-def wait_for_rows(table: Path, n: int, timeout_s: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum(len(ids) for _, ids in commits(table)) < n:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the job did not commit {n} warm-up rows; see its log")
-        time.sleep(0.2)
-
-
 def _stats(fresh: np.ndarray) -> dict:
     """p50 / p99 / max and the lag (median of the last fifth minus median of the first) of
     freshness values in send order."""
@@ -253,21 +313,24 @@ def _stats(fresh: np.ndarray) -> dict:
 
 def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, redis_url: str | None,
            *, kill: bool = False) -> dict:
-    name = f"{'recovery' if kill else 'steady'}-{rate}"
+    name = f"{args.label}-{'recovery' if kill else 'steady'}-{rate}"
     topic, wh, log = name, work / f"wh-{name}", work / f"stream-{name}.log"
-    n = int(rate * (args.warmup_seconds + args.seconds))
+    seconds = (args.recovery_seconds or args.seconds) if kill else args.seconds
+    n = int(rate * (args.warmup_seconds + seconds))
     prefix = f"s{rate}-"
     data = Synthetic(n, prefix=prefix, seed=rate)
     ids = [f"{prefix}{i:08d}" for i in range(n)]
-    publish(kafka.bootstrap, topic, Synthetic(1, prefix=f"w{rate}-"), 0,
-            event_time_of=lambda j: time.time() - 60)  # the topic exists before the job lists its partitions
+    # the topic exists before the job lists its partitions
+    create_topic(kafka.bootstrap, topic, args.parallelism)
+    publish(kafka.bootstrap, topic, Synthetic(1, prefix=f"w{rate}-"), 0, event_time_of=lambda j: time.time() - 60)
     proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)
     poller = stop = None
-    seen_file = work / f"online-{rate}.json"
-    # followed in the store: every n-th transaction due after the warm-up (Prism start, catching up)
+    seen_file = work / f"online-{name}.json"
+    # followed in the store: every n-th transaction due after the warm-up
     followed = np.arange(int(np.ceil(rate * args.warmup_seconds)), n, args.sample_every)
     try:
-        t0 = time.time() + 1.0  # the poller follows the schedule t0 + j / rate
+        startup_s = wait_ready(proc, args, redis_url, kafka.bootstrap, topic)
+        t0 = time.time() + (0.5 if args.engine == "flink" else 1.0)  # the poller follows t0 + j / rate
         if redis_url:
             ctx = multiprocessing.get_context("spawn")
             stop = ctx.Event()
@@ -276,13 +339,13 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
                                  args=(redis_url, args.feature_spec, samples, str(seen_file), stop))
             poller.start()
         killed: list[float] = []
-        if kill:  # half way through the measured seconds: SIGKILL the TaskManager, start a new one
+        if kill:  # a quarter into the measured seconds: SIGKILL the TaskManager, start a new one
             def crash() -> None:
                 killed.append(time.time())
                 args.cluster.kill_taskmanager()
                 args.cluster.start_taskmanager()
 
-            timer = threading.Timer(t0 + args.warmup_seconds + args.seconds / 2 - time.time(), crash)
+            timer = threading.Timer(t0 + args.warmup_seconds + seconds / 4 - time.time(), crash)
             timer.start()
         sent = publish(kafka.bootstrap, topic, data, rate, t0=t0)
         produce_s = time.time() - t0
@@ -292,7 +355,7 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
             poller.join(args.idle_seconds + 30)
             stop.set()
             poller.join(30)
-        rc = stop_job(proc, args.seconds * 10 + 120)
+        rc = stop_job(proc, seconds * 10 + 120)
     finally:
         if stop is not None:
             stop.set()
@@ -306,60 +369,171 @@ def steady(kafka: LocalKafka, rate: int, args: argparse.Namespace, work: Path, r
         for txn in committed:
             visible.setdefault(txn, ts)
     missing = sum(1 for txn in ids if txn not in visible)
-    after_warmup = sent >= t0 + args.warmup_seconds  # Prism start, catching up
+    after_warmup = sent >= t0 + args.warmup_seconds
     # Delta: before the end's watermark stall
     keep = after_warmup & (sent < sent[-1] - args.bound_seconds - 2)
     fresh = np.array([visible.get(txn, np.nan) for txn in ids]) - sent
     measured = fresh[keep & ~np.isnan(fresh)]
-    out = {"case": f"{'recovery' if kill else 'steady'} {rate:,}/s", "events": n, "produced/s": n / produce_s, "missing": missing, "rc": rc,
-           "log": str(log)}
+    out = {"engine": args.label, "case": f"{'recovery' if kill else 'steady'} {rate:,}/s", "events": n,
+           "produced/s": n / produce_s, "startup_s": startup_s, "missing": missing, "rc": rc, "log": str(log)}
     if measured.size == 0:
         out["error"] = "nothing committed"
         return out
     out.update({"measured": int(measured.size), **_stats(measured)})
     if kill and killed:
         sent_at = dict(zip(ids, sent))
-        before = fresh[keep & ~np.isnan(fresh) & (sent < killed[0])]
+        # before the kill: the rows committed before it
+        before = fresh[after_warmup & ~np.isnan(fresh) & (fresh + sent < killed[0])]
         current = max(1.0, float(np.percentile(before, 99))) if before.size else 1.0
         back = next((ts for ts, got in commits(wh / "features") if ts > killed[0] and got and np.median(
             [ts - sent_at[t] for t in got if t in sent_at] or [np.inf]) <= current), None)
         out["recovery_s"] = (back - killed[0]) if back is not None else float("nan")
         out["pre_kill_p99"] = current
+        out["after_kill_s"] = float(sent[-1] - killed[0])
     if redis_url:
         online = json.loads(seen_file.read_text()) if seen_file.exists() else {}
-        on = np.array([online.get(ids[j], np.nan) for j in followed]) - sent[followed]
+        seen_at = np.array([online.get(ids[j], np.nan) for j in followed])
+        on = seen_at - sent[followed]
         measured_on = on[~np.isnan(on)]
         out["online_followed"] = int(followed.size)
         out["online_missing"] = int(np.isnan(on).sum())
         if measured_on.size:
             out["online"] = _stats(measured_on)
+        if kill and killed:  # the store current again: a transaction sent after the kill seen in time
+            pre = on[~np.isnan(on) & (seen_at < killed[0])]
+            limit = max(0.5, float(np.percentile(pre, 99))) if pre.size else 0.5
+            ok = ~np.isnan(on) & (sent[followed] > killed[0]) & (on <= limit)
+            out["online_recovery_s"] = float(seen_at[ok].min() - killed[0]) if ok.any() else float("nan")
+            out["online_pre_kill_p99"] = limit
     return out
 
 
 def backlog(kafka: LocalKafka, n: int, args: argparse.Namespace, work: Path, redis_url: str | None) -> dict:
-    topic, wh, log = "backlog", work / "wh-backlog", work / "stream-backlog.log"
+    topic = f"{args.label}-backlog"
+    wh, log = work / f"wh-{topic}", work / f"stream-{topic}.log"
     data = Synthetic(n, prefix="k", seed=99)
     now = time.time()
     step = 1 / 5000  # event times 5,000/s apart, ending now
+    create_topic(kafka.bootstrap, topic, args.parallelism)
     publish(kafka.bootstrap, topic, data, 0, event_time_of=lambda j: now - (n - j) * step)
     t0 = time.time()
     proc = start_job(kafka.bootstrap, topic, wh, log, args, online_store=redis_url)
+    reading = _first_seen(redis_url, args, data.prefixes[0][0].decode(), "k00000000", proc) if redis_url else None
     rc = stop_job(proc, 600)
     wall = time.time() - t0
     done = commits(wh / "features")
     rows = sum(len(ids) for _, ids in done)
     first_ts, first_ids = done[0] if done else (t0, [])
     last_ts = done[-1][0] if done else t0
-    rate = (rows - len(first_ids)) / (last_ts - first_ts) if len(done) > 1 else float("nan")
-    return {"case": f"backlog {n:,}", "events": n, "rows": rows, "commits": len(done), "wall": wall,
-            "throughput": rate, "rc": rc, "log": str(log)}
+    if reading is not None and done:  # from the first message in the store to the last commit
+        rate = rows / (last_ts - reading)
+    else:  # between the first and the last commit
+        rate = (rows - len(first_ids)) / (last_ts - first_ts) if len(done) > 1 else float("nan")
+    return {"engine": args.label, "case": f"backlog {n:,}", "events": n, "rows": rows, "commits": len(done), "wall": wall,
+            "throughput": rate, "from": "first store write" if reading is not None else "first commit",
+            "rc": rc, "log": str(log)}
+
+
+def _first_seen(redis_url: str, args: argparse.Namespace, card: str, txn: str, proc: subprocess.Popen) -> float | None:
+    """When the job's first message (``txn`` of ``card``) is in the online store: the job reads."""
+    from finfeat.jobs.online.base import EntityState
+    from finfeat.jobs.online.redis_store import RedisOnlineStore
+    from finfeat.transforms.spec import FeatureSpec
+
+    store = RedisOnlineStore(redis_url, FeatureSpec.from_yaml(args.feature_spec) if args.feature_spec
+                             else FeatureSpec.default())
+    try:
+        while proc.poll() is None:
+            state = store.read_states([("card", card)])[0]
+            if isinstance(state, EntityState) and any(e.txn_id == txn for e in state.events):
+                return time.time()
+            time.sleep(0.05)
+    finally:
+        store.close()
+    return None
+
+
+def run_engine(kafka: LocalKafka, args: argparse.Namespace, work: Path, redis_url: str | None,
+               stack: ExitStack) -> list[dict]:
+    """Every case of one engine (``args.engine``, ``args.parallelism``), each in a clean Redis database."""
+    def store() -> str | None:
+        if not redis_url:
+            return None
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        client.flushdb()
+        client.close()
+        return redis_url
+
+    results = []
+    if args.engine == "flink":
+        from finfeat.jobs.flink.cluster import LocalFlinkCluster
+
+        # one TaskManager with as many slots as the job's parallelism
+        args.cluster = stack.enter_context(LocalFlinkCluster(workdir=work / f"flink-{args.parallelism}",
+                                                             slots=args.parallelism))
+    for rate in [int(r) for r in args.rates.split(",") if r]:
+        results.append(steady(kafka, rate, args, work, store()))
+        print(json.dumps(results[-1]), flush=True)
+    if args.backlog:
+        results.append(backlog(kafka, args.backlog, args, work, store()))
+        print(json.dumps(results[-1]), flush=True)
+    if args.engine == "flink" and args.recovery_rate:
+        results.append(steady(kafka, args.recovery_rate, args, work, store(), kill=True))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def report(results: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nfinfeat stream, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
+          f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s, "
+          f"batch wait {args.batch_wait_ms} ms, {args.seconds:g} s measured after {args.warmup_seconds:g} s of warm-up"
+          + (f"; online store Redis on 127.0.0.1, every {args.sample_every}th transaction followed"
+             if args.online_store == "redis" else "; no online store"))
+    print(f"{'engine':<9}{'case':<18}{'events':>9}{'sent/s':>9}  {'to':<8}{'p50 s':>8}{'p99 s':>8}{'max s':>8}"
+          f"{'lag s':>8}{'missing':>9}")
+    for r in results:
+        if not r["case"].startswith(("steady", "recovery")):
+            continue
+        head = f"{r['engine']:<9}{r['case']:<18}{r['events']:>9,}"
+        if "error" in r:
+            print(f"{head}  {r['error']} (see {r['log']})")
+            continue
+        head += f"{r['produced/s']:>9,.0f}"
+        if "online" in r:
+            o = r["online"]
+            print(f"{head}  {'online':<8}{o['p50']:>8.3f}{o['p99']:>8.3f}{o['max']:>8.3f}{o['lag']:>8.3f}"
+                  f"{r['online_missing']:>9,} of {r['online_followed']:,} followed")
+            head = " " * 45
+        elif "online_followed" in r:
+            print(f"{head}  {'online':<8}  none of {r['online_followed']:,} followed transactions seen")
+            head = " " * 45
+        print(f"{head}  {'Delta':<8}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['max']:>8.2f}{r['lag']:>8.2f}"
+              f"{r['missing']:>9,}")
+    for r in results:
+        if "recovery_s" in r:
+            def took(s: float) -> str:
+                return f"{s:.1f} s after the kill" if s == s else f"not within the {r['after_kill_s']:.0f} s sent after it"
+
+            print(f"{r['engine']}: recovery after a TaskManager killed at {r['case'].split()[1]}: Delta current "
+                  f"again (a commit's median freshness under {r['pre_kill_p99']:.2f} s) {took(r['recovery_s'])}"
+                  + (f"; online store current again (a transaction sent after the kill seen within "
+                     f"{r['online_pre_kill_p99']:.2f} s) {took(r['online_recovery_s'])}"
+                     if "online_recovery_s" in r else ""))
+        if r["case"].startswith("backlog"):
+            print(f"{r['engine']}: capacity: {r['rows']:,} of {r['events']:,} backlog events in {r['commits']} "
+                  f"commits, {r['throughput']:,.0f} events/s from the {r['from']} to the last commit "
+                  f"({r['wall']:.1f} s wall "
+                  f"incl. start-up and idle stop)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="1000,5000")
     ap.add_argument("--seconds", type=float, default=20, help="measured seconds per rate")
-    ap.add_argument("--warmup-seconds", type=float, default=8, help="published first, not measured")
+    ap.add_argument("--warmup-seconds", type=float, default=8,
+                    help="published at the rate once the job reads its topic, not measured")
     ap.add_argument("--bound-seconds", type=float, default=1.0)
     ap.add_argument("--emit-every-ms", type=int, default=200)
     ap.add_argument("--commit-every-seconds", type=float, default=1.0)
@@ -372,16 +546,28 @@ def main() -> int:
     ap.add_argument("--sample-every", type=int, default=10, help="follow every n-th transaction in the store")
     ap.add_argument("--feature-spec", help="the job's feature spec YAML (default: the built-in v1 set)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, tables)")
-    ap.add_argument("--engine", choices=["beam", "flink"], default="beam")
-    ap.add_argument("--parallelism", type=int, default=1, help="Flink: parallelism and task slots")
+    ap.add_argument("--engine", default="beam",
+                    help="beam (Prism), flink, or both in one run, back to back: beam,flink")
+    ap.add_argument("--parallelism", default="1",
+                    help="Flink: parallelism and task slots of its TaskManager; a list (1,2) runs each")
     ap.add_argument("--checkpoint-interval-ms", type=int, default=2000, help="Flink checkpoints")
     ap.add_argument("--recovery-rate", type=int, default=1000, help="Flink: the TaskManager-kill run's rate (0 skips)")
+    ap.add_argument("--recovery-seconds", type=float, help="Flink: measured seconds of the kill run (default --seconds)")
     args = ap.parse_args()
-    if args.engine == "beam" and not PRISM.exists():
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not engines or set(engines) - {"beam", "flink"}:
+        ap.error("--engine takes beam, flink or beam,flink")
+    try:
+        slots = [int(p) for p in args.parallelism.split(",") if p]
+    except ValueError:
+        ap.error("--parallelism takes a number or a list such as 1,2")
+    if not slots or min(slots) < 1:
+        ap.error("--parallelism takes numbers of at least 1")
+    if "beam" in engines and not PRISM.exists():
         print(f"no Prism binary at {PRISM}: make prism", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="finfeat-bench-stream-"))
-    results = []
+    results: list[dict] = []
     try:
         with ExitStack() as stack:
             redis_url = None
@@ -390,58 +576,18 @@ def main() -> int:
                     server = stack.enter_context(running_redis(work / "redis"))
                 except RedisServerMissing as exc:
                     raise SystemExit(f"{exc}, or pass --online-store none") from None
-                redis_url = f"redis://127.0.0.1:{server.port}"
+                redis_url = f"redis://127.0.0.1:{server.port}/0"
             kafka = stack.enter_context(LocalKafka())
-            if args.engine == "flink":
-                from finfeat.jobs.flink.cluster import LocalFlinkCluster
-
-                args.cluster = stack.enter_context(LocalFlinkCluster(workdir=work / "flink",
-                                                                     slots=max(2, args.parallelism)))
-            rates = [int(r) for r in args.rates.split(",") if r]
-            for i, rate in enumerate(rates):  # each case in a Redis database of its own
-                results.append(steady(kafka, rate, args, work, redis_url and f"{redis_url}/{i}"))
-                print(json.dumps(results[-1]), flush=True)
-            if args.backlog:
-                results.append(backlog(kafka, args.backlog, args, work, redis_url and f"{redis_url}/{len(rates)}"))
-                print(json.dumps(results[-1]), flush=True)
-            if args.engine == "flink" and args.recovery_rate:
-                results.append(steady(kafka, args.recovery_rate, args, work,
-                                      redis_url and f"{redis_url}/{len(rates) + 1}", kill=True))
-                print(json.dumps(results[-1]), flush=True)
+            for engine in engines:
+                for p in slots if engine == "flink" else [1]:
+                    args.engine, args.parallelism = engine, p
+                    args.label = "prism" if engine == "beam" else f"flink-p{p}"
+                    with ExitStack() as cluster:  # a Flink cluster per parallelism, stopped after its cases
+                        results += run_engine(kafka, args, work, redis_url, cluster)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    engine = f"Flink (parallelism {args.parallelism})" if args.engine == "flink" else "Prism"
-    print(f"\nfinfeat stream on {engine}, {os.cpu_count()} cores; bound {args.bound_seconds:g} s, "
-          f"emit tick {args.emit_every_ms} ms, commit every {args.commit_every_seconds:g} s, "
-          f"batch wait {args.batch_wait_ms} ms"
-          + (f"; online store Redis on 127.0.0.1, every {args.sample_every}th transaction followed"
-             if args.online_store == "redis" else "; no online store"))
-    print(f"{'case':<18}{'events':>9}{'sent/s':>9}  {'to':<8}{'p50 s':>8}{'p99 s':>8}{'max s':>8}{'lag s':>8}"
-          f"{'missing':>9}")
-    for r in results:
-        if r["case"].startswith(("steady", "recovery")) and "error" in r:
-            print(f"{r['case']:<18}{r['events']:>9,}  {r['error']} (see {r['log']})")
-        elif r["case"].startswith(("steady", "recovery")):
-            head = f"{r['case']:<18}{r['events']:>9,}{r['produced/s']:>9,.0f}"
-            if "online" in r:
-                o = r["online"]
-                print(f"{head}  {'online':<8}{o['p50']:>8.3f}{o['p99']:>8.3f}{o['max']:>8.3f}{o['lag']:>8.3f}"
-                      f"{r['online_missing']:>9,} of {r['online_followed']:,} followed")
-                head = f"{'':<36}"
-            elif "online_followed" in r:
-                print(f"{head}  {'online':<8}  none of {r['online_followed']:,} followed transactions seen")
-                head = f"{'':<36}"
-            print(f"{head}  {'Delta':<8}{r['p50']:>8.2f}{r['p99']:>8.2f}{r['max']:>8.2f}{r['lag']:>8.2f}"
-                  f"{r['missing']:>9,}")
-    for r in results:
-        if "recovery_s" in r:
-            print(f"recovery: a TaskManager killed at {r['case'].split()[1]}: output current again (a commit's median "
-                  f"freshness under {r['pre_kill_p99']:.2f} s) {r['recovery_s']:.1f} s after the kill")
-        if r["case"].startswith("backlog"):
-            print(f"capacity: {r['rows']:,} of {r['events']:,} backlog events in {r['commits']} commits, "
-                  f"{r['throughput']:,.0f} events/s between first and last commit ({r['wall']:.1f} s wall "
-                  f"incl. start-up and idle stop)")
+        report(results, args)
     return 0
 
 

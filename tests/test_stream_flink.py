@@ -7,9 +7,11 @@ when CI is set. The job runs as ``finfeat stream --engine flink``, as a user run
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -80,10 +82,11 @@ def _produce(events: pa.Table, bootstrap: str, topic: str, **kwargs: object) -> 
 
 
 def _start(bootstrap: str, topic: str, wh: Path, log: Path, *, master: str | None = None, parallelism: int = 1,
-           idle_s: float = 4, bound_s: float = BOUND_S, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+           idle_s: float | None = 4, bound_s: float = BOUND_S, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = [sys.executable, "-m", "finfeat.jobs.cli", "stream", "--engine", "flink", "--bootstrap", bootstrap,
             "--topic", topic, "--warehouse", str(wh), "--app-id", APP_ID, "--bound-seconds", str(bound_s),
-            "--commit-every-seconds", "1", "--checkpoint-interval-ms", "1000", "--stop-after-idle", str(idle_s),
+            "--commit-every-seconds", "1", "--checkpoint-interval-ms", "1000",
+            *(["--stop-after-idle", str(idle_s)] if idle_s is not None else []),
             "--parallelism", str(parallelism), "--buckets", str(parallelism), *extra]
     if master:
         args += ["--flink-master", master]
@@ -124,15 +127,56 @@ def test_drain_of_a_dense_stream_after_the_source_went_idle_leaves_every_row_onc
     """Events 1 ms apart, a 1 s bound: at the idle stop the events of the last second still wait
     for the watermark, and the source has been quiet for longer than the bound. The drain's
     end-of-time watermark must still fire their timers (it was dropped while the source was idle)."""
-    events = sparkov_events(3000)
-    t0 = events.column("event_time")[0].as_py()
-    dense = pa.array([t0 + timedelta(milliseconds=i) for i in range(events.num_rows)],
-                     events.schema.field("event_time").type)
-    events = events.set_column(events.schema.get_field_index("event_time"), "event_time", dense)
+    events = _dense(3000)
     _produce(events, kafka.bootstrap, "flink-dense-drain")
     _run(kafka.bootstrap, "flink-dense-drain", tmp_path / "wh", tmp_path / "job.log", bound_s=1, idle_s=4)
     _assert_equals_batch(_features(tmp_path / "wh"), events)
     assert not DeltaTable.is_deltatable(str(tmp_path / "wh" / "dead_letters")), "unexpected dead letters"
+
+
+def _dense(n: int) -> pa.Table:
+    """``n`` Sparkov events 1 ms apart."""
+    events = sparkov_events(n)
+    t0 = events.column("event_time")[0].as_py()
+    dense = pa.array([t0 + timedelta(milliseconds=i) for i in range(events.num_rows)],
+                     events.schema.field("event_time").type)
+    return events.set_column(events.schema.get_field_index("event_time"), "event_time", dense)
+
+
+@pytest.mark.parametrize("where", ["mini", "cluster"])
+def test_stop_on_sigterm_keeps_what_waits_for_the_watermark_and_a_resumed_job_completes_it(
+        kafka, tmp_path: Path, request: pytest.FixtureRequest, where: str) -> None:  # noqa: ANN001
+    """A job without --stop-after-idle, its source quiet for longer than the bound (so Flink
+    treats it as idle), stopped with SIGTERM to ``finfeat stream``'s process group (as a Ctrl-C
+    in a terminal): it stops with a savepoint, without a drain, and the events still waiting for
+    the watermark stay in it; a job resumed from that savepoint commits them: every row once,
+    nothing lost, no dead letter. On the mini cluster and on a standalone one."""
+    master = request.getfixturevalue("cluster").master if where == "cluster" else None
+    events = _dense(3000)
+    topic, wh, log = f"flink-sigterm-stop-{where}", tmp_path / "wh", tmp_path / "job.log"
+    _produce(events, kafka.bootstrap, topic)
+    proc = _start(kafka.bootstrap, topic, wh, log, bound_s=1, idle_s=None, master=master)
+    try:
+        # the final events' rows land; the last second's events wait for a watermark that does not come
+        wait_until(lambda: commits(wh / "features") >= 1, 300, "the first features commit", proc, log)
+        before = -1
+        while (now := _features(wh).num_rows) != before:  # stable: the source has been idle for > 1 s
+            before = now
+            time.sleep(4)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert wait_for(proc, log, 180) == 0, tail(log)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    text = log.read_text()
+    assert "stopped on request" in text, tail(log)
+    savepoint = text.split("stopped on request; savepoint ", 1)[1].split()[0]
+    first = _features(wh)
+    assert 0 < first.num_rows < events.num_rows, f"{first.num_rows} rows before the resume"
+    assert pc.count_distinct(first.column("txn_id")).as_py() == first.num_rows
+    _run(kafka.bootstrap, topic, wh, log, bound_s=1, idle_s=4, master=master, extra=("--from-checkpoint", savepoint))
+    _assert_equals_batch(_features(wh), events)
+    assert not DeltaTable.is_deltatable(str(wh / "dead_letters")), "unexpected dead letters"
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
@@ -296,6 +340,36 @@ def test_online_store_equals_batch_materialization(kafka, tmp_path: Path) -> Non
     finally:
         reference.close()
         streamed.close()
+
+
+def test_online_store_failure_ends_the_job_with_an_error(kafka, tmp_path: Path) -> None:  # noqa: ANN001
+    """The store goes away mid-stream and stays away past --store-retry-seconds: the job must end
+    (exit 1, the store's error named), not have Flink restart the failing task forever."""
+    from finfeat.jobs.online.base import EntityState
+    from finfeat.jobs.online.redis_store import RedisOnlineStore
+    from tests.online_fixtures import running_redis
+
+    events = sparkov_events(400)
+    topic, wh, log = "flink-online-failure", tmp_path / "wh", tmp_path / "job.log"
+    _produce(events.slice(0, 200), kafka.bootstrap, topic)
+    with running_redis(tmp_path / "redis") as server:
+        proc = _start(kafka.bootstrap, topic, wh, log, idle_s=None,
+                      extra=("--online-store", server.url, "--store-retry-seconds", "3"))
+        try:
+            probe = RedisOnlineStore(server.url, SPEC)
+            card = events.column("card_token")[0].as_py()
+            wait_until(lambda: isinstance(probe.read_states([("card", card)])[0], EntityState), 300,
+                       "the first online-store write", proc, log)
+            probe.close()
+            server.kill()
+            _produce(events.slice(200), kafka.bootstrap, topic)
+            rc = wait_for(proc, log, 240)
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+    assert rc == 1, f"the job exited {rc}; its log:\n{tail(log)}"
+    text = log.read_text(errors="replace")
+    assert "the online store failed and the job stopped" in text and "unavailable" in text, tail(log)
 
 
 def test_engine_flink_without_its_environment_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -46,6 +47,7 @@ from pyflink.table import StreamTableEnvironment
 from finfeat import __version__
 from finfeat.jobs import delta
 from finfeat.jobs.flink import env as flink_env
+from finfeat.jobs.online.base import WRITE_RETRY_S, OnlineStoreError, write_retrying
 from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.features import PARTITION_COLUMN, feature_schema
 from finfeat.transforms import stream_steps as steps
@@ -66,6 +68,25 @@ def _ipc(table: pa.Table) -> bytes:
 
 def _table(data: bytes) -> pa.Table:
     return steps.table_from_bytes(data)
+
+
+class _WorkerCopies:
+    """This Python worker's copy of each key's state object (a bucket's history or seen txn ids),
+    valid while the token in state matches: reading a bucket's whole history back from Flink and
+    rebuilding it at every flush cost time that grew with the history. Each update writes a fresh
+    random token to state and keeps the object here under it; a copy is taken out while it is
+    worked on and put back only at the end. A restore from a checkpoint leaves the checkpoint's
+    token in state, so a stale copy is never used: the state stays the truth."""
+
+    def __init__(self) -> None:
+        self._held: dict[object, tuple[str, object]] = {}
+
+    def take(self, key: object, token: str | None) -> object | None:
+        got = self._held.pop(key, None)
+        return got[1] if got is not None and token is not None and got[0] == token else None
+
+    def put(self, key: object, token: str, value: object) -> None:
+        self._held[key] = (token, value)
 
 
 class ParseEventsFn(KeyedProcessFunction):
@@ -125,12 +146,22 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
     input ends. The store's writes are idempotent per txn id and monotonic, so repeated and late
     deliveries, and a batch written again after a restart from a checkpoint, change nothing
     (the Beam job's ``WriteOnlineStoreFn`` does the same). Unparseable messages are the feature
-    path's dead letters; here they are skipped. A store error fails the task (Flink restarts it)."""
+    path's dead letters; here they are skipped. An unreachable store is retried for ``retry_s``
+    (``--store-retry-seconds``), as in the Beam job. A store error is written to ``failure_path``
+    (which the driver watches: it cancels the job and exits 1, as the Beam job does, instead of
+    Flink restarting the task forever) and fails the task."""
 
     def __init__(self, *, url: str, spec: FeatureSpec, token_key: bytes, topic: str, run_id: str,
-                 wait_ms: int) -> None:
+                 wait_ms: int, failure_path: str | None = None, retry_s: float = WRITE_RETRY_S) -> None:
         self._url, self._spec, self._key, self._topic, self._run_id = url, spec, token_key, topic, run_id
         self._wait = max(1, wait_ms)
+        self._failure_path, self._retry_s = failure_path, retry_s
+
+    def _failed(self, exc: Exception) -> None:
+        if self._failure_path:
+            path = Path(self._failure_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{type(exc).__name__}: {exc}")
 
     def open(self, ctx) -> None:  # noqa: ANN001
         from finfeat.jobs.online import open_store
@@ -140,11 +171,17 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
         self._pending = ctx.get_list_state(ListStateDescriptor("pending", _BYTES))
         self._armed = ctx.get_state(ValueStateDescriptor("armed", Types.BOOLEAN()))
         self._mapping, self._tokenizer = Mapping.load("canonical"), CardTokenizer(self._key)
-        self._store = open_store(self._url, self._spec)
+        self._store = None
+        try:
+            self._store = open_store(self._url, self._spec)
+        except OnlineStoreError as exc:
+            self._failed(exc)
+            raise
         self._written = ctx.get_metrics_group().counter("finfeat_online_events_written")
 
     def close(self) -> None:
-        self._store.close()
+        if self._store is not None:
+            self._store.close()
 
     def process_element(self, row, ctx):  # noqa: ANN001, ANN201
         self._pending.add((int(row[2]), bytes(row[0]) if row[0] is not None else None))
@@ -169,7 +206,11 @@ class WriteOnlineStoreFn(KeyedProcessFunction):
             events, _ = parse_batch(raw, mapping=self._mapping, tokenizer=self._tokenizer, source=source,
                                     run_id=self._run_id, recorded_at_us=0)
             if events.num_rows:
-                self._store.write(steps.as_events(events))
+                try:  # an unreachable store is retried for retry_s (writes are idempotent)
+                    write_retrying(self._store, steps.as_events(events), within_s=self._retry_s)
+                except OnlineStoreError as exc:
+                    self._failed(exc)
+                    raise
                 self._written.inc(events.num_rows)
         return iter(())
 
@@ -183,13 +224,23 @@ class DropRepeatedTxnFn(KeyedProcessFunction):
 
     def open(self, ctx) -> None:  # noqa: ANN001
         self._seen = ctx.get_list_state(ListStateDescriptor("seen", _BYTES))
+        self._token = ctx.get_state(ValueStateDescriptor("seen-token", Types.STRING()))
+        self._copies = _WorkerCopies()
 
     def process_element(self, element, ctx):  # noqa: ANN001, ANN201
-        seen = steps.SeenTxnIds(_table(b) for b in (self._seen.get() or []))
+        key = ctx.get_current_key()
+        seen = self._copies.take(key, self._token.value())
+        if seen is None:
+            seen = steps.SeenTxnIds(_table(b) for b in (self._seen.get() or []))
         out = steps.drop_repeated(_table(element[1]), seen, run_id=self._run_id,
                                   retention_us=self._spec.max_window_us)
+        token = self._token.value()
         if out.change is not None:
             _apply(self._seen, out.change)
+            token = uuid.uuid4().hex
+            self._token.update(token)
+        if token is not None:
+            self._copies.put(key, token, seen)
         if out.dead is not None:
             yield DEAD, _ipc(out.dead)
         if out.fresh is None:
@@ -215,6 +266,9 @@ class EntityFeaturesFn(KeyedProcessFunction):
         self._history = ctx.get_list_state(ListStateDescriptor("history", _BYTES))
         self._horizon = ctx.get_state(ValueStateDescriptor("horizon", Types.LONG()))
         self._ended = ctx.get_state(ValueStateDescriptor("ended", Types.BOOLEAN()))
+        # (rows the history's last rewrite kept out of reach, token of the worker's copy)
+        self._shape = ctx.get_state(ValueStateDescriptor("history-shape", _BYTES))
+        self._copies = _WorkerCopies()
 
     def _to_join(self, entity: str, kind: str, table: pa.Table):  # noqa: ANN202
         for bucket, piece in split_by_bucket(table, "txn_id", self._buckets):
@@ -229,31 +283,42 @@ class EntityFeaturesFn(KeyedProcessFunction):
             return
         self._pending.add(_ipc(on_time))
         if self._ended.value() or _input_ended(ctx):  # no timer fires any more: what came is final now
-            yield from self._flush(entity, int(steps.event_times_us(on_time).max()))
+            yield from self._flush(ctx.get_current_key(), int(steps.event_times_us(on_time).max()))
             return
         ctx.timer_service().register_event_time_timer(_MAX_TIMESTAMP_MS)  # marks the input's end
         for due_us in steps.flush_times_us(steps.event_times_us(on_time), self._tick_us):
             ctx.timer_service().register_event_time_timer(due_us // 1000)
 
     def on_timer(self, timestamp: int, ctx):  # noqa: ANN001, ANN201
-        entity = ctx.get_current_key().split("/")[0]
+        key = ctx.get_current_key()
         if timestamp >= _MAX_TIMESTAMP_MS:
             self._ended.update(True)
             pending = steps.concat(_table(b) for b in (self._pending.get() or []))
             if pending is not None:
-                yield from self._flush(entity, int(steps.event_times_us(pending).max()))
+                yield from self._flush(key, int(steps.event_times_us(pending).max()))
             return
-        yield from self._flush(entity, steps.cutoff_of_timer_us(timestamp * 1000))
+        yield from self._flush(key, steps.cutoff_of_timer_us(timestamp * 1000))
 
-    def _flush(self, entity: str, cutoff: int):  # noqa: ANN202
+    def _flush(self, key: str, cutoff: int):  # noqa: ANN202
+        entity = key.split("/")[0]
         step = self._steps[entity]
         pending = steps.concat(_table(b) for b in (self._pending.get() or []))
-        history = steps.EntityHistory.from_pieces((_table(b) for b in (self._history.get() or [])), entity)
+        if pending is None or not (steps.event_times_us(pending) <= cutoff).any():
+            return  # released by an earlier timer: no need to touch the history
+        kept_tails, token = self._shape.value() or (0, None)
+        history = self._copies.take(key, token)
+        if history is None:
+            history = steps.EntityHistory.from_pieces((_table(b) for b in (self._history.get() or [])), entity)
+            if history is not None:
+                history.kept_tails = kept_tails
         flushed = steps.flush_bucket(pending, history, cutoff, step=step)
         if flushed is None:
             return
         yield from self._to_join(entity, steps.FEATURES, flushed.part)
         _apply(self._history, flushed.change)
+        token = uuid.uuid4().hex
+        self._shape.update((flushed.history.kept_tails, token))
+        self._copies.put(key, token, flushed.history)
         self._pending.update([_ipc(flushed.later)] if flushed.later is not None else [])
         done = self._horizon.value()
         self._horizon.update(cutoff if done is None else max(done, cutoff))
@@ -388,9 +453,10 @@ CREATE TEMPORARY TABLE kafka_messages (
 def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, warehouse: str, spec: FeatureSpec,
           app_id: str, group_id: str, run_id: str, token_key: bytes, bound_s: float, commit_every_s: float,
           buckets: int, emit_every_ms: int, online_store: str | None = None, batch_wait_ms: int = 100,
-          drains: bool = False) -> None:
+          drains: bool = False, failure_path: str | None = None, store_retry_s: float = WRITE_RETRY_S) -> None:
     """The stream job's graph on ``env``. ``drains``: the job ends with a stop with drain (the
-    source then has no idle timeout, see :func:`source_ddl`)."""
+    source then has no idle timeout, see :func:`source_ddl`). ``failure_path``: where the online
+    store's step writes its error before failing (see :class:`WriteOnlineStoreFn`)."""
     if not spec.entities:
         raise ValueError("the Flink stream job needs a feature spec with at least one entity")
     t_env = StreamTableEnvironment.create(env)
@@ -401,7 +467,8 @@ def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, wareho
     if online_store:  # not behind the watermark: the store takes events in any order
         (by_partition
          .process(WriteOnlineStoreFn(url=online_store, spec=spec, token_key=token_key, topic=topic, run_id=run_id,
-                                     wait_ms=batch_wait_ms), output_type=_BYTES)
+                                     wait_ms=batch_wait_ms, failure_path=failure_path, retry_s=store_retry_s),
+                  output_type=_BYTES)
          .name("WriteOnlineStore").uid("write-online-store"))
     parsed = (by_partition
               .process(ParseEventsFn(topic=topic, run_id=run_id, token_key=token_key, tick_ms=emit_every_ms,
@@ -429,9 +496,11 @@ def build(env: StreamExecutionEnvironment, *, bootstrap: str, topic: str, wareho
 
 
 def configure(*, parallelism: int, checkpoint_dir: str, checkpoint_interval_ms: int, state_backend: str,
-              from_checkpoint: str | None) -> StreamExecutionEnvironment:
+              from_checkpoint: str | None, bundle_ms: int = 100) -> StreamExecutionEnvironment:
     """An environment with checkpoints (retained on cancel), restarts, the Kafka connector and
-    the Flink venv's python for the workers."""
+    the Flink venv's python for the workers. ``bundle_ms``: the longest a Python operator holds
+    its input before handing it to its Python worker (Flink's default, 1 s, is paid at every
+    step of the graph)."""
     config = Configuration()
     settings = {
         "execution.checkpointing.interval": f"{checkpoint_interval_ms} ms",
@@ -446,6 +515,7 @@ def configure(*, parallelism: int, checkpoint_dir: str, checkpoint_interval_ms: 
         "python.executable": str(flink_env.python()),
         "python.client.executable": str(flink_env.python()),
         "pipeline.jars": flink_env.connector_jar().as_uri(),
+        "python.fn-execution.bundle.time": str(max(1, bundle_ms)),
     }
     if from_checkpoint:
         settings["execution.state-recovery.path"] = from_checkpoint
@@ -480,13 +550,63 @@ def _idle(bootstrap: str, topic: str, group_id: str) -> bool:
         consumer.close()
 
 
-def _drain(client, savepoint_dir: str) -> str:  # noqa: ANN001
-    """Stop the job with a savepoint, the watermark first advanced to the end of time (Flink 2's
-    JobClient takes a savepoint format, which PyFlink's wrapper does not pass)."""
+def _stop(client, savepoint_dir: str, *, drain: bool) -> str:  # noqa: ANN001
+    """Stop the job with a savepoint; ``drain`` first advances the watermark to the end of time
+    (Flink 2's JobClient takes a savepoint format, which PyFlink's wrapper does not pass)."""
     from pyflink.java_gateway import get_gateway
 
     fmt = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
-    return str(client._j_job_client.stopWithSavepoint(True, savepoint_dir, fmt).get())
+    return str(client._j_job_client.stopWithSavepoint(drain, savepoint_dir, fmt).get())
+
+
+class _StopRequest:
+    """SIGTERM or SIGINT (or the ``finfeat stream`` process that started this driver gone, named
+    by ``FINFEAT_FLINK_OWNER``; else this process's parent) asks the job to stop with a
+    savepoint; a second signal exits at once (128 + signal)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        owner = os.environ.get("FINFEAT_FLINK_OWNER", "")
+        self._owner = int(owner) if owner.isdigit() else None
+        self._parent = os.getppid()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:  # noqa: ANN001
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        if self.signal is None and not self._owner_alive():  # whoever started the job is gone
+            self.signal = signal.SIGTERM
+        return self.signal is not None
+
+    def _owner_alive(self) -> bool:
+        if self._owner is None:
+            return os.getppid() == self._parent
+        try:
+            os.kill(self._owner, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a zombie (killed, not yet reaped) is gone too
+            return Path(f"/proc/{self._owner}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+
+def _failure(client) -> str:  # noqa: ANN001
+    """The first line of the failed job's root cause."""
+    try:
+        client.get_job_execution_result().result()
+    except Exception as exc:  # noqa: BLE001  the failure is what is wanted here
+        text = str(exc)
+        causes = [line.strip() for line in text.splitlines() if "Error" in line or "Exception" in line]
+        return causes[-1] if causes else text.splitlines()[0] if text else type(exc).__name__
+    return "unknown cause"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -498,37 +618,63 @@ def run(args: argparse.Namespace) -> int:
     run_id = args.run_id or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
     env = configure(parallelism=args.parallelism, checkpoint_dir=args.checkpoint_dir,
                     checkpoint_interval_ms=args.checkpoint_interval_ms, state_backend=args.state_backend,
-                    from_checkpoint=args.from_checkpoint)
+                    from_checkpoint=args.from_checkpoint, bundle_ms=args.batch_wait_ms)
     # a consumer group per run: Flink commits this run's offsets to it on each completed checkpoint,
     # which is how --stop-after-idle sees that everything was read (offsets themselves live in checkpoints)
     group_id = f"{args.app_id}.{run_id}"
+    failure = Path(args.checkpoint_dir).resolve() / "_failures" / run_id  # written by a failing store step
     build(env, bootstrap=args.bootstrap, topic=args.topic, warehouse=str(Path(args.warehouse).resolve()), spec=spec,
           app_id=args.app_id, group_id=group_id, run_id=run_id, token_key=token_key, bound_s=args.bound_seconds,
           commit_every_s=args.commit_every_seconds, buckets=args.buckets, emit_every_ms=args.emit_every_ms,
           online_store=args.online_store, batch_wait_ms=args.batch_wait_ms,
-          drains=args.stop_after_idle is not None)
+          drains=args.stop_after_idle is not None, failure_path=str(failure), store_retry_s=args.store_retry_seconds)
+    stop = _StopRequest()
     started = time.monotonic()
     client = env.execute_async(f"finfeat-stream {args.app_id}")
     job_id = str(client.get_job_id())
+    savepoints = (Path(args.checkpoint_dir).resolve() / "savepoints").as_uri()
     print(f"stream {run_id}: Flink job {job_id} running (checkpoints in {args.checkpoint_dir})", flush=True)
-    if args.stop_after_idle is None:
-        client.get_job_execution_result().result()
-    else:
-        quiet_since = None
-        while True:
-            time.sleep(1.0)
-            status = client.get_job_status().result().name
-            if status in ("FAILED", "CANCELED", "FINISHED"):
-                print(f"stream {run_id}: the Flink job ended {status}", file=sys.stderr)
-                return 0 if status == "FINISHED" else 1
-            if _idle(args.bootstrap, args.topic, group_id):
-                quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since >= args.stop_after_idle:
-                    break
-            else:
-                quiet_since = None
+    quiet_since = None
+    while True:
+        time.sleep(1.0)
+        status = client.get_job_status().result().name
+        if status == "FINISHED":
+            break
+        if status in ("FAILED", "CANCELED"):
+            cause = f"failed: {_failure(client)}" if status == "FAILED" else "was cancelled"
+            print(f"stream {run_id}: the Flink job {cause}", file=sys.stderr)
+            return 1
+        if failure.exists():
+            client.cancel().result()
+            print(f"finfeat stream: error: the online store failed and the job stopped ({failure.read_text()}); "
+                  "Delta commits made so far stand; resume with --from-checkpoint and the job's latest retained "
+                  f"checkpoint in {args.checkpoint_dir} (store writes are idempotent)", file=sys.stderr)
+            return 1
+        if stop.requested:
+            # no drain: events still waiting for the watermark stay in the savepoint's state, and
+            # the rows waiting for their commit too; a job resumed from it carries on from there
+            try:
+                where = _stop(client, savepoints, drain=False)
+            except Exception as exc:  # noqa: BLE001  e.g. the job not running yet: no savepoint possible
+                client.cancel().result()
+                print(f"stream {run_id}: stopped on request, without a savepoint ({str(exc).splitlines()[0]}); "
+                      f"the job was cancelled: resume from its latest retained checkpoint in {args.checkpoint_dir}",
+                      file=sys.stderr)
+                return 1
+            print(f"stream {run_id}: stopped on request; savepoint {where} "
+                  f"(resume with --from-checkpoint {where})", flush=True)
+            return 0
+        if args.stop_after_idle is None:
+            continue
+        if _idle(args.bootstrap, args.topic, group_id):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= args.stop_after_idle:
+                break
+        else:
+            quiet_since = None
+    if status != "FINISHED":
         # drain: the watermark goes to the end of time, every timer fires, the last commit lands
-        where = _drain(client, (Path(args.checkpoint_dir).resolve() / "savepoints").as_uri())
+        where = _stop(client, savepoints, drain=True)
         print(f"stream {run_id}: input idle for {args.stop_after_idle:g} s; drained, savepoint {where}", flush=True)
         try:
             client.get_job_execution_result().result()
@@ -559,6 +705,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--online-store")
     p.add_argument("--batch-wait-ms", type=int, default=100,
                    help="the online store is written this long after the first message of a batch")
+    p.add_argument("--store-retry-seconds", type=float, default=WRITE_RETRY_S,
+                   help="keep retrying an online store that cannot be reached for this long")
     p.add_argument("--feature-spec")
     p.add_argument("--parallelism", type=int, default=1)
     p.add_argument("--checkpoint-dir", required=True)

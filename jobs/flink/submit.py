@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def command(args: argparse.Namespace) -> list[str]:
                 "--app-id", args.app_id, "--bound-seconds", str(args.bound_seconds),
                 "--commit-every-seconds", str(args.commit_every_seconds), "--emit-every-ms", str(args.emit_every_ms),
                 "--buckets", str(args.buckets), "--parallelism", str(args.parallelism),
-                "--batch-wait-ms", str(args.batch_wait_ms),
+                "--batch-wait-ms", str(args.batch_wait_ms), "--store-retry-seconds", str(args.store_retry_seconds),
                 "--checkpoint-dir", str(Path(checkpoints).resolve()),
                 "--checkpoint-interval-ms", str(args.checkpoint_interval_ms), "--state-backend", args.state_backend]
     for flag, value in (("--stop-after-idle", args.stop_after_idle), ("--online-store", args.online_store),
@@ -69,7 +70,42 @@ def run(args: argparse.Namespace, rest: list[str], token_key: bytes) -> int:
     from finfeat.jobs import delta
 
     delta.check_warehouse(args.warehouse)  # outputs before any input is read, as for Beam
-    env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode()}
+    env = {**os.environ, "FINFEAT_TOKEN_KEY": token_key.decode(), "FINFEAT_FLINK_OWNER": str(os.getpid())}
     if args.flink_master:  # `flink run` reads its client configuration from here
         env.setdefault("FLINK_CONF_DIR", str(flink_env.flink_home() / "conf"))
-    return subprocess.run(cmd, env=env).returncode
+    # the job's driver (the Python program that submitted the job; under `flink run`, a child of
+    # Flink's client, whose JVM serves it) in a session of its own, so that a Ctrl-C in a terminal
+    # reaches neither JVM; SIGINT and SIGTERM are passed to the driver alone, which stops the job
+    # with a savepoint (it also stops when this process is gone)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, frame) -> None:  # noqa: ANN001
+        for pid in _drivers(proc.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _drivers(root: int) -> list[int]:
+    """The processes under ``root`` (itself included) that run the job's Python driver; ``root``
+    when none does yet (``flink run`` still starting: it then ends without a job)."""
+    from finfeat.jobs.flink.cluster import _descendants
+
+    found = []
+    for pid in [root, *_descendants(root)]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"python" in Path(argv[0].decode(errors="replace")).name.encode() and any(
+                a.endswith((b"stream_job.py", b"finfeat.jobs.flink.stream_job")) for a in argv):
+            found.append(pid)
+    return found or [root]
