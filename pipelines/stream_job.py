@@ -89,7 +89,7 @@ class DropRepeatedTxnFn(beam.DoFn):
     """
 
     SEEN = BagStateSpec("seen", PickleCoder())
-    TOKEN = ReadModifyWriteStateSpec("token", PickleCoder())  # names this worker's copy (see WorkerCache)
+    TOKEN = ReadModifyWriteStateSpec("token", PickleCoder())  # names this worker's copy (see WorkerCopies)
 
     def __init__(self, *, run_id: str, retention_us: int) -> None:
         self._run_id, self._retention = run_id, retention_us
@@ -99,14 +99,14 @@ class DropRepeatedTxnFn(beam.DoFn):
 
     def process(self, kv: tuple[int, pa.Table], key=beam.DoFn.KeyParam, seen=beam.DoFn.StateParam(SEEN),
                 token=beam.DoFn.StateParam(TOKEN)) -> Iterator[object]:
-        ids = _HISTORY_CACHE.take("seen", key, token.read())
+        ids = _HISTORY_CACHE.take(("seen", key), token.read())
         if ids is None:
             ids = SeenTxnIds(seen.read())
         result = drop_repeated(kv[1], ids, run_id=self._run_id, retention_us=self._retention)
         apply_change(seen, result.change)
         fresh = uuid.uuid4().hex
         token.write(fresh)
-        _HISTORY_CACHE.put("seen", key, fresh, ids)
+        _HISTORY_CACHE.put(("seen", key), fresh, ids)
         if result.fresh is not None:
             yield result.fresh
         if result.dead is not None:

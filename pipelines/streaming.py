@@ -34,7 +34,6 @@ state in and out of Beam.
 """
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any, Tuple
@@ -63,6 +62,7 @@ from finfeat.transforms.stream_steps import (  # noqa: F401  (re-exported for th
     EntityStep,
     Part,
     StateChange,
+    WorkerCopies,
     as_events,
     concat,
     cutoff_of_timer_us,
@@ -141,35 +141,7 @@ def _is_stateful(processor: object) -> bool:
     return cached
 
 
-class WorkerCache:
-    """This worker's copy of each bucket's state object, valid while the state's token matches.
-
-    Reading a bucket's whole history back from the runner and scanning its entity keys at every
-    flush were the streaming job's largest costs (portable runners such as Prism offer the SDK
-    no state cache). Every flush writes a fresh random token beside the history in state and
-    keeps the resulting history here under that token; the next flush of the bucket reads the
-    (small) token from state and uses this copy only if the tokens match. A flush takes the copy
-    out while it works and puts it back with the new token only at its end, so a flush that
-    fails leaves no copy behind. Any other writer of the state (another worker, a retried
-    bundle whose writes the runner discarded, a restart) leaves a different token, so a stale
-    copy is never used: the state stays the truth, this only saves work.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[tuple[str, Any], tuple[str, Any]] = {}
-
-    def take(self, entity: str, key: Any, token: str | None) -> Any:
-        with self._lock:
-            got = self._held.pop((entity, key), None)
-        return got[1] if got is not None and token is not None and got[0] == token else None
-
-    def put(self, entity: str, key: Any, token: str, held: Any) -> None:
-        with self._lock:
-            self._held[(entity, key)] = (token, held)
-
-
-_HISTORY_CACHE = WorkerCache()  # entity histories and seen txn ids, by (kind, key)
+_HISTORY_CACHE = WorkerCopies()  # entity histories and seen txn ids, by (kind, key)
 
 
 def _shape(value: tuple | None) -> tuple[int, int | None, str | None]:
@@ -240,7 +212,7 @@ class EntityFeaturesFn(beam.DoFn):
         if not (event_times_us(waiting) <= cutoff).any():  # released by an earlier timer of this round
             return
         pieces, kept_tails, token = _shape(shape.read())
-        held = _HISTORY_CACHE.take(self._entity, key, token) if pieces else None
+        held = _HISTORY_CACHE.take((self._entity, key), token) if pieces else None
         if pieces and held is None:
             held = EntityHistory.from_pieces(history.read(), self._entity)
             if held is not None:
@@ -250,7 +222,7 @@ class EntityFeaturesFn(beam.DoFn):
         apply_change(history, done.change)
         token = uuid.uuid4().hex
         shape.write((done.history.pieces, done.history.kept_tails, token))
-        _HISTORY_CACHE.put(self._entity, key, token, done.history)
+        _HISTORY_CACHE.put((self._entity, key), token, done.history)
         before = horizon.read()
         horizon.write(cutoff if before is None else max(before, cutoff))
         pending.clear()

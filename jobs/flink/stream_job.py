@@ -29,7 +29,6 @@ Graph (every shuffle keyed, every record a tuple of plain values and Arrow IPC b
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -68,25 +67,6 @@ def _ipc(table: pa.Table) -> bytes:
 
 def _table(data: bytes) -> pa.Table:
     return steps.table_from_bytes(data)
-
-
-class _WorkerCopies:
-    """This Python worker's copy of each key's state object (a bucket's history or seen txn ids),
-    valid while the token in state matches: reading a bucket's whole history back from Flink and
-    rebuilding it at every flush cost time that grew with the history. Each update writes a fresh
-    random token to state and keeps the object here under it; a copy is taken out while it is
-    worked on and put back only at the end. A restore from a checkpoint leaves the checkpoint's
-    token in state, so a stale copy is never used: the state stays the truth."""
-
-    def __init__(self) -> None:
-        self._held: dict[object, tuple[str, object]] = {}
-
-    def take(self, key: object, token: str | None) -> object | None:
-        got = self._held.pop(key, None)
-        return got[1] if got is not None and token is not None and got[0] == token else None
-
-    def put(self, key: object, token: str, value: object) -> None:
-        self._held[key] = (token, value)
 
 
 class ParseEventsFn(KeyedProcessFunction):
@@ -225,7 +205,7 @@ class DropRepeatedTxnFn(KeyedProcessFunction):
     def open(self, ctx) -> None:  # noqa: ANN001
         self._seen = ctx.get_list_state(ListStateDescriptor("seen", _BYTES))
         self._token = ctx.get_state(ValueStateDescriptor("seen-token", Types.STRING()))
-        self._copies = _WorkerCopies()
+        self._copies = steps.WorkerCopies()
 
     def process_element(self, element, ctx):  # noqa: ANN001, ANN201
         key = ctx.get_current_key()
@@ -268,7 +248,7 @@ class EntityFeaturesFn(KeyedProcessFunction):
         self._ended = ctx.get_state(ValueStateDescriptor("ended", Types.BOOLEAN()))
         # (rows the history's last rewrite kept out of reach, token of the worker's copy)
         self._shape = ctx.get_state(ValueStateDescriptor("history-shape", _BYTES))
-        self._copies = _WorkerCopies()
+        self._copies = steps.WorkerCopies()
 
     def _to_join(self, entity: str, kind: str, table: pa.Table):  # noqa: ANN202
         for bucket, piece in split_by_bucket(table, "txn_id", self._buckets):
