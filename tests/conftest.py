@@ -1,7 +1,9 @@
 """Shared fixtures: the bundled public data, a tokenizer, canonical events, a runner."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow as pa
 import pytest
@@ -18,6 +20,18 @@ SPARKOV_TEST = SPARKOV / "fraudTest_rows_0-5115.csv"
 TOKEN_KEY = b"test-key-0123456789abcdef"
 #: Tests name the runner explicitly (the default DirectRunner would first try Prism).
 RUNNER = "FnApiRunner"
+
+
+def ci() -> bool:
+    """Whether CI is set (``.ci/run`` sets it): then a missing prerequisite fails a test."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip a test whose prerequisite is missing, or fail it when CI is set (CI runs every test)."""
+    if ci():
+        pytest.fail(message + " (CI is set, so this fails instead of skipping)")
+    pytest.skip(message)
 
 
 def output_bytes(root: Path) -> bytes:

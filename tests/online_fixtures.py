@@ -2,7 +2,6 @@
 of both backends, the public test events, a short-window spec that makes retention prune."""
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from finfeat.jobs.online.redis_store import RedisOnlineStore
 from finfeat.jobs.online.sqlite import SqliteOnlineStore
 from finfeat.schemas.events import EVENT_SCHEMA
 from finfeat.transforms.spec import FeatureSpec
-from tests.conftest import SPARKOV_TEST, load_events
+from tests.conftest import SPARKOV_TEST, load_events, unavailable
 
 #: Windows of minutes to hours: over the 31 hours of the public test file, states prune, and the
 #: anchors (newest event, newest located event beyond the reach) are exercised.
@@ -42,20 +41,12 @@ SHORT_SPEC = FeatureSpec.from_dict({"version": 1, "features": [
 ]})
 
 
-def ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def require_redis_server() -> str:
     """Path of redis-server; skips without it, except under CI where it must be installed."""
     try:
         return redis_server_binary()
     except RedisServerMissing:
-        msg = "redis-server is not on PATH (install it: apt-get install -y redis-server)"
-        if ci():
-            pytest.fail(f"{msg}; CI must run the Redis tests")
-        pytest.skip(msg)
-    raise AssertionError("unreachable")
+        unavailable("redis-server is not on PATH (install it: apt-get install -y redis-server)")
 
 
 @contextmanager

@@ -38,11 +38,11 @@ from finfeat.jobs.sources import read_labels_file
 from finfeat.schemas.events import TransactionEvent, events_to_table
 from finfeat.transforms.labels import parse_labels
 from finfeat.transforms.spec import FeatureSpec
-from tests.conftest import REPO
+from tests.conftest import REPO, unavailable
 from tests.label_fixtures import HOUR, SPEC, _iso, replay_with_lookups, snapshot, world  # noqa: F401
 from tests.online_fixtures import make_store, redis_server, running_redis  # noqa: F401  (fixtures)
+from tests.stream_fixtures import kafka_missing
 
-KAFKA_LIB = REPO / ".cache" / "kafka" / "lib"
 CARD = "4111 1111 1111 1111"
 SMALL = FeatureSpec.from_dict({"features": [
     {"entity": "card", "agg": "count", "window": "1h"},
@@ -51,18 +51,9 @@ SMALL = FeatureSpec.from_dict({"features": [
 
 
 def _require_kafka() -> None:
-    missing = []
-    if not any(KAFKA_LIB.glob("kafka_2.13-*.jar")):
-        missing.append(f"Kafka jars in {KAFKA_LIB} (python -m finfeat.jobs.kafka.broker fetch)")
-    try:
-        import confluent_kafka  # noqa: F401
-    except ImportError:
-        missing.append("confluent-kafka (pip install -e '.[stream]')")
+    missing = kafka_missing()
     if missing:
-        message = "Kafka unavailable: " + "; ".join(missing)
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(message + " (CI is set, so this fails instead of skipping)")
-        pytest.skip(message)
+        unavailable("Kafka unavailable: " + "; ".join(missing))
 
 
 @pytest.fixture(scope="module")

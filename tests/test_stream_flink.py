@@ -23,9 +23,10 @@ from deltalake import DeltaTable
 from finfeat.jobs.delta import read_table
 from finfeat.transforms.features import compute_features
 from finfeat.transforms.spec import FeatureSpec
-from tests.conftest import REPO, TOKEN_KEY
+from tests.conftest import REPO, TOKEN_KEY, unavailable
 from tests.oracle import compare_features
 from tests.stream_fixtures import (
+    kafka_missing,
     APP_ID,
     BOUND_S,
     commits,
@@ -48,13 +49,9 @@ def require_flink_stack() -> None:
         flink_env.require()
     except flink_env.FlinkUnavailable as exc:
         missing.append(str(exc))
-    if not any((REPO / ".cache" / "kafka" / "lib").glob("kafka_2.13-*.jar")):
-        missing.append("Kafka jars (python -m finfeat.jobs.kafka.broker fetch)")
+    missing += kafka_missing(client=False)
     if missing:
-        message = "Flink stack unavailable: " + "; ".join(missing)
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(message + " (CI is set, so this fails instead of skipping)")
-        pytest.skip(message)
+        unavailable("Flink stack unavailable: " + "; ".join(missing))
 
 
 @pytest.fixture(scope="module")
