@@ -1,5 +1,6 @@
-"""The feature engine's oracle tests, run again in the Flink virtualenv: PyFlink pins other
-versions of pyarrow, numpy and pandas, and the Flink job calls the same engine there."""
+"""The feature engine's oracle tests and the stream step's tests, run again in the Flink
+virtualenv: PyFlink pins other versions of pyarrow, numpy and pandas, and the Flink job calls the
+same engine and steps there."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,8 @@ def test_engine_oracle_tests_pass_in_the_flink_venv() -> None:
     versions = subprocess.run([str(flink_env.python()), "-c", "import pyarrow, numpy; print(pyarrow.__version__, "
                                "numpy.__version__)"], capture_output=True, text=True, check=True).stdout.split()
     proc = subprocess.run([str(flink_env.python()), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_features_oracle.py", "tests/test_oracle.py"],
+                           "tests/test_features_oracle.py", "tests/test_oracle.py", "tests/test_stream_steps.py",
+                           "tests/test_engine_small_frames.py"],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, f"oracle tests failed with pyarrow {versions[0]}, numpy {versions[1]}:\n" \

@@ -32,7 +32,7 @@ class FeatureOverflowError(ArithmeticError):
     """A window sum would not fit in int64 (millions of maximal amounts in one window)."""
 
 
-def _sorted_order(table: pa.Table, key: str, key_codes: np.ndarray | None = None) -> np.ndarray:
+def sorted_order(table: pa.Table, key: str, key_codes: np.ndarray | None = None) -> np.ndarray:
     """Row order that groups rows by ``key`` and sorts each group by ``(event_time, txn_id)``.
 
     Groups come in the order of their dictionary codes (which group comes first changes no
@@ -193,18 +193,30 @@ class _EntityFrame:
 
     order: np.ndarray | None = None  # the input row of each sorted row (table frames)
 
-    def __init__(self, group: np.ndarray, t: np.ndarray) -> None:
+    def __init__(self, group: np.ndarray, t: np.ndarray, at: np.ndarray | None = None) -> None:
         self.group = group
         self.t = t
         self.n = len(t)
         self.idx = np.arange(self.n, dtype=np.int64)
-        new = np.ones(self.n, dtype=bool)
-        if self.n > 1:
-            np.not_equal(group[1:], group[:-1], out=new[1:])
-        self.gstart = np.maximum.accumulate(np.where(new, self.idx, 0)) if self.n else self.idx
-        self.everywhere = np.ones(self.n, dtype=bool)  # shared validity of always-valid features (read-only)
+        # the rows whose features are wanted (sorted, distinct): every row unless given. Window
+        # bounds and aggregates are evaluated at these rows only; what is shared by every row
+        # (prefix sums, previous occurrences) is a linear pass over the frame.
+        self.at = self.idx if at is None else np.asarray(at, dtype=np.int64)
+        self.every_row = at is None
+        self.everywhere = np.ones(len(self.at), dtype=bool)  # validity of always-valid features (read-only)
+        self.every_valid = self.everywhere if self.every_row else np.ones(self.n, dtype=bool)  # of columns
         self._lo: dict[int, np.ndarray] = {}
         self._cache: dict[str, Any] = {}
+
+    @property
+    def gstart(self) -> np.ndarray:
+        """The first row of each row's group."""
+        if "gstart" not in self._cache:
+            new = np.ones(self.n, dtype=bool)
+            if self.n > 1:
+                np.not_equal(self.group[1:], self.group[:-1], out=new[1:])
+            self._cache["gstart"] = np.maximum.accumulate(np.where(new, self.idx, 0)) if self.n else self.idx
+        return self._cache["gstart"]
 
     # -- loading a column, in sorted order (per source) ----------------------------------------
 
@@ -253,15 +265,34 @@ class _EntityFrame:
         return self._cached(f"times:{column}", self._load_times, column)
 
     def lo(self, window: int) -> np.ndarray:
+        """The first row of each wanted row's window (aligned with :attr:`at`)."""
         if window not in self._lo:
-            self._lo[window] = window_lower_bounds(self.t, self.group, window)
+            if self.every_row:
+                self._lo[window] = window_lower_bounds(self.t, self.group, window)
+            else:  # y.t > t - window, i.e. y.t >= t - window + 1 (integer microseconds)
+                self._lo[window] = self._searchsorted(self.t[self.at] - window + 1)
         return self._lo[window]
 
+    def _searchsorted(self, query_t: np.ndarray) -> np.ndarray:
+        """For each wanted row: the first row of its group with t >= the query time."""
+        at, t, group = self.at, self.t, self.group
+        if not self.n:
+            return at.copy()
+        if "key" not in self._cache:  # one composite key (group, t) for every window, when it fits
+            t0, span = int(t.min()), int(t.max()) - int(t.min()) + 2
+            fits = (int(group[-1]) + 1) * span < _INT64_MAX // 2
+            self._cache["key"] = (t0, span, group * span + (t - t0) if fits else None)
+        t0, span, key = self._cache["key"]
+        if key is None:
+            return group_searchsorted(t, group, group[at], query_t)
+        qkey = group[at] * span + (np.clip(query_t, t0, t0 + span - 1) - t0)
+        return np.searchsorted(key, qkey, side="left")
+
     def count(self, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """Events in each row's window, and whether there are any (shared: read-only)."""
+        """Events in each wanted row's window, and whether there are any (shared: read-only)."""
         key = f"count:{window}"
         if key not in self._cache:
-            count = self.idx - self.lo(window)
+            count = self.at - self.lo(window)
             self._cache[key] = (count, count > 0)
         return self._cache[key]
 
@@ -276,7 +307,7 @@ class _EntityFrame:
         return self._cache[key]
 
     def window_sum(self, column: str, window: int) -> np.ndarray:
-        """Sum of a non-negative integer column over each row's window, exact in int64.
+        """Sum of a non-negative integer column over each wanted row's window, exact in int64.
 
         Every value is in [0, biggest], so a window of k events sums to at most k * biggest;
         when that is below 2**63 for the fullest window, the prefix-sum difference is exact (see
@@ -290,7 +321,7 @@ class _EntityFrame:
             x = self.ints(column)
             count, _ = self.count(window)
             p = self.prefix(column)
-            total = p[self.idx] - p[self.lo(window)]
+            total = p[self.at] - p[self.lo(window)]
             if self.n:
                 low, biggest = int(x.min()), int(x.max())
                 if low < 0:
@@ -299,7 +330,7 @@ class _EntityFrame:
                 risky = np.flatnonzero(count.astype(np.float64) * biggest >= 2.0**63)
                 if risky.size:
                     lo = self.lo(window)
-                    exact = [sum(x[a:b].tolist()) for a, b in zip(lo[risky], self.idx[risky])]
+                    exact = [sum(x[a:b].tolist()) for a, b in zip(lo[risky], self.at[risky])]
                     if max(exact) > _INT64_MAX:
                         raise FeatureOverflowError(f"a {column} window sum exceeds int64 ({max(exact)})")
                     total[risky] = exact
@@ -331,7 +362,7 @@ class _TableFrame(_EntityFrame):
 
     def __init__(self, table: pa.Table, entity: str) -> None:
         codes = _codes(table.column(ENTITY_COLUMNS[entity]))
-        order = _sorted_order(table, ENTITY_COLUMNS[entity], codes)
+        order = sorted_order(table, ENTITY_COLUMNS[entity], codes)
         key_codes = codes[order]
         new_group = np.ones(len(order), dtype=bool)
         if len(order) > 1:
@@ -366,13 +397,13 @@ class _ArrayFrame(_EntityFrame):
     bool, timestamps as int64 microseconds, and text as integer codes (equal text, equal code)."""
 
     def __init__(self, group: np.ndarray, t: np.ndarray,
-                 columns: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
-        super().__init__(group, t)
+                 columns: dict[str, tuple[np.ndarray, np.ndarray | None]], at: np.ndarray | None = None) -> None:
+        super().__init__(group, t, at)
         self.columns = columns
 
     def _valid(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         values, valid = self.columns[column]
-        return values, self.everywhere if valid is None else valid
+        return values, self.every_valid if valid is None else valid
 
     def _load_ints(self, column: str) -> np.ndarray:
         return self.columns[column][0]
@@ -402,7 +433,7 @@ def _window_std(frame: _EntityFrame, col: str, window: int) -> tuple[np.ndarray,
     key = f"std:{col}:{window}"
     if key in frame._cache:
         return frame._cache[key]
-    i, n = frame.idx, frame.n
+    i, n = frame.at, len(frame.at)
     lo = frame.lo(window)
     count, _ = frame.count(window)
     # Exact integer sums of the window, then n*S2 - S1^2 in Python integers (exact, and a
@@ -431,9 +462,9 @@ def _window_std(frame: _EntityFrame, col: str, window: int) -> tuple[np.ndarray,
 
 
 def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndarray]:
-    """Values and validity of one feature, in sorted order."""
-    i = frame.idx
-    n = frame.n
+    """Values and validity of one feature at the frame's wanted rows (:attr:`_EntityFrame.at`)."""
+    i = frame.at
+    n = len(i)
     everywhere = frame.everywhere
     agg = f.agg
     if agg in {"count", "sum", "avg", "max", "min", "std", "zscore", "distinct", "is_new"}:
@@ -448,6 +479,9 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.nda
         return total / np.maximum(count, 1), nonempty
     if agg in {"max", "min"}:
         x = frame.ints(FIELD_COLUMNS[f.field])
+        if not frame.every_row and n:  # only the rows some window reaches
+            first = int(lo.min())
+            x, lo, i = x[first:int(i.max())], lo - first, i - first
         if agg == "max":
             return _range_max(x, lo, i), nonempty
         return -_range_max(-x, lo, i), nonempty
@@ -456,46 +490,46 @@ def _compute_one(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.nda
         std, varies = _window_std(frame, col, f.window_us)
         if agg == "std":
             return std, varies
-        x = frame.ints(col)
+        x = frame.ints(col)[i]
         avg = frame.window_sum(col, f.window_us) / np.maximum(count, 1)
         z = np.zeros(n)
         z[varies] = (x[varies] - avg[varies]) / std[varies]
         return z, varies
     if agg == "distinct":
         prev = frame.prev_same(FIELD_COLUMNS[f.field])
-        if n <= _SMALL:  # values in [lo, i) whose previous occurrence is before lo: each counted once
-            return (_in_range(n, lo, i) & (prev < lo[:, None])).sum(axis=1), everywhere
+        if frame.n <= _SMALL:  # values in [lo, i) whose previous occurrence is before lo: each counted once
+            return (_in_range(frame.n, lo, i) & (prev < lo[:, None])).sum(axis=1), everywhere
         distinct = np.zeros(n, dtype=np.int64)
         active = np.flatnonzero(count > 0)
         k = 1
         while active.size:
-            j = active - k
+            j = i[active] - k
             distinct[active] += prev[j] < lo[active]
             k += 1
             active = active[count[active] >= k]
         return distinct, everywhere
     if agg == "is_new":
         prev = frame.prev_same(FIELD_COLUMNS[f.field])
-        return prev < lo, everywhere
+        return prev[i] < lo, everywhere
     if agg == "seconds_since_last":
-        has_prev = i > frame.gstart
+        has_prev = i > frame.gstart[i]
         dt = np.zeros(n)
-        dt[1:] = (frame.t[1:] - frame.t[:-1]) / 1e6
+        dt[has_prev] = (frame.t[i[has_prev]] - frame.t[i[has_prev] - 1]) / 1e6
         return dt, has_prev
     if agg == "geo_velocity":
         lat, lat_ok = frame.floats("merchant_lat")
         lon, lon_ok = frame.floats("merchant_lon")
         located = lat_ok & lon_ok
-        last = np.maximum.accumulate(np.where(located, i, -1)) if n else i
-        prev = np.full(n, -1, dtype=np.int64)
-        prev[1:] = last[:-1]
-        ok = located & (prev >= frame.gstart)
+        last = np.maximum.accumulate(np.where(located, frame.idx, -1)) if frame.n else frame.idx
+        prev = np.where(i > 0, last[np.maximum(i - 1, 0)], -1)  # the newest located row before each
+        ok = located[i] & (prev >= frame.gstart[i])
         p = np.where(ok, prev, 0)
-        dt = frame.t - frame.t[p]
+        dt = frame.t[i] - frame.t[p]
         ok &= dt > 0
         speed = np.zeros(n)
         if ok.any():
-            dist = haversine_km(lat[p[ok]], lon[p[ok]], lat[ok], lon[ok])
+            q = i[ok]
+            dist = haversine_km(lat[p[ok]], lon[p[ok]], lat[q], lon[q])
             speed[ok] = dist / (dt[ok] / _US_PER_HOUR)
         return speed, ok
     if agg == "fraud_rate":
@@ -524,7 +558,7 @@ def _fraud_rate(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndar
     keep = stop > start
     np.add.at(diff, start[keep], 1)
     np.add.at(diff, stop[keep], -1)
-    frauds = np.cumsum(diff)[: frame.n]
+    frauds = np.cumsum(diff)[frame.at]
     rate = frauds / np.maximum(count, 1)
     return rate, count > 0
 
@@ -551,6 +585,20 @@ def history_tail(table: pa.Table, entity: str) -> np.ndarray:
 
 
 UNBOUNDED_AGGS = frozenset({"seconds_since_last", "geo_velocity"})
+
+
+def frame_fields(defs: Sequence[FeatureDef], available: Sequence[str]) -> list[str]:
+    """The event columns (of ``available``) that these features read, besides the entity key and
+    event time: what an array frame (:func:`compute_sorted_entity_features`) needs."""
+    needed: set[str] = set()
+    for f in defs:
+        if f.field:
+            needed.add(FIELD_COLUMNS[f.field])
+        if f.agg == "geo_velocity":
+            needed.update(("merchant_lat", "merchant_lon"))
+        if f.agg == "fraud_rate":
+            needed.update(("is_fraud", "label_time"))
+    return [name for name in available if name in needed]
 
 
 def compute_entity_features(
@@ -598,14 +646,21 @@ def compute_sorted_entity_features(
     sorted by (entity, event_time, txn_id): ``group`` numbers the entities 0, 1, ... in that
     order, ``t`` is event time in microseconds, ``columns`` as :class:`_ArrayFrame` takes them.
 
-    The same arithmetic as :func:`compute_entity_features` without Arrow's per-call cost, for
-    the small tables of online lookups. Returns name -> (values, validity) at ``rows``.
+    The same arithmetic as :func:`compute_entity_features` without Arrow's per-call cost (online
+    lookups, point-in-time joins, the stream's flushes), evaluated at ``rows`` only: window bounds
+    are binary searches from those rows, so the cost is a few linear passes over the frame (prefix
+    sums) plus the work of the wanted rows. Returns name -> (values, validity) at ``rows``.
     """
-    frame = _ArrayFrame(group, t, columns)
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # the frame wants sorted, distinct rows
+        at, back = np.unique(rows, return_inverse=True)
+    else:
+        at, back = rows, None
+    frame = _ArrayFrame(group, t, columns, at=at)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for f in defs:
         values, valid = _compute_one(frame, f)
-        out[f.name] = (values[rows], valid[rows])
+        out[f.name] = (values, valid) if back is None else (values[back], valid[back])
     return out
 
 

@@ -71,9 +71,16 @@ from finfeat.schemas.dead_letters import DEAD_LETTER_SCHEMA
 from finfeat.schemas.events import EVENT_SCHEMA, MESSAGE_SCHEMA
 from finfeat.schemas.features import IDENTITY_COLUMNS
 from finfeat.schemas.redaction import opaque_payload
-from finfeat.transforms.features import compute_calendar_features, compute_entity_features, history_tail
+from finfeat.transforms.features import (
+    compute_calendar_features,
+    compute_entity_features,
+    compute_sorted_entity_features,
+    frame_fields,
+    history_tail,
+    sorted_order,
+)
 from finfeat.transforms.parse import SOURCE, SOURCE_ROW, make_dead_letters
-from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
+from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureDef, FeatureSpec
 
 LATE = "late"
 FEATURES = "features"
@@ -264,10 +271,13 @@ def decode_messages(messages: Sequence[tuple[int, bytes | None]], *, source: str
 # -- de-duplication -----------------------------------------------------------------------------
 
 class _Growing:
-    """An int64 array grown by appends in amortized constant time per value (capacity doubles)."""
+    """A numpy array (int64 unless given another) grown by appends in amortized constant time per
+    value (capacity doubles)."""
 
     def __init__(self, values: np.ndarray | None = None) -> None:
-        values = np.zeros(0, dtype=np.int64) if values is None else np.asarray(values, dtype=np.int64)
+        values = np.zeros(0, dtype=np.int64) if values is None else np.asarray(values)
+        if values.dtype.kind in "iu":
+            values = values.astype(np.int64, copy=False)
         self._buf, self._n = values.copy(), len(values)
 
     @property
@@ -277,7 +287,7 @@ class _Growing:
     def append(self, values: np.ndarray) -> None:
         need = self._n + len(values)
         if need > len(self._buf):
-            grown = np.empty(max(need, 2 * len(self._buf), 1024), dtype=np.int64)
+            grown = np.empty(max(need, 2 * len(self._buf), 1024), dtype=self._buf.dtype)
             grown[: self._n] = self.values
             self._buf = grown
         self._buf[self._n: need] = values
@@ -461,14 +471,22 @@ def identity_columns(events: pa.Table, spec: FeatureSpec) -> dict[str, pa.Array]
 
 class EntityHistory:
     """A bucket's history: the events its entities' longest window can still reach, plus, however
-    old, each entity's newest and newest located event (``history_tail``). Entity keys are held as
-    integer codes, to pick an entity's rows fast. Picklable; the runner's list state holds the
-    pieces (:class:`StateChange`), :meth:`from_pieces` rebuilds it from them.
+    old, each entity's newest and newest located event (``history_tail``). The runner's list state
+    holds the pieces (:class:`StateChange`); :meth:`from_pieces` rebuilds it from them.
+
+    Held for answering flushes: every event of a flush is newer than every event held (what is
+    not is late), so each entity's rows, in arrival order, are in (event_time, txn_id) order when
+    each flush's events are appended in that order. An index (rows grouped by entity code, built
+    by a stable sort of the codes, plus the rows appended since, found by one vectorized scan)
+    gives the rows of a flush's entities without sorting them, and the engine evaluates the
+    windows at the released events only (binary searches). The index is rebuilt when the rows
+    appended since reach a quarter of those indexed, so its cost per row is amortized.
 
     Events out of reach are dropped only by a rewrite, and a rewrite happens only when at least
     half as many rows can go as stay (or the state has :data:`MAX_PIECES` pieces): each row is
-    rewritten a bounded number of times, so the cost of a flush follows the events it releases
-    and their entities' histories, not the whole history held.
+    rewritten a bounded number of times. So a flush costs the events it releases plus a few
+    linear numpy passes over their entities' rows (gathers, prefix sums), not a sort of the
+    history or a feature row for every event held.
     """
 
     def __init__(self, table: pa.Table, entity: str, *, pieces: int = 1, kept_tails: int = 0) -> None:
@@ -487,15 +505,29 @@ class EntityHistory:
         return cls(table, entity, pieces=len(pieces))
 
     def _index(self, table: pa.Table) -> None:
+        """Hold ``table``, put in (entity, event_time, txn_id) order, and index it."""
+        encoded = pc.dictionary_encode(table.column(self.column).combine_chunks())
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        order = sorted_order(table, self.column, codes)
+        if len(order) and not (order[1:] > order[:-1]).all():
+            table, codes = table.take(pa.array(order)).combine_chunks(), codes[order]
         self._blocks = [table]
         self._t = _Growing(event_times_us(table))
-        encoded = pc.dictionary_encode(table.column(self.column).combine_chunks())
-        self._codes = _Growing(encoded.indices.to_numpy(zero_copy_only=False))
+        self._codes = _Growing(codes)
         self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
+        self._fields: dict[str, _Field] = {}
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Index every row held: positions grouped by entity code (arrival order within a code)."""
+        codes = self.codes
+        self._indexed = len(codes)
+        self._by_code = np.argsort(codes, kind="stable")
+        self._starts = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(self.code_of)))])
 
     @property
     def table(self) -> pa.Table:
-        """Every row, in arrival order (one chunk per block: no copy)."""
+        """Every row (one chunk per block: no copy)."""
         return self._blocks[0] if len(self._blocks) == 1 else pa.concat_tables(self._blocks)
 
     @property
@@ -510,28 +542,59 @@ class EntityHistory:
     def codes(self) -> np.ndarray:
         return self._codes.values
 
-    def rows_of(self, keys: pa.Array | pa.ChunkedArray) -> pa.Table:
-        """The history rows of these entity keys."""
-        code_of = self.code_of
-        wanted = [code_of[k] for k in set(keys.to_pylist()) if k in code_of]
-        if not wanted:
-            return self._blocks[0].slice(0, 0)
-        pick = np.zeros(len(code_of), dtype=bool)
-        pick[wanted] = True
-        rows = np.flatnonzero(pick[self.codes])
-        # each block is contiguous: take from each the rows that fall in it
-        starts = np.cumsum([0] + [b.num_rows for b in self._blocks])
-        cuts = np.searchsorted(rows, starts)
-        taken = [block.take(pa.array(rows[a:b] - start)) for block, start, a, b
-                 in zip(self._blocks, starts[:-1], cuts[:-1], cuts[1:]) if b > a]
-        return taken[0] if len(taken) == 1 else pa.concat_tables(taken)
+    def _field(self, name: str) -> _Field:
+        if name not in self._fields:
+            self._fields[name] = _Field(self.table.column(name))
+        return self._fields[name]
 
-    def _append(self, ready: pa.Table) -> None:
-        code_of = self.code_of
-        new = np.fromiter((code_of.setdefault(k, len(code_of)) for k in ready.column(self.column).to_pylist()),
-                          dtype=np.int64, count=ready.num_rows)
-        self._codes.append(new)
+    def rows_for(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows held of the entities with these (sorted, distinct) codes, each entity's in
+        (event_time, txn_id) order, entities in code order: (row positions, entity rank)."""
+        starts = self._starts
+        old = codes[codes < len(starts) - 1]
+        lo, hi = starts[old], starts[old + 1]
+        counts = hi - lo
+        total = int(counts.sum())
+        first = np.cumsum(counts) - counts
+        indexed = self._by_code[np.repeat(lo - first, counts) + np.arange(total)]
+        indexed_rank = np.repeat(np.searchsorted(codes, old), counts)
+        pick = np.zeros(max(len(self.code_of), int(codes.max(initial=-1)) + 1), dtype=bool)
+        pick[codes] = True
+        recent = self._indexed + np.flatnonzero(pick[self.codes[self._indexed:]])
+        recent_rank = np.searchsorted(codes, self.codes[recent])
+        rows = np.concatenate([indexed, recent])
+        rank = np.concatenate([indexed_rank, recent_rank])
+        order = np.argsort(rank, kind="stable")  # two runs: indexed rows first within each entity
+        return rows[order], rank[order]
+
+    def features(self, ready: pa.Table, codes: np.ndarray, defs: Sequence[FeatureDef]) -> dict[str, pa.Array]:
+        """The features of ``ready`` (events newer than every row held, in (entity, event_time,
+        txn_id) order; ``codes`` their entity codes) over their entities' rows held plus
+        themselves, aligned with ``ready``."""
+        wanted = np.unique(codes)
+        rows, rank = self.rows_for(wanted)
+        ready_rank = np.searchsorted(wanted, codes)
+        # every entity's rows held, then its ready events (newer than all of them)
+        both = np.concatenate([rank, ready_rank])
+        order = np.argsort(both, kind="stable")
+        group = both[order]
+        from_ready = order >= len(rows)
+        held = rows[order[~from_ready]]
+        at = np.flatnonzero(from_ready)
+        t = np.empty(len(order), dtype=np.int64)
+        t[~from_ready] = self.t[held]
+        t[at] = event_times_us(ready)
+        columns = {}
+        for name in frame_fields(defs, ready.column_names):
+            columns[name] = self._field(name).frame_column(held, ready.column(name), from_ready)
+        got = compute_sorted_entity_features(group, t, columns, defs, at)
+        return {f.name: pa.array(got[f.name][0], type=f.arrow_type, mask=~got[f.name][1]) for f in defs}
+
+    def _append(self, ready: pa.Table, codes: np.ndarray) -> None:
+        self._codes.append(codes)
         self._t.append(event_times_us(ready))
+        for name, held in self._fields.items():
+            held.append(ready.column(name))
         # blocks shrink geometrically (each more than twice the next), merged like a binary
         # counter: O(log rows) blocks, and each row is copied O(log rows) times in all
         blocks = self._blocks
@@ -539,11 +602,22 @@ class EntityHistory:
         while len(blocks) > 1 and blocks[-2].num_rows <= 2 * blocks[-1].num_rows:
             last = blocks.pop()
             blocks[-1] = pa.concat_tables([blocks[-1], last]).combine_chunks()
+        if self.num_rows - self._indexed > max(_MIN_REWRITE_ROWS, self._indexed // 4):
+            self._reindex()
 
-    def add(self, ready: pa.Table, *, floor: int) -> StateChange:
-        """Append released events; rewrite without what is out of reach (at or before ``floor``,
-        entities' tails excepted) when that is due."""
-        self._append(ready)
+    def codes_of(self, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """The entity codes of these keys (new keys get new codes)."""
+        encoded = pc.dictionary_encode(keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys)
+        code_of = self.code_of
+        mapping = np.fromiter((code_of.setdefault(k, len(code_of)) for k in encoded.dictionary.to_pylist()),
+                              dtype=np.int64, count=len(encoded.dictionary))
+        return mapping[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def add(self, ready: pa.Table, *, floor: int, codes: np.ndarray | None = None) -> StateChange:
+        """Append released events (in (entity, event_time, txn_id) order, all newer than every
+        row held); rewrite without what is out of reach (at or before ``floor``, entities' tails
+        excepted) when that is due."""
+        self._append(ready, self.codes_of(ready.column(self.column)) if codes is None else codes)
         self.pieces += 1
         droppable = int(np.count_nonzero(self.t <= floor)) - self.kept_tails
         if not _rewrite_due(self.pieces - 1, droppable, self.num_rows - droppable):
@@ -553,6 +627,58 @@ class EntityHistory:
         self._index(keep)
         self.kept_tails = int(np.count_nonzero(self.t <= floor))
         return StateChange(reset=True, add=[keep])
+
+
+class _Field:
+    """One event column of a history as the engine's array frame takes it (see
+    ``compute_sorted_entity_features``): text as integer codes (equal text, equal code), numbers
+    and flags as numpy values with their validity, grown as events are appended."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        typ = column.type
+        self.text = pa.types.is_string(typ) or pa.types.is_large_string(typ)
+        self.floats = pa.types.is_floating(typ)
+        self.code_of: dict[Any, int] = {}
+        values, valid = self._convert(column)
+        self._values = _Growing(values)
+        self._valid = _Growing(valid)
+
+    def _convert(self, column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        if self.text:
+            encoded = pc.dictionary_encode(column)
+            code_of = self.code_of
+            mapping = np.fromiter((code_of.setdefault(k, len(code_of)) for k in encoded.dictionary.to_pylist()),
+                                  dtype=np.int64, count=len(encoded.dictionary))
+            if not len(mapping):  # nothing but nulls
+                return np.zeros(len(column), dtype=np.int64), valid
+            return mapping[encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)], valid
+        if self.floats:
+            return column.fill_null(0.0).to_numpy(zero_copy_only=False), valid
+        if pa.types.is_boolean(column.type):
+            return column.fill_null(False).to_numpy(zero_copy_only=False), valid
+        return column.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False), valid
+
+    def append(self, column: pa.ChunkedArray) -> None:
+        values, valid = self._convert(column)
+        self._values.append(values)
+        self._valid.append(valid)
+
+    def frame_column(self, held: np.ndarray, ready: pa.ChunkedArray, from_ready: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows ``held`` of this column and then ``ready``'s, placed as ``from_ready`` says."""
+        values, valid = self._convert(ready)
+        out = np.empty(len(from_ready), dtype=values.dtype)
+        ok = np.empty(len(from_ready), dtype=bool)
+        out[~from_ready], ok[~from_ready] = self._values.values[held], self._valid.values[held]
+        out[from_ready], ok[from_ready] = values, valid
+        if self.text:  # a missing text value equals no other: its own negative code
+            missing = np.flatnonzero(~ok)
+            out[missing] = -1 - np.arange(len(missing))
+            ok[:] = True
+        return out, ok
 
 
 def _prune(table: pa.Table, t: np.ndarray, floor: int, entity: str) -> pa.Table:
@@ -583,21 +709,20 @@ class Flush:
     change: StateChange
 
 
-def entity_part(ready: pa.Table, history: EntityHistory | None, step: EntityStep) -> pa.Table:
-    """The features of one entity kind for the released events, computed by the engine on
-    those events plus their entities' history."""
-    column = ENTITY_COLUMNS[step.entity]
-    if history is not None:  # only the ready events' entities matter to their features
-        mine = history.rows_of(ready.column(column))
-        table = pa.concat_tables([mine, ready.select(mine.column_names)])
-        first = mine.num_rows
+def entity_part(ready: pa.Table, history: EntityHistory | None, step: EntityStep,
+                codes: np.ndarray | None = None) -> pa.Table:
+    """The features of one entity kind for the released events (``ready``, in (entity,
+    event_time, txn_id) order when there is a history; ``codes`` their entity codes in it),
+    computed by the engine on those events plus their entities' history."""
+    defs = step.spec.for_entity(step.entity)
+    if history is None:
+        cols = compute_entity_features(ready, defs, step.entity)
     else:
-        table, first = ready, 0
-    cols = compute_entity_features(table, step.spec.for_entity(step.entity), step.entity)
+        cols = history.features(ready, history.codes_of(ready.column(history.column)) if codes is None else codes,
+                                defs)
     part = identity_columns(ready, step.spec) if step.anchor else {}
     part["txn_id"] = ready.column("txn_id")
-    for name, arr in cols.items():
-        part[name] = arr.slice(first)
+    part.update(cols)
     return pa.table(part)
 
 
@@ -613,13 +738,17 @@ def flush_bucket(pending: pa.Table | None, history: EntityHistory | None, cutoff
     if not is_ready.any():
         return None
     ready, later = pending.filter(pa.array(is_ready)), pending.filter(pa.array(~is_ready))
-    part = entity_part(ready, history, step)
     floor = cutoff - step.reach_us
     if history is None:
+        part = entity_part(ready, None, step)
         history = EntityHistory(ready, step.entity)
         change = StateChange(reset=False, add=[ready])
-    else:
-        change = history.add(ready, floor=floor)
+    else:  # the history answers, and keeps, each entity's events in (event_time, txn_id) order
+        codes = history.codes_of(ready.column(history.column))
+        order = sorted_order(ready, history.column, codes)
+        ready, codes = ready.take(pa.array(order)), codes[order]
+        part = entity_part(ready, history, step, codes)
+        change = history.add(ready, floor=floor, codes=codes)
     return Flush(part, later if later.num_rows else None, history, change)
 
 
