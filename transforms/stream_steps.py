@@ -32,7 +32,11 @@ API (t = event time, int64 µs since the epoch, UTC):
     pending events to keep, ``Flush.change`` the change of the history's list/bag state;
     ``history`` (an :class:`EntityHistory`, or None when empty) is updated in place, and
     ``Flush.history`` is the object to keep. The new horizon is ``max(horizon, cutoff)``.
-    ``step`` is an :class:`EntityStep` (spec, entity, anchor), built once per operator.
+    ``step`` is an :class:`EntityStep` (spec, entity, anchor), built once per operator. The
+    released events are newer than every event the history holds (older ones were late), so the
+    history keeps each entity's events in (event_time, txn_id) order by appending, and answers a
+    flush with its entities' rows without sorting them; the engine evaluates the windows at the
+    released events only.
   - ``EntityHistory.from_pieces(pieces, entity)`` rebuilds the history from its state pieces.
 * ``join_parts(parts, entities, schema) -> Joined``: the parts ``(entity, FEATURES | LATE,
   table)`` received for one bucket of txn ids (``Part``); ``Joined.rows`` the complete feature
@@ -50,7 +54,9 @@ each step's :class:`StateChange`: usually one appended piece (the step's own row
 then a rewrite (``reset``) that drops what fell out of reach. A rewrite happens only when at
 least half as many rows can go as stay, or at :data:`MAX_PIECES` pieces, so each row is
 rewritten a bounded number of times. A flush's work follows the events it releases and their
-entities' histories (each entity's newest and newest located event are kept however old).
+entities' histories (each entity's newest and newest located event are kept however old): a
+binary search per window and released event, and a few linear numpy passes (gathers, prefix
+sums) over those entities' rows.
 
 The Delta micro-batch commit (exactly once) is ``finfeat.jobs.stream_commit.commit_micro_batch``.
 """
