@@ -67,6 +67,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Tuple
 
 import numpy as np
@@ -604,7 +605,7 @@ class EntityHistory:
         # blocks shrink geometrically (each more than twice the next), merged like a binary
         # counter: O(log rows) blocks, and each row is copied O(log rows) times in all
         blocks = self._blocks
-        blocks.append(ready.select(blocks[0].column_names).combine_chunks())
+        blocks.append(ready.combine_chunks())
         while len(blocks) > 1 and blocks[-2].num_rows <= 2 * blocks[-1].num_rows:
             last = blocks.pop()
             blocks[-1] = pa.concat_tables([blocks[-1], last]).combine_chunks()
@@ -623,11 +624,12 @@ class EntityHistory:
         """Append released events (in (entity, event_time, txn_id) order, all newer than every
         row held); rewrite without what is out of reach (at or before ``floor``, entities' tails
         excepted) when that is due."""
-        self._append(ready, self.codes_of(ready.column(self.column)) if codes is None else codes)
+        kept = ready.select(self._blocks[0].column_names)  # the columns this history keeps
+        self._append(kept, self.codes_of(ready.column(self.column)) if codes is None else codes)
         self.pieces += 1
         droppable = int(np.count_nonzero(self.t <= floor)) - self.kept_tails
         if not _rewrite_due(self.pieces - 1, droppable, self.num_rows - droppable):
-            return StateChange(reset=False, add=[ready])
+            return StateChange(reset=False, add=[kept])
         keep = _prune(self.table, self.t, floor, self.entity).combine_chunks()
         self.pieces = 1
         self._index(keep)
@@ -706,6 +708,15 @@ class EntityStep:
     def reach_us(self) -> int:
         return self.spec.max_window_us
 
+    @cached_property
+    def history_columns(self) -> list[str]:
+        """The event columns a history keeps: what the entity's features read (the key, the
+        time, the txn id for ties, the fields; merchant coordinates only for geo velocity)."""
+        defs = self.spec.for_entity(self.entity)
+        geo = ["merchant_lat", "merchant_lon"] if any(f.agg == "geo_velocity" for f in defs) else []
+        return list(dict.fromkeys(["txn_id", "event_time", ENTITY_COLUMNS[self.entity],
+                                   *frame_fields(defs, EVENT_SCHEMA.names), *geo]))
+
 
 @dataclass(frozen=True)
 class Flush:
@@ -747,8 +758,9 @@ def flush_bucket(pending: pa.Table | None, history: EntityHistory | None, cutoff
     floor = cutoff - step.reach_us
     if history is None:
         part = entity_part(ready, None, step)
-        history = EntityHistory(ready, step.entity)
-        change = StateChange(reset=False, add=[ready])
+        kept = ready.select(step.history_columns)
+        history = EntityHistory(kept, step.entity)
+        change = StateChange(reset=False, add=[kept])
     else:  # the history answers, and keeps, each entity's events in (event_time, txn_id) order
         codes = history.codes_of(ready.column(history.column))
         order = sorted_order(ready, history.column, codes)
