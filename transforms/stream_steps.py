@@ -523,13 +523,21 @@ class EntityHistory:
         self._codes = _Growing(codes)
         self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
         self._fields: dict[str, _Field] = {}
-        self._reindex()
+        self._reindex(in_code_order=True)
 
-    def _reindex(self) -> None:
-        """Index every row held: positions grouped by entity code (arrival order within a code)."""
+    def _reindex(self, *, in_code_order: bool = False) -> None:
+        """Index every row held: positions grouped by entity code (arrival order within a code).
+        The rows appended since the last index are grouped and merged into it (a stable sort of
+        two sorted runs, which is a merge)."""
         codes = self.codes
-        self._indexed = len(codes)
-        self._by_code = np.argsort(codes, kind="stable")
+        if in_code_order:
+            by_code = np.arange(len(codes), dtype=np.int64)
+        else:
+            recent = np.arange(self._indexed, len(codes), dtype=np.int64)
+            recent = recent[np.argsort(codes[recent], kind="stable")]
+            both = np.concatenate([self._by_code, recent])
+            by_code = both[np.argsort(codes[both], kind="stable")]
+        self._indexed, self._by_code = len(codes), by_code
         self._starts = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(self.code_of)))])
 
     @property
@@ -554,47 +562,52 @@ class EntityHistory:
             self._fields[name] = _Field(self.table.column(name))
         return self._fields[name]
 
-    def rows_for(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The rows held of the entities with these (sorted, distinct) codes, each entity's in
-        (event_time, txn_id) order, entities in code order: (row positions, entity rank)."""
+    def layout(self, codes: np.ndarray) -> _Layout:
+        """Where a flush's frame takes its rows from: for the entities of ``codes`` (the ready
+        events' entity codes, in (entity, event_time, txn_id) order), in code order, each entity's
+        rows held (in (event_time, txn_id) order: the indexed ones, then those appended since)
+        followed by its ready events. Positions are computed, not sorted for: the indexed rows
+        come as ranges of the index, and only the rows appended since it was built are grouped."""
+        wanted, first_ready, n_ready = np.unique(codes, return_index=True, return_counts=True)
+        m = len(wanted)
         starts = self._starts
-        old = codes[codes < len(starts) - 1]
-        lo, hi = starts[old], starts[old + 1]
-        counts = hi - lo
-        total = int(counts.sum())
-        first = np.cumsum(counts) - counts
-        indexed = self._by_code[np.repeat(lo - first, counts) + np.arange(total)]
-        indexed_rank = np.repeat(np.searchsorted(codes, old), counts)
-        pick = np.zeros(max(len(self.code_of), int(codes.max(initial=-1)) + 1), dtype=bool)
-        pick[codes] = True
-        recent = self._indexed + np.flatnonzero(pick[self.codes[self._indexed:]])
-        recent_rank = np.searchsorted(codes, self.codes[recent])
-        rows = np.concatenate([indexed, recent])
-        rank = np.concatenate([indexed_rank, recent_rank])
-        order = np.argsort(rank, kind="stable")  # two runs: indexed rows first within each entity
-        return rows[order], rank[order]
+        known = wanted < len(starts) - 1
+        code = np.where(known, wanted, 0)
+        lo = np.where(known, starts[code], 0)
+        n_indexed = np.where(known, starts[np.minimum(code + 1, len(starts) - 1)], 0) - lo
+        rank_of = np.full(max(len(self.code_of), int(wanted.max(initial=-1)) + 1), -1, dtype=np.int64)
+        rank_of[wanted] = np.arange(m)
+        recent_rank = rank_of[self.codes[self._indexed:]]
+        recent = np.flatnonzero(recent_rank >= 0)
+        recent_rank = recent_rank[recent]
+        grouped = np.argsort(recent_rank, kind="stable")  # only the rows appended since the index
+        recent, recent_rank = self._indexed + recent[grouped], recent_rank[grouped]
+        n_recent = np.bincount(recent_rank, minlength=m)
+        size = n_indexed + n_recent + n_ready
+        offset = np.cumsum(size) - size
+
+        def within(counts: np.ndarray) -> np.ndarray:  # 0, 1, ... inside each entity's run
+            return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+        k = within(n_indexed)
+        held = np.concatenate([self._by_code[np.repeat(lo, n_indexed) + k], recent])
+        held_at = np.concatenate([np.repeat(offset, n_indexed) + k,
+                                  (offset + n_indexed)[recent_rank] + within(n_recent)])
+        ready_rank = np.repeat(np.arange(m), n_ready)
+        ready_at = (offset + n_indexed + n_recent)[ready_rank] + (np.arange(len(codes)) - first_ready[ready_rank])
+        return _Layout(np.repeat(np.arange(m, dtype=np.int64), size), held, held_at, ready_at)
 
     def features(self, ready: pa.Table, codes: np.ndarray, defs: Sequence[FeatureDef]) -> dict[str, pa.Array]:
         """The features of ``ready`` (events newer than every row held, in (entity, event_time,
         txn_id) order; ``codes`` their entity codes) over their entities' rows held plus
         themselves, aligned with ``ready``."""
-        wanted = np.unique(codes)
-        rows, rank = self.rows_for(wanted)
-        ready_rank = np.searchsorted(wanted, codes)
-        # every entity's rows held, then its ready events (newer than all of them)
-        both = np.concatenate([rank, ready_rank])
-        order = np.argsort(both, kind="stable")
-        group = both[order]
-        from_ready = order >= len(rows)
-        held = rows[order[~from_ready]]
-        at = np.flatnonzero(from_ready)
-        t = np.empty(len(order), dtype=np.int64)
-        t[~from_ready] = self.t[held]
-        t[at] = event_times_us(ready)
-        columns = {}
-        for name in frame_fields(defs, ready.column_names):
-            columns[name] = self._field(name).frame_column(held, ready.column(name), from_ready)
-        got = compute_sorted_entity_features(group, t, columns, defs, at)
+        frame = self.layout(codes)
+        t = np.empty(len(frame.group), dtype=np.int64)
+        t[frame.held_at] = self.t[frame.held]
+        t[frame.ready_at] = event_times_us(ready)
+        columns = {name: self._field(name).frame_column(frame, ready.column(name))
+                   for name in frame_fields(defs, ready.column_names)}
+        got = compute_sorted_entity_features(frame.group, t, columns, defs, frame.ready_at)
         return {f.name: pa.array(got[f.name][0], type=f.arrow_type, mask=~got[f.name][1]) for f in defs}
 
     def _append(self, ready: pa.Table, codes: np.ndarray) -> None:
@@ -637,6 +650,18 @@ class EntityHistory:
         return StateChange(reset=True, add=[keep])
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A flush's frame (see :meth:`EntityHistory.layout`): ``group`` of each frame row (entity
+    rank, from 0), the positions ``held`` of the history rows it takes and where they go
+    (``held_at``), and where the ready events go (``ready_at``, ascending)."""
+
+    group: np.ndarray
+    held: np.ndarray
+    held_at: np.ndarray
+    ready_at: np.ndarray
+
+
 class _Field:
     """One event column of a history as the engine's array frame takes it (see
     ``compute_sorted_entity_features``): text as integer codes (equal text, equal code), numbers
@@ -674,14 +699,13 @@ class _Field:
         self._values.append(values)
         self._valid.append(valid)
 
-    def frame_column(self, held: np.ndarray, ready: pa.ChunkedArray, from_ready: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows ``held`` of this column and then ``ready``'s, placed as ``from_ready`` says."""
+    def frame_column(self, frame: _Layout, ready: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """This column of the frame: the rows held and ``ready``'s, placed as ``frame`` says."""
         values, valid = self._convert(ready)
-        out = np.empty(len(from_ready), dtype=values.dtype)
-        ok = np.empty(len(from_ready), dtype=bool)
-        out[~from_ready], ok[~from_ready] = self._values.values[held], self._valid.values[held]
-        out[from_ready], ok[from_ready] = values, valid
+        out = np.empty(len(frame.group), dtype=values.dtype)
+        ok = np.empty(len(frame.group), dtype=bool)
+        out[frame.held_at], ok[frame.held_at] = self._values.values[frame.held], self._valid.values[frame.held]
+        out[frame.ready_at], ok[frame.ready_at] = values, valid
         if self.text:  # a missing text value equals no other: its own negative code
             missing = np.flatnonzero(~ok)
             out[missing] = -1 - np.arange(len(missing))
