@@ -203,8 +203,9 @@ def _decode_all(messages: Sequence[tuple[int, bytes | None]]) -> pa.Table | None
     The parser makes the same of it as of that path's table: numbers and booleans are spelled as
     text again (a double's shortest round-trip spelling, which parses to the same value; only a
     dead letter's payload can show it, as -66 for -66.0), and any doubt (a value of another JSON
-    type, a duplicate key, a non-finite or out-of-bounds coordinate, bad UTF-8, a second object
-    in one message) sends the whole poll to the exact path."""
+    type, a duplicate key, a non-finite or out-of-bounds coordinate, a coordinate so close to 0 that
+    Arrow would spell it without an exponent, bad UTF-8, a second object in one message) sends the
+    whole poll to the exact path."""
     from pyarrow import json as pa_json
 
     values = [v for _, v in messages]
@@ -229,7 +230,13 @@ def _decode_all(messages: Sequence[tuple[int, bytes | None]]) -> pa.Table | None
         if pa.types.is_floating(column.type):
             # NaN, inf, or a coordinate out of bounds (a dead letter: its payload keeps the text as sent);
             # NaN compares false, so "not |x| <= 180" catches all three in one pass
-            if pc.any(pc.invert(pc.less_equal(pc.abs(column), 180))).as_py():
+            magnitude = pc.abs(column)
+            if pc.any(pc.invert(pc.less_equal(magnitude, 180))).as_py():
+                return None
+            # below 1e-4 Arrow spells a double without the exponent that JSON (and Python) use:
+            # a dead letter's payload would show another text, and its long run of digits can
+            # look like a card number to the payload redaction
+            if pc.any(pc.and_(pc.less(magnitude, 1e-4), pc.not_equal(column, 0))).as_py():
                 return None
         columns[name] = column.cast(pa.string())
     return pa.table({**columns, SOURCE_ROW: pa.array([o for o, _ in messages], pa.int64())})
