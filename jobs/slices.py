@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from finfeat.jobs import delta
+from finfeat.jobs import delta, testhooks
 from finfeat.jobs.options import DEFAULT_MAX_EVENTS_PER_SLICE  # noqa: F401  (re-exported)
 from finfeat.jobs.sources import compression_of
 from finfeat.transforms.buckets import stable_hash
@@ -433,6 +433,7 @@ def _run_slices(cfg: BackfillConfig, slices: list[Slice], spill: Spill, root: Pa
         files.extend(f for kind, fs in got if kind == "feature_files" for f in fs)  # type: ignore[union-attr]
         items.extend(got)
         prev_lo = lo
+        testhooks.reached(f"after:slice:{number + 1}")
     return items
 
 
