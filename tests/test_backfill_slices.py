@@ -187,6 +187,26 @@ def test_slices_equal_one_pipeline_and_the_oracle_on_public_data(tmp_path: Path)
     assert compare_features(ours, oracle) == []
 
 
+def test_slices_quarantine_as_one_pipeline_does(tmp_path: Path) -> None:
+    """A feature suite whose drop policy quarantines rows: the same rows land and are quarantined."""
+    suite = tmp_path / "capped.yaml"
+    suite.write_text("""name: capped
+expectations:
+  - name: amount_at_most_300_dollars
+    policy: drop
+    type: expect_column_values_to_be_between
+    columns: [amount_minor]
+    kwargs: {min_value: 0, max_value: 30000}
+""")
+    kw = {"feature_suite": str(suite), "max_quarantine_fraction": 0.2}
+    one = _run_sparkov(tmp_path / "one", date(2019, 1, 2), date(2019, 1, 12), **kw)
+    sliced = _run_sparkov(tmp_path / "sliced", date(2019, 1, 2), date(2019, 1, 12), slice_days=4, **kw)
+    _check_same(one, sliced, tables=("features", "dead_letters", "labels", "quarantine/features"))
+    assert sliced[1]["validation"]["quarantined"] > 0
+    timeless = [{k: v for k, v in r["validation"].items() if k != "seconds"} for r in (one[1], sliced[1])]
+    assert timeless[1] == timeless[0]
+
+
 def test_kill_between_two_slices_leaves_no_table_and_a_rerun_completes(tmp_path: Path) -> None:
     wh = tmp_path / "wh"
     cmd = [sys.executable, "-m", "finfeat.jobs.cli", "backfill", "--input", str(SPARKOV_TRAIN), "--mapping", "sparkov",
