@@ -370,6 +370,7 @@ def run_sliced(cfg: BackfillConfig, *, recorded_at_us: int) -> dict[str, object]
     files: list[delta.DataFile] = []
     try:
         spill = spill_inputs(cfg, root, recorded_at_us=recorded_at_us)
+        pa.default_memory_pool().release_unused()  # what reading held goes back before the first slice
         accepted, dup_dead = deduplicate_spill(spill, run_id=cfg.run_id, recorded_at_us=recorded_at_us)
         tagged = list(spill.tagged)
         if dup_dead is not None and dup_dead.num_rows:
@@ -422,7 +423,8 @@ def _run_slices(cfg: BackfillConfig, slices: list[Slice], spill: Spill, root: Pa
     items: list[tuple[str, object]] = []
     for number, sl in enumerate(slices):
         lo = sl.from_us - reach
-        tail = _advance_tail(days, tail, known, prev_lo, lo, entities)
+        tail = _advance_tail(days, tail, known, prev_lo, lo, entities, chunk_events=cfg.max_events_per_slice,
+                             day_counts=spill.day_counts)
         tail_path = root / f"tail-{number}.parquet"
         pq.write_table(tail, tail_path)
         mine = [d for d in known if (d + 1) * _US_PER_DAY > lo and d * _US_PER_DAY < sl.until_us]
@@ -433,20 +435,27 @@ def _run_slices(cfg: BackfillConfig, slices: list[Slice], spill: Spill, root: Pa
         files.extend(f for kind, fs in got if kind == "feature_files" for f in fs)  # type: ignore[union-attr]
         items.extend(got)
         prev_lo = lo
+        pa.default_memory_pool().release_unused()
         testhooks.reached(f"after:slice:{number + 1}")
     return items
 
 
 def _advance_tail(days: SpilledDays, tail: pa.Table | None, known: list[int], prev_lo: int | None, lo: int,
-                  entities: list[str]) -> pa.Table:
+                  entities: list[str], *, chunk_events: int, day_counts: dict[int, int]) -> pa.Table:
     """The history tail of every event before ``lo``, from that of the events before ``prev_lo``
-    and the days in between (one day held at a time)."""
-    for d in known:
-        if d * _US_PER_DAY >= lo or (prev_lo is not None and (d + 1) * _US_PER_DAY <= prev_lo):
-            continue
-        table = _within(days.load(d), prev_lo, lo)
-        table = table if tail is None else pa.concat_tables([tail, table.cast(tail.schema)])
-        tail = _tail_of(table, entities)
+    and the days in between, read about ``chunk_events`` events at a time."""
+    pending: list[pa.Table] = []
+    held = 0
+    todo = [d for d in known if d * _US_PER_DAY < lo and (prev_lo is None or (d + 1) * _US_PER_DAY > prev_lo)]
+    for n, d in enumerate(todo):
+        if entities:
+            pending.append(_within(days.load(d), prev_lo, lo))
+            held += day_counts.get(d, 0)
+        if pending and (held >= chunk_events or n == len(todo) - 1):
+            parts = pending if tail is None else [tail, *pending]
+            table = pa.concat_tables([t.cast(parts[0].schema) for t in parts])
+            tail = _tail_of(table, entities)
+            pending, held = [], 0
     return tail if tail is not None else days.empty()
 
 
@@ -457,7 +466,8 @@ def _reach_events(cfg: BackfillConfig, slices: list[Slice], spill: Spill, root: 
     known = sorted(spill.day_counts)
     lo = slices[0].from_us - cfg.spec.max_window_us if slices else 0
     until = slices[-1].until_us if slices else 0
-    tail = _advance_tail(days, None, known, None, lo, entities)
+    tail = _advance_tail(days, None, known, None, lo, entities, chunk_events=cfg.max_events_per_slice,
+                         day_counts=spill.day_counts)
     parts = [tail, *(_within(days.load(d), lo, until).cast(tail.schema) for d in known
                      if (d + 1) * _US_PER_DAY > lo and d * _US_PER_DAY < until)]
     return pa.concat_tables(parts)
