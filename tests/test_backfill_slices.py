@@ -157,6 +157,23 @@ def test_plan_keeps_slices_within_the_bound_or_at_least_their_history() -> None:
         Slice(0, 4), Slice(4, 8), Slice(8, 10)]
 
 
+def test_the_event_count_that_decides_slicing_is_estimated_without_reading_the_input(tmp_path: Path) -> None:
+    import gzip
+
+    from finfeat.jobs.slices import estimate_events
+
+    lines = [f"t{i},{'x' * (i % 80)},{i}" for i in range(60_000)]  # about 3 MB, lines of varying length
+    text = "txn_id,pad,n\n" + "\n".join(lines) + "\n"
+    csv_path, gz_path, pq_path = tmp_path / "a.csv", tmp_path / "a.csv.gz", tmp_path / "a.parquet"
+    csv_path.write_text(text)
+    gz_path.write_bytes(gzip.compress(text.encode()))
+    pq.write_table(pa.table({"n": list(range(12_345))}), pq_path)
+    assert estimate_events([pq_path]) == 12_345
+    for path in (csv_path, gz_path):
+        assert 0.8 * 60_000 < estimate_events([path]) < 1.25 * 60_000, path.name
+    assert estimate_events([csv_path, pq_path]) > 60_000
+
+
 @pytest.mark.parametrize(("field", "value"), [("max_events_per_slice", 0), ("slice_days", 0),
                                               ("max_events_per_slice", 1.5)])
 def test_a_bad_slice_size_fails_fast_saying_what_to_give(tmp_path: Path, field: str, value: object) -> None:
