@@ -212,7 +212,8 @@ def _free_gib() -> float:
     return info["MemAvailable"] / 1024 / 1024
 
 
-def _memory(sizes: list[int], folder: Path, runner: list[str], days_per_million: int, forced_slice: int) -> None:
+def _memory(sizes: list[int], folder: Path, runner: list[str], days_per_million: int, forced_slice: int,
+            one_pipeline: bool = True) -> None:
     """Peak RSS of the backfill (no validation) with the default slicing and as one pipeline, for
     inputs of the same density (``days_per_million`` days per million events): past the longest
     window, a slice's history holds the same number of events whatever the input's length.
@@ -224,7 +225,7 @@ def _memory(sizes: list[int], folder: Path, runner: list[str], days_per_million:
     for n in sizes:
         days = max(1, round(n * days_per_million / 1_000_000))
         src, start, end = _canonical(n, folder, days)
-        modes = [("sliced (default)", "0"), ("one pipeline", str(10 ** 12))]
+        modes = [("sliced (default)", "0"), *([("one pipeline", str(10 ** 12))] if one_pipeline else [])]
         if forced_slice and n <= DEFAULT_MAX_EVENTS_PER_SLICE:
             modes.insert(1, (f"sliced, {forced_slice:,}/slice", str(forced_slice)))
         for name, max_events in modes:
@@ -269,12 +270,14 @@ def main() -> int:
                     help="with --memory: days of generated events per million (default 60, as make bench)")
     ap.add_argument("--forced-slice", type=int, default=500_000,
                     help="with --memory: also run inputs that fit one slice cut into slices of this many events")
+    ap.add_argument("--skip-one-pipeline", action="store_true", help="with --memory: only the sliced runs")
     args = ap.parse_args()
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     if args.memory:
         runner = ["--runner=FnApiRunner", *args.runner_arg]
-        _memory([int(x) for x in args.memory.split(",")], folder, runner, args.days_per_million, args.forced_slice)
+        _memory([int(x) for x in args.memory.split(",")], folder, runner, args.days_per_million, args.forced_slice,
+                one_pipeline=not args.skip_one_pipeline)
         return 0
     src, start, end = _canonical(args.events, folder)
     runner = ["--runner=FnApiRunner", *args.runner_arg]
