@@ -56,6 +56,7 @@ _LOG = logging.getLogger(__name__)
 _US_PER_DAY = 86_400_000_000
 _SAMPLE_BYTES = 1 << 20
 _REPEATED, _WINNERS, _LABELS = "repeated.npy", "winners.parquet", "labels.parquet"
+_LABEL_ROWS = "label-rows"  # the label rows of the slices' own events, for the labels table
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,8 @@ def run_sliced(cfg: BackfillConfig, *, recorded_at_us: int) -> dict[str, object]
             tagged += files_and_items
         kept = sum(kv[1] for kind, kv in tagged if kind == "stat" and kv[0] == "events_kept")
         tagged.append(("stat", ("events_outside_range", accepted - kept)))
+        if (root / _LABEL_ROWS).is_dir():
+            tagged.append(("labels", pq.read_table(root / _LABEL_ROWS)))
         if cfg.online_store:
             tagged.append(("events", _reach_events(cfg, slices, spill, root)))
         committer = CommitRunFn(cfg=cfg, recorded_at_us=recorded_at_us)
@@ -433,7 +436,11 @@ def _run_slices(cfg: BackfillConfig, slices: list[Slice], spill: Spill, root: Pa
         got = _run_slice(cfg, sl, number=number, folder=root, lo_us=lo, tail=tail_path, days=mine,
                          first=number == 0)
         files.extend(f for kind, fs in got if kind == "feature_files" for f in fs)  # type: ignore[union-attr]
-        items.extend(got)
+        labels = [t for kind, t in got if kind == "labels"]
+        if labels:  # kept on disk until the commit reads them as one table (they grow with the run)
+            (root / _LABEL_ROWS).mkdir(exist_ok=True)
+            pq.write_table(pa.concat_tables(labels), root / _LABEL_ROWS / f"slice-{number:05d}.parquet")
+        items.extend((kind, value) for kind, value in got if kind != "labels")
         prev_lo = lo
         pa.default_memory_pool().release_unused()
         testhooks.reached(f"after:slice:{number + 1}")
