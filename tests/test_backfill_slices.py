@@ -245,3 +245,38 @@ def test_kill_between_two_slices_leaves_no_table_and_a_rerun_completes(tmp_path:
     reports = [json.loads(p.read_text()) for p in (wh / "_runs").glob("*.json")]
     assert sorted(r["status"] for r in reports) == ["interrupted", "succeeded"]
     assert DeltaTable(str(wh / "features")).version() == 0
+
+
+def test_a_sliced_run_materializes_the_same_online_state(tmp_path: Path) -> None:
+    from finfeat.jobs.online import open_store
+    from finfeat.jobs.online.lookup import Candidate, lookup
+    from tests.conftest import SPARKOV_TEST
+
+    events, _ = load_events(SPARKOV_TEST, "sparkov")
+    events = events.drop_columns(["_source", "_source_row"]).sort_by([("event_time", "ascending")])
+    history, nxt = events.slice(0, events.num_rows - 200), events.slice(events.num_rows - 200, 40)
+    src = tmp_path / "history.parquet"
+    pq.write_table(history, src)
+    spec = FeatureSpec.default()
+    answers = []
+    for name, kw in (("one", {}), ("sliced", {"slice_days": 1})):
+        url = f"sqlite:{tmp_path / name}.db"
+        report = run_backfill(BackfillConfig(
+            inputs=[src], mapping=Mapping.load("canonical"), warehouse=tmp_path / name, start=date(2020, 6, 21),
+            end=date(2020, 6, 22), token_key=TOKEN_KEY, beam_args=ARGS, buckets=2, online_store=url, **kw))
+        assert report["slices"] == (1 if name == "one" else 2)
+        store = open_store(url, spec, create=False)
+        try:
+            got = []
+            for row in nxt.to_pylist():
+                t = row["event_time"]
+                cand = Candidate(card_token=row["card_token"], merchant_id=row["merchant_id"],
+                                 amount_minor=row["amount_minor"], currency=row["currency"],
+                                 at_us=int(t.timestamp()) * 1_000_000 + t.microsecond, txn_id=row["txn_id"],
+                                 merchant_lat=row["merchant_lat"], merchant_lon=row["merchant_lon"])
+                got.append(lookup(store, spec, cand, on_missing="empty").features)
+        finally:
+            store.close()
+        answers.append(got)
+    assert answers[1] == answers[0]
+    assert sum(1 for a in answers[0] if a["card_count_30d"]) > 10  # the stores hold history
