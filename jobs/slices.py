@@ -15,8 +15,9 @@ A run whose input holds more events than one slice (``--max-events-per-slice``) 
    for its own days only. The workers write the rows as uncommitted Parquet files, as the
    one-pipeline run does.
 4. **One commit**: the same committer (:class:`~finfeat.jobs.backfill.CommitRunFn`) gets every
-   slice's files and what the spill gathered, checks reconciliation and the guards, and commits
-   the feature files in one Delta transaction; a run killed before leaves no partial table.
+   slice's files, what the spill gathered and the slices' label rows (kept on disk until then),
+   checks reconciliation and the guards, and commits the feature files in one Delta transaction;
+   a run killed before leaves no partial table (only its temporary folder).
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from finfeat.jobs import delta, testhooks
-from finfeat.jobs.options import DEFAULT_MAX_EVENTS_PER_SLICE  # noqa: F401  (re-exported)
 from finfeat.jobs.sources import compression_of
 from finfeat.transforms.buckets import stable_hash
 from finfeat.transforms.dedup import deduplicate
