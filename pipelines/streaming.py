@@ -5,9 +5,10 @@ Each entity kind (card, merchant) is cut into buckets by a stable hash of the en
 (plus, however old, each entity's newest and newest located event: the unwindowed features
 reach back to them) and the events waiting for the watermark. When the watermark passes
 the end of an emit tick, no on-time event can still come before it, so the features of the
-tick's events are final: the DoFn calls the very function the batch path calls
-(:func:`compute_entity_features`) on history + ready events, all entities of the bucket at
-once, and emits the ready rows as one table. Events that arrive behind what was already
+tick's events are final: the DoFn hands them to the bucket's history
+(:class:`~finfeat.transforms.stream_steps.EntityHistory`), which feeds the batch path's engine
+the ready events' entities' rows and has it evaluate the windows at the ready events only, all
+entities of the bucket at once, and emits the ready rows as one table. Events that arrive behind what was already
 emitted are ``late`` and go to their own output (the next backfill repairs their days).
 
 Timers are set on whole milliseconds: the portable Fn API (Prism, Flink, Dataflow) carries

@@ -70,7 +70,7 @@ def _events(n: int) -> pa.Table:
              "merchant_category": "grocery", "amount_minor": 100 * i + 7, "currency": "USD",
              "event_time": t0 + dt.timedelta(seconds=13 * i, microseconds=i), "channel": "pos",
              "card_lat": 40.70 + i / 1000 if i % 3 else None, "card_lon": -74.0 + i / 7,
-             "merchant_lat": 1e-5 * i, "merchant_lon": -0.0 if i == 1 else 179.999999,
+             "merchant_lat": 1e-4 * i, "merchant_lon": -0.0 if i == 1 else 179.999999,
              "is_fraud": None if i % 4 == 0 else bool(i % 2)} for i in range(n)]
     return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
 
@@ -96,6 +96,7 @@ ODD = [
     b'{"schema":"finfeat.txn.v1","txn_id":"a"} {"schema":"finfeat.txn.v1","txn_id":"b"}',  # two objects
     b" ", b"", None, b"[1, 2]", b'"text"', b"{not json}",
     b'{"schema":"finfeat.txn.v1","card_lat":NaN}', b'{"schema":"finfeat.txn.v1","card_lat":1e400}',
+    b'{"schema":"finfeat.txn.v1","txn_id":"","merchant_lon":6.103515625e-05}',  # spelled 0.0000610... by Arrow
     b'{"schema":"finfeat.txn.v1.old","txn_id":"a"}', b'{"txn_id":"no schema"}',
     b'{"schema":"finfeat.txn.v1","txn_id":"a","txn_id":"b"}',  # a duplicate key
     b'{"schema":"finfeat.txn.v1","is_fraud":1}', b'{"schema":"finfeat.txn.v1","txn_id":7}',

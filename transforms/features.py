@@ -564,7 +564,8 @@ def _fraud_rate(frame: _EntityFrame, f: FeatureDef) -> tuple[np.ndarray, np.ndar
 
 
 def history_tail(table: pa.Table, entity: str) -> np.ndarray:
-    """Row indices of each entity's newest event and newest located event (merchant coordinates).
+    """Row indices of each entity's newest event and newest located event (merchant coordinates,
+    when the table has them).
 
     Features without a window (seconds since the last event, geo velocity) reach back to these
     however old they are, so a job that trims history to the windows keeps them too.
@@ -574,7 +575,10 @@ def history_tail(table: pa.Table, entity: str) -> np.ndarray:
     frame = _TableFrame(table, entity)
     last = np.ones(frame.n, dtype=bool)
     last[:-1] = frame.group[1:] != frame.group[:-1]
-    located = np.flatnonzero(frame.floats("merchant_lat")[1] & frame.floats("merchant_lon")[1])
+    if {"merchant_lat", "merchant_lon"} <= set(table.column_names):
+        located = np.flatnonzero(frame.floats("merchant_lat")[1] & frame.floats("merchant_lon")[1])
+    else:  # a table kept without coordinates (no geo velocity to compute) has no located event
+        located = np.zeros(0, dtype=np.int64)
     if located.size:
         g = frame.group[located]
         last_located = located[np.append(g[1:] != g[:-1], True)]

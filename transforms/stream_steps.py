@@ -32,7 +32,11 @@ API (t = event time, int64 µs since the epoch, UTC):
     pending events to keep, ``Flush.change`` the change of the history's list/bag state;
     ``history`` (an :class:`EntityHistory`, or None when empty) is updated in place, and
     ``Flush.history`` is the object to keep. The new horizon is ``max(horizon, cutoff)``.
-    ``step`` is an :class:`EntityStep` (spec, entity, anchor), built once per operator.
+    ``step`` is an :class:`EntityStep` (spec, entity, anchor), built once per operator. The
+    released events are newer than every event the history holds (older ones were late), so the
+    history keeps each entity's events in (event_time, txn_id) order by appending, and answers a
+    flush with its entities' rows without sorting them; the engine evaluates the windows at the
+    released events only.
   - ``EntityHistory.from_pieces(pieces, entity)`` rebuilds the history from its state pieces.
 * ``join_parts(parts, entities, schema) -> Joined``: the parts ``(entity, FEATURES | LATE,
   table)`` received for one bucket of txn ids (``Part``); ``Joined.rows`` the complete feature
@@ -50,7 +54,9 @@ each step's :class:`StateChange`: usually one appended piece (the step's own row
 then a rewrite (``reset``) that drops what fell out of reach. A rewrite happens only when at
 least half as many rows can go as stay, or at :data:`MAX_PIECES` pieces, so each row is
 rewritten a bounded number of times. A flush's work follows the events it releases and their
-entities' histories (each entity's newest and newest located event are kept however old).
+entities' histories (each entity's newest and newest located event are kept however old): a
+binary search per window and released event, and a few linear numpy passes (gathers, prefix
+sums) over those entities' rows.
 
 The Delta micro-batch commit (exactly once) is ``finfeat.jobs.stream_commit.commit_micro_batch``.
 """
@@ -61,6 +67,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Tuple
 
 import numpy as np
@@ -196,8 +203,9 @@ def _decode_all(messages: Sequence[tuple[int, bytes | None]]) -> pa.Table | None
     The parser makes the same of it as of that path's table: numbers and booleans are spelled as
     text again (a double's shortest round-trip spelling, which parses to the same value; only a
     dead letter's payload can show it, as -66 for -66.0), and any doubt (a value of another JSON
-    type, a duplicate key, a non-finite or out-of-bounds coordinate, bad UTF-8, a second object
-    in one message) sends the whole poll to the exact path."""
+    type, a duplicate key, a non-finite or out-of-bounds coordinate, a coordinate so close to 0 that
+    Arrow would spell it without an exponent, bad UTF-8, a second object in one message) sends the
+    whole poll to the exact path."""
     from pyarrow import json as pa_json
 
     values = [v for _, v in messages]
@@ -222,7 +230,13 @@ def _decode_all(messages: Sequence[tuple[int, bytes | None]]) -> pa.Table | None
         if pa.types.is_floating(column.type):
             # NaN, inf, or a coordinate out of bounds (a dead letter: its payload keeps the text as sent);
             # NaN compares false, so "not |x| <= 180" catches all three in one pass
-            if pc.any(pc.invert(pc.less_equal(pc.abs(column), 180))).as_py():
+            magnitude = pc.abs(column)
+            if pc.any(pc.invert(pc.less_equal(magnitude, 180))).as_py():
+                return None
+            # below 1e-4 Arrow spells a double without the exponent that JSON (and Python) use:
+            # a dead letter's payload would show another text, and its long run of digits can
+            # look like a card number to the payload redaction
+            if pc.any(pc.and_(pc.less(magnitude, 1e-4), pc.not_equal(column, 0))).as_py():
                 return None
         columns[name] = column.cast(pa.string())
     return pa.table({**columns, SOURCE_ROW: pa.array([o for o, _ in messages], pa.int64())})
@@ -516,13 +530,21 @@ class EntityHistory:
         self._codes = _Growing(codes)
         self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
         self._fields: dict[str, _Field] = {}
-        self._reindex()
+        self._reindex(in_code_order=True)
 
-    def _reindex(self) -> None:
-        """Index every row held: positions grouped by entity code (arrival order within a code)."""
+    def _reindex(self, *, in_code_order: bool = False) -> None:
+        """Index every row held: positions grouped by entity code (arrival order within a code).
+        The rows appended since the last index are grouped and merged into it (a stable sort of
+        two sorted runs, which is a merge)."""
         codes = self.codes
-        self._indexed = len(codes)
-        self._by_code = np.argsort(codes, kind="stable")
+        if in_code_order:
+            by_code = np.arange(len(codes), dtype=np.int64)
+        else:
+            recent = np.arange(self._indexed, len(codes), dtype=np.int64)
+            recent = recent[np.argsort(codes[recent], kind="stable")]
+            both = np.concatenate([self._by_code, recent])
+            by_code = both[np.argsort(codes[both], kind="stable")]
+        self._indexed, self._by_code = len(codes), by_code
         self._starts = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(self.code_of)))])
 
     @property
@@ -547,47 +569,52 @@ class EntityHistory:
             self._fields[name] = _Field(self.table.column(name))
         return self._fields[name]
 
-    def rows_for(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The rows held of the entities with these (sorted, distinct) codes, each entity's in
-        (event_time, txn_id) order, entities in code order: (row positions, entity rank)."""
+    def layout(self, codes: np.ndarray) -> _Layout:
+        """Where a flush's frame takes its rows from: for the entities of ``codes`` (the ready
+        events' entity codes, in (entity, event_time, txn_id) order), in code order, each entity's
+        rows held (in (event_time, txn_id) order: the indexed ones, then those appended since)
+        followed by its ready events. Positions are computed, not sorted for: the indexed rows
+        come as ranges of the index, and only the rows appended since it was built are grouped."""
+        wanted, first_ready, n_ready = np.unique(codes, return_index=True, return_counts=True)
+        m = len(wanted)
         starts = self._starts
-        old = codes[codes < len(starts) - 1]
-        lo, hi = starts[old], starts[old + 1]
-        counts = hi - lo
-        total = int(counts.sum())
-        first = np.cumsum(counts) - counts
-        indexed = self._by_code[np.repeat(lo - first, counts) + np.arange(total)]
-        indexed_rank = np.repeat(np.searchsorted(codes, old), counts)
-        pick = np.zeros(max(len(self.code_of), int(codes.max(initial=-1)) + 1), dtype=bool)
-        pick[codes] = True
-        recent = self._indexed + np.flatnonzero(pick[self.codes[self._indexed:]])
-        recent_rank = np.searchsorted(codes, self.codes[recent])
-        rows = np.concatenate([indexed, recent])
-        rank = np.concatenate([indexed_rank, recent_rank])
-        order = np.argsort(rank, kind="stable")  # two runs: indexed rows first within each entity
-        return rows[order], rank[order]
+        known = wanted < len(starts) - 1
+        code = np.where(known, wanted, 0)
+        lo = np.where(known, starts[code], 0)
+        n_indexed = np.where(known, starts[np.minimum(code + 1, len(starts) - 1)], 0) - lo
+        rank_of = np.full(max(len(self.code_of), int(wanted.max(initial=-1)) + 1), -1, dtype=np.int64)
+        rank_of[wanted] = np.arange(m)
+        recent_rank = rank_of[self.codes[self._indexed:]]
+        recent = np.flatnonzero(recent_rank >= 0)
+        recent_rank = recent_rank[recent]
+        grouped = np.argsort(recent_rank, kind="stable")  # only the rows appended since the index
+        recent, recent_rank = self._indexed + recent[grouped], recent_rank[grouped]
+        n_recent = np.bincount(recent_rank, minlength=m)
+        size = n_indexed + n_recent + n_ready
+        offset = np.cumsum(size) - size
+
+        def within(counts: np.ndarray) -> np.ndarray:  # 0, 1, ... inside each entity's run
+            return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+        k = within(n_indexed)
+        held = np.concatenate([self._by_code[np.repeat(lo, n_indexed) + k], recent])
+        held_at = np.concatenate([np.repeat(offset, n_indexed) + k,
+                                  (offset + n_indexed)[recent_rank] + within(n_recent)])
+        ready_rank = np.repeat(np.arange(m), n_ready)
+        ready_at = (offset + n_indexed + n_recent)[ready_rank] + (np.arange(len(codes)) - first_ready[ready_rank])
+        return _Layout(np.repeat(np.arange(m, dtype=np.int64), size), held, held_at, ready_at)
 
     def features(self, ready: pa.Table, codes: np.ndarray, defs: Sequence[FeatureDef]) -> dict[str, pa.Array]:
         """The features of ``ready`` (events newer than every row held, in (entity, event_time,
         txn_id) order; ``codes`` their entity codes) over their entities' rows held plus
         themselves, aligned with ``ready``."""
-        wanted = np.unique(codes)
-        rows, rank = self.rows_for(wanted)
-        ready_rank = np.searchsorted(wanted, codes)
-        # every entity's rows held, then its ready events (newer than all of them)
-        both = np.concatenate([rank, ready_rank])
-        order = np.argsort(both, kind="stable")
-        group = both[order]
-        from_ready = order >= len(rows)
-        held = rows[order[~from_ready]]
-        at = np.flatnonzero(from_ready)
-        t = np.empty(len(order), dtype=np.int64)
-        t[~from_ready] = self.t[held]
-        t[at] = event_times_us(ready)
-        columns = {}
-        for name in frame_fields(defs, ready.column_names):
-            columns[name] = self._field(name).frame_column(held, ready.column(name), from_ready)
-        got = compute_sorted_entity_features(group, t, columns, defs, at)
+        frame = self.layout(codes)
+        t = np.empty(len(frame.group), dtype=np.int64)
+        t[frame.held_at] = self.t[frame.held]
+        t[frame.ready_at] = event_times_us(ready)
+        columns = {name: self._field(name).frame_column(frame, ready.column(name))
+                   for name in frame_fields(defs, ready.column_names)}
+        got = compute_sorted_entity_features(frame.group, t, columns, defs, frame.ready_at)
         return {f.name: pa.array(got[f.name][0], type=f.arrow_type, mask=~got[f.name][1]) for f in defs}
 
     def _append(self, ready: pa.Table, codes: np.ndarray) -> None:
@@ -598,7 +625,7 @@ class EntityHistory:
         # blocks shrink geometrically (each more than twice the next), merged like a binary
         # counter: O(log rows) blocks, and each row is copied O(log rows) times in all
         blocks = self._blocks
-        blocks.append(ready.select(blocks[0].column_names).combine_chunks())
+        blocks.append(ready.combine_chunks())
         while len(blocks) > 1 and blocks[-2].num_rows <= 2 * blocks[-1].num_rows:
             last = blocks.pop()
             blocks[-1] = pa.concat_tables([blocks[-1], last]).combine_chunks()
@@ -617,16 +644,29 @@ class EntityHistory:
         """Append released events (in (entity, event_time, txn_id) order, all newer than every
         row held); rewrite without what is out of reach (at or before ``floor``, entities' tails
         excepted) when that is due."""
-        self._append(ready, self.codes_of(ready.column(self.column)) if codes is None else codes)
+        kept = ready.select(self._blocks[0].column_names)  # the columns this history keeps
+        self._append(kept, self.codes_of(ready.column(self.column)) if codes is None else codes)
         self.pieces += 1
         droppable = int(np.count_nonzero(self.t <= floor)) - self.kept_tails
         if not _rewrite_due(self.pieces - 1, droppable, self.num_rows - droppable):
-            return StateChange(reset=False, add=[ready])
+            return StateChange(reset=False, add=[kept])
         keep = _prune(self.table, self.t, floor, self.entity).combine_chunks()
         self.pieces = 1
         self._index(keep)
         self.kept_tails = int(np.count_nonzero(self.t <= floor))
         return StateChange(reset=True, add=[keep])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A flush's frame (see :meth:`EntityHistory.layout`): ``group`` of each frame row (entity
+    rank, from 0), the positions ``held`` of the history rows it takes and where they go
+    (``held_at``), and where the ready events go (``ready_at``, ascending)."""
+
+    group: np.ndarray
+    held: np.ndarray
+    held_at: np.ndarray
+    ready_at: np.ndarray
 
 
 class _Field:
@@ -666,14 +706,13 @@ class _Field:
         self._values.append(values)
         self._valid.append(valid)
 
-    def frame_column(self, held: np.ndarray, ready: pa.ChunkedArray, from_ready: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows ``held`` of this column and then ``ready``'s, placed as ``from_ready`` says."""
+    def frame_column(self, frame: _Layout, ready: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """This column of the frame: the rows held and ``ready``'s, placed as ``frame`` says."""
         values, valid = self._convert(ready)
-        out = np.empty(len(from_ready), dtype=values.dtype)
-        ok = np.empty(len(from_ready), dtype=bool)
-        out[~from_ready], ok[~from_ready] = self._values.values[held], self._valid.values[held]
-        out[from_ready], ok[from_ready] = values, valid
+        out = np.empty(len(frame.group), dtype=values.dtype)
+        ok = np.empty(len(frame.group), dtype=bool)
+        out[frame.held_at], ok[frame.held_at] = self._values.values[frame.held], self._valid.values[frame.held]
+        out[frame.ready_at], ok[frame.ready_at] = values, valid
         if self.text:  # a missing text value equals no other: its own negative code
             missing = np.flatnonzero(~ok)
             out[missing] = -1 - np.arange(len(missing))
@@ -699,6 +738,15 @@ class EntityStep:
     @property
     def reach_us(self) -> int:
         return self.spec.max_window_us
+
+    @cached_property
+    def history_columns(self) -> list[str]:
+        """The event columns a history keeps: what the entity's features read (the key, the
+        time, the txn id for ties, the fields; merchant coordinates only for geo velocity)."""
+        defs = self.spec.for_entity(self.entity)
+        geo = ["merchant_lat", "merchant_lon"] if any(f.agg == "geo_velocity" for f in defs) else []
+        return list(dict.fromkeys(["txn_id", "event_time", ENTITY_COLUMNS[self.entity],
+                                   *frame_fields(defs, EVENT_SCHEMA.names), *geo]))
 
 
 @dataclass(frozen=True)
@@ -741,8 +789,9 @@ def flush_bucket(pending: pa.Table | None, history: EntityHistory | None, cutoff
     floor = cutoff - step.reach_us
     if history is None:
         part = entity_part(ready, None, step)
-        history = EntityHistory(ready, step.entity)
-        change = StateChange(reset=False, add=[ready])
+        kept = ready.select(step.history_columns)
+        history = EntityHistory(kept, step.entity)
+        change = StateChange(reset=False, add=[kept])
     else:  # the history answers, and keeps, each entity's events in (event_time, txn_id) order
         codes = history.codes_of(ready.column(history.column))
         order = sorted_order(ready, history.column, codes)
