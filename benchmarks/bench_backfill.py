@@ -19,6 +19,13 @@
    to DuckDB's, and peak RSS. Library imports are not timed for any engine (DuckDB's and
    finfeat's modules, and GX's for the validated run: its import is printed apart).
    Targets: finfeat >= 1.0 x DuckDB without validation, >= 0.8 x with it.
+
+    python benchmarks/bench_backfill.py --memory 1000000,2000000,4000000,10000000
+
+measures peak memory instead: for each count, events generated at the same density (60 days per
+million, ``--days-per-million``), backfilled without validation with the default slicing, as one
+pipeline (skipped when the machine has not the memory free), and, for an input that fits one
+slice, forced into slices of ``--forced-slice`` events; DuckDB on the same file for the ratio.
 """
 from __future__ import annotations
 
@@ -40,8 +47,9 @@ from datetime import date
 from pathlib import Path
 from finfeat.jobs.backfill import BackfillConfig, run_backfill
 from finfeat.schemas.mapping import Mapping
-src, wh, start, end, validate, mapping, runner_args = (sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
-                                                      sys.argv[5] == "1", sys.argv[6], sys.argv[7:])
+src, wh, start, end, validate, mapping, max_events, runner_args = (
+    sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", sys.argv[6], int(sys.argv[7]), sys.argv[8:])
+slicing = {"max_events_per_slice": max_events} if max_events else {}
 import resource
 def _cpu():
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -53,12 +61,13 @@ c = _cpu()
 t = time.perf_counter()
 report = run_backfill(BackfillConfig(inputs=[Path(src)], mapping=Mapping.load(mapping), warehouse=Path(wh),
     start=date.fromisoformat(start), end=date.fromisoformat(end), token_key=b"bench-key-0123456789",
-    beam_args=runner_args, feature_suite="features" if validate else None, event_suite="events" if validate else None))
+    beam_args=runner_args, feature_suite="features" if validate else None, event_suite="events" if validate else None,
+    **slicing))
 seconds, cpu = time.perf_counter() - t, _cpu() - c
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 gx_import = _gx.import_seconds() if validate else None
 print(json.dumps({"seconds": seconds, "cpu": cpu, "rows": report["features_written"], "peak_kib": peak,
-                  "gx_import": gx_import}))
+                  "gx_import": gx_import, "slices": report.get("slices")}))
 """
 
 _DUCKDB = """
@@ -95,8 +104,8 @@ def _run(code: str, *args: str) -> tuple[dict, float]:
     return result, result["peak_kib"] / 1024
 
 
-def _canonical(events: int, folder: Path) -> tuple[Path, str, str]:
-    import pyarrow as pa
+def _canonical(events: int, folder: Path, days: int | None = None) -> tuple[Path, str, str]:
+    """The generated events (60 days, or ``days``) as one canonical-events Parquet file, cached."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -105,19 +114,22 @@ def _canonical(events: int, folder: Path) -> tuple[Path, str, str]:
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.parse import CardTokenizer, parse_batch
 
-    raw = folder / f"generated_{events}.parquet"
-    canonical = folder / f"canonical_{events}.parquet"
+    tag = f"{events}" if days is None else f"{events}_{days}d"
+    raw = folder / f"generated_{tag}.parquet"
+    canonical = folder / f"canonical_{tag}.parquet"
     if not raw.exists():
         print(f"generating {events:,} events -> {raw}", file=sys.stderr)
-        generate(out=raw, events=events, seed=7, progress=False)
+        generate(out=raw, events=events, seed=7, progress=False, **({"days": days} if days else {}))
     if not canonical.exists():
         mapping, tok = Mapping.load("generated"), CardTokenizer(b"bench-key-0123456789")
-        parts = []
+        writer = None
         for batch, _ in read_file(raw, mapping, tok, run_id="bench", recorded_at_us=0):
             ev, _dead = parse_batch(batch, mapping=mapping, tokenizer=tok, source=raw.name, run_id="bench",
                                     recorded_at_us=0)
-            parts.append(ev.drop_columns(["_source", "_source_row"]))
-        pq.write_table(pa.concat_tables(parts), canonical)
+            ev = ev.drop_columns(["_source", "_source_row"])
+            writer = writer or pq.ParquetWriter(canonical, ev.schema)
+            writer.write_table(ev)
+        writer.close()
     t = pq.read_table(canonical, columns=["event_time"]).column("event_time")
     lo, hi = pc.min(t).as_py().date(), pc.max(t).as_py().date()
     return canonical, lo.isoformat(), hi.isoformat()
@@ -177,7 +189,7 @@ def _compare(label: str, src: Path, start: str, end: str, folder: Path, runner: 
             if code is _DUCKDB:
                 runs[name].append(_run(code, str(src), str(out_pq), str(REPO)))
             else:
-                runs[name].append(_run(code, str(src), str(wh), start, end, validate, mapping, *runner))
+                runs[name].append(_run(code, str(src), str(wh), start, end, validate, mapping, "0", *runner))
     med = {name: (statistics.median(r["seconds"] for r, _ in rs), statistics.median(r["cpu"] for r, _ in rs),
                   rs[0][0]["rows"], max(m for _, m in rs)) for name, rs in runs.items()}
     duck_s, duck_cpu, duck_rows, _ = med["DuckDB SQL -> Parquet"]
@@ -194,6 +206,54 @@ def _compare(label: str, src: Path, start: str, end: str, folder: Path, runner: 
               f"{cpu:>8.2f}{duck_cpu / cpu * rows / duck_rows:>14.2f}{mem:>10,.0f}  {every}{extra}")
 
 
+def _free_gib() -> float:
+    with open("/proc/meminfo") as fh:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in fh}
+    return info["MemAvailable"] / 1024 / 1024
+
+
+def _memory(sizes: list[int], folder: Path, runner: list[str], days_per_million: int, forced_slice: int,
+            one_pipeline: bool = True) -> None:
+    """Peak RSS of the backfill (no validation) with the default slicing and as one pipeline, for
+    inputs of the same density (``days_per_million`` days per million events): past the longest
+    window, a slice's history holds the same number of events whatever the input's length.
+    DuckDB on the same file gives the throughput ratio."""
+    from finfeat.jobs.options import DEFAULT_MAX_EVENTS_PER_SLICE
+
+    wh, out_pq = folder / "warehouse", folder / "duckdb_features.parquet"
+    rows = []
+    for n in sizes:
+        days = max(1, round(n * days_per_million / 1_000_000))
+        src, start, end = _canonical(n, folder, days)
+        modes = [("sliced (default)", "0"), *([("one pipeline", str(10 ** 12))] if one_pipeline else [])]
+        if forced_slice and n <= DEFAULT_MAX_EVENTS_PER_SLICE:
+            modes.insert(1, (f"sliced, {forced_slice:,}/slice", str(forced_slice)))
+        for name, max_events in modes:
+            need = 0.3 + 1.3 * n / 1e6  # GiB, by the one pipeline's measured line, with a margin
+            if max_events == str(10 ** 12) and n > DEFAULT_MAX_EVENTS_PER_SLICE and _free_gib() < need:
+                print(f"{n:,} events, {name}: skipped, needs about {need:.0f} GiB, {_free_gib():.1f} GiB free")
+                continue
+            shutil.rmtree(wh, ignore_errors=True)
+            r, mib = _run(_FINFEAT, str(src), str(wh), start, end, "0", "canonical", max_events, *runner)
+            rows.append((n, days, name, r, mib))
+            print(f"{n:,} events / {days} days, {name}: {r['seconds']:.1f} s wall, {r['cpu']:.1f} s CPU, "
+                  f"{r['slices']} slice(s), peak {mib:,.0f} MiB", flush=True)
+        r, mib = _run(_DUCKDB, str(src), str(out_pq), str(REPO))
+        rows.append((n, days, "DuckDB SQL -> Parquet", r, mib))
+        print(f"{n:,} events / {days} days, DuckDB: {r['seconds']:.1f} s wall, {r['cpu']:.1f} s CPU, "
+              f"peak {mib:,.0f} MiB", flush=True)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\npeak memory, {days_per_million} days per million events, no validation; load average now {load} "
+          f"on {os.cpu_count()} cpus")
+    print(f"{'events':>11}{'days':>6}  {'engine':<26}{'slices':>7}{'wall s':>8}{'cpu s':>8}{'cpu vs DuckDB':>14}"
+          f"{'peak MiB':>10}")
+    duck = {n: r for n, _, name, r, _ in rows if name.startswith("DuckDB")}
+    for n, days, name, r, mib in rows:
+        ratio = duck[n]["cpu"] / r["cpu"] if n in duck else float("nan")
+        print(f"{n:>11,}{days:>6}  {name:<26}{str(r.get('slices') or '-'):>7}{r['seconds']:>8.1f}{r['cpu']:>8.1f}"
+              f"{ratio:>14.2f}{mib:>10,.0f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=1_000_000)
@@ -204,9 +264,21 @@ def main() -> int:
                     help="also a Sparkov-layout CSV of the first N generated events (the issue's file: 431773)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine; the median is reported")
     ap.add_argument("--skip-parquet", action="store_true", help="only the CSV case")
+    ap.add_argument("--memory", help="instead: peak memory with and without slicing for these event counts, "
+                                     "e.g. 1000000,2000000,4000000,10000000")
+    ap.add_argument("--days-per-million", type=int, default=60,
+                    help="with --memory: days of generated events per million (default 60, as make bench)")
+    ap.add_argument("--forced-slice", type=int, default=500_000,
+                    help="with --memory: also run inputs that fit one slice cut into slices of this many events")
+    ap.add_argument("--skip-one-pipeline", action="store_true", help="with --memory: only the sliced runs")
     args = ap.parse_args()
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        runner = ["--runner=FnApiRunner", *args.runner_arg]
+        _memory([int(x) for x in args.memory.split(",")], folder, runner, args.days_per_million, args.forced_slice,
+                one_pipeline=not args.skip_one_pipeline)
+        return 0
     src, start, end = _canonical(args.events, folder)
     runner = ["--runner=FnApiRunner", *args.runner_arg]
     print(f"finfeat runner flags: {' '.join(runner)}")

@@ -17,6 +17,7 @@ from deltalake import DeltaTable
 
 from finfeat import __version__
 from finfeat.jobs import delta, testhooks
+from finfeat.jobs.options import DEFAULT_MAX_EVENTS_PER_SLICE
 from finfeat.jobs.sources import check_inputs, read_file, read_labels_file
 from finfeat.pipelines.features import BuildFeatures
 from finfeat.schemas import SCHEMA_VERSION
@@ -68,6 +69,11 @@ class BackfillConfig:
     #: also materialize the latest state per card and merchant into this online store
     #: (``sqlite:PATH`` or ``redis://HOST:PORT/DB``), after the Delta commits
     online_store: str | None = None
+    #: an input of more events is cut into event-time slices of at most this many events, history
+    #: included (see finfeat.jobs.slices); peak memory follows it
+    max_events_per_slice: int = DEFAULT_MAX_EVENTS_PER_SLICE
+    #: slices of this many days of the range instead (None: sized by ``max_events_per_slice``)
+    slice_days: int | None = None
     beam_args: list[str] = field(default_factory=lambda: ["--runner=FnApiRunner"])
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
                         + uuid.uuid4().hex[:8])
@@ -81,6 +87,15 @@ class BackfillConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} {value} is not a share between 0 and 1")
+        if isinstance(self.max_events_per_slice, bool) or not isinstance(self.max_events_per_slice, int) \
+                or self.max_events_per_slice < 1:
+            raise ValueError(f"--max-events-per-slice {self.max_events_per_slice!r} is not a whole number of at least 1 "
+                             f"(default {DEFAULT_MAX_EVENTS_PER_SLICE:,}): lower it to use less memory, raise it "
+                             "for fewer slices")
+        if self.slice_days is not None and (isinstance(self.slice_days, bool) or not isinstance(self.slice_days, int)
+                                            or self.slice_days < 1):
+            raise ValueError(f"--slice-days {self.slice_days!r} is not a whole number of days of at least 1; leave "
+                             "it out to size slices by --max-events-per-slice")
 
 
 #: Refusals the committer records in the run report (status failed) instead of raising them through
@@ -452,7 +467,9 @@ def build_backfill(pipeline: beam.Pipeline, cfg: BackfillConfig, *, recorded_at_
 
 
 def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
-    """Run the backfill to completion and return its report (also saved under ``_runs/``).
+    """Run the backfill to completion and return its report (also saved under ``_runs/``): one
+    pipeline, or event-time slices when the input holds more events than one slice may
+    (:mod:`finfeat.jobs.slices`), committed once either way.
 
     The warehouse is checked first, before any input is read. The report is written at once with
     status ``running`` (host, pid), names each table as it is committed, and ends ``succeeded`` or
@@ -480,9 +497,15 @@ def run_backfill(cfg: BackfillConfig) -> dict[str, object]:
         "run_key": delta.run_key(inputs=cfg.inputs, labels=cfg.labels, start=cfg.start, end=cfg.end),
         "committed": {}, **delta.process_identity()})
     testhooks.reached("started")
+    from finfeat.jobs.slices import run_sliced, wants_slices
+
     try:
-        with beam.Pipeline(options=options) as pipeline:
-            build_backfill(pipeline, cfg, recorded_at_us=recorded_at_us)
+        if wants_slices(cfg):
+            run_sliced(cfg, recorded_at_us=recorded_at_us)
+        else:
+            delta.update_run_report(cfg.warehouse, cfg.run_id, slices=1)
+            with beam.Pipeline(options=options) as pipeline:
+                build_backfill(pipeline, cfg, recorded_at_us=recorded_at_us)
     except Exception as exc:
         # The runner wraps errors raised in workers; the committer's report says what it was.
         failed = delta.read_run_report(cfg.warehouse, cfg.run_id) or {}

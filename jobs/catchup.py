@@ -584,6 +584,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, *, start: date, end: date, beam_args: list[str],
                      token_key: bytes) -> BackfillConfig:
     from finfeat.jobs.backfill import BackfillConfig
+    from finfeat.jobs.options import DEFAULT_MAX_EVENTS_PER_SLICE
     from finfeat.jobs.sources import expand_inputs
     from finfeat.schemas.mapping import Mapping
     from finfeat.transforms.spec import FeatureSpec
@@ -598,7 +599,9 @@ def config_from_args(args: argparse.Namespace, *, start: date, end: date, beam_a
                           max_quarantine_fraction=getattr(args, "max_quarantine_fraction", 0.01),
                           max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 0.1),
                           allow_shrink=getattr(args, "allow_shrink", False),
-                          online_store=getattr(args, "online_store", None), beam_args=beam_args)
+                          online_store=getattr(args, "online_store", None),
+                          max_events_per_slice=getattr(args, "max_events_per_slice", DEFAULT_MAX_EVENTS_PER_SLICE),
+                          slice_days=getattr(args, "slice_days", None), beam_args=beam_args)
 
 
 def run(args: argparse.Namespace, *, beam_args: list[str], token_key: bytes,

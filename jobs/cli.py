@@ -14,7 +14,7 @@ from datetime import date
 from pathlib import Path
 
 from finfeat.jobs.argtypes import fraction as _fraction, iso_date as _date, positive_int as _positive
-from finfeat.jobs.options import DEFAULT_RUNNER, DEMO_TOKEN_KEY, TOKEN_KEY_ENV, UsageError, check_token_key  # noqa: F401
+from finfeat.jobs.options import DEFAULT_MAX_EVENTS_PER_SLICE, DEFAULT_RUNNER, DEMO_TOKEN_KEY, TOKEN_KEY_ENV, UsageError, check_token_key  # noqa: F401
 from finfeat.jobs.options import beam_args as _beam_args, token_key as _token_key
 
 _LOG = logging.getLogger(__name__)
@@ -99,6 +99,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     bf.add_argument("--warehouse", default="warehouse", help="folder of the Delta tables (default ./warehouse)")
     bf.add_argument("--feature-spec", help="feature spec YAML (default: the built-in v1 set)")
     bf.add_argument("--buckets", type=_positive, default=8, help="key partitions per entity (default 8)")
+    bf.add_argument("--max-events-per-slice", type=_positive, default=DEFAULT_MAX_EVENTS_PER_SLICE,
+                    help="cut an input of more events into event-time slices of at most about this many events, "
+                         "history included, computed one after the other and committed once; peak memory follows "
+                         f"it (default {DEFAULT_MAX_EVENTS_PER_SLICE:,})")
+    bf.add_argument("--slice-days", type=_positive,
+                    help="slices of this many days of the range instead of --max-events-per-slice")
     bf.add_argument("--feature-suite", default="features",
                     help="expectation suite for feature rows: built-in name or YAML (default features)")
     bf.add_argument("--no-validate", action="store_true", help="land feature rows without running the suite")
@@ -268,6 +274,8 @@ def _cmd_backfill(args: argparse.Namespace, rest: list[str], *, demo: bool = Fal
                          max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 0.1),
                          allow_shrink=getattr(args, "allow_shrink", False),
                          online_store=getattr(args, "online_store", None),
+                         max_events_per_slice=getattr(args, "max_events_per_slice", DEFAULT_MAX_EVENTS_PER_SLICE),
+                         slice_days=getattr(args, "slice_days", None),
                          beam_args=beam_args)
     runner = next(a.split('=', 1)[1] for a in beam_args if a.startswith('--runner='))
     progress.set_run_id(cfg.run_id)

@@ -10,6 +10,8 @@ import sys
 DEMO_TOKEN_KEY = "finfeat-demo-key--not-a-secret"
 TOKEN_KEY_ENV = "FINFEAT_TOKEN_KEY"
 DEFAULT_RUNNER = "FnApiRunner"
+#: the backfill cuts a larger input into event-time slices of at most this many events, history included
+DEFAULT_MAX_EVENTS_PER_SLICE = 1_000_000
 
 
 class UsageError(Exception):

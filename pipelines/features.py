@@ -352,6 +352,13 @@ class ComputeFeatures(beam.PTransform):
         return {"features": features, "late": late}
 
 
+def spec_label_delay_us(spec: FeatureSpec) -> int:
+    """How long after its transaction a label that came with the event counts as known: the
+    longest delay of the spec's label-aware features, else the default."""
+    delays = [f.delay_us for f in spec.features if f.agg == "fraud_rate"]
+    return max(delays) if delays else window_us(DEFAULT_LABEL_DELAY)
+
+
 class BuildFeatures(beam.PTransform):
     """Raw ``(source, batch, unreadable dead letters)`` triples (or ``{"raw": ..., "labels": ...}``
     with a labels feed read the same way) -> ``{"features", "dead_letters", "stats", "labels",
@@ -366,9 +373,7 @@ class BuildFeatures(beam.PTransform):
                  buckets: int = 8, label_delay_us: int | None = None, event_suite: str | None = None) -> None:
         super().__init__()
         self._event_suite = event_suite
-        delays = [f.delay_us for f in spec.features if f.agg == "fraud_rate"]
-        self._label_delay_us = label_delay_us if label_delay_us is not None else (
-            max(delays) if delays else window_us(DEFAULT_LABEL_DELAY))
+        self._label_delay_us = label_delay_us if label_delay_us is not None else spec_label_delay_us(spec)
         CardTokenizer(token_key)  # fail at construction on a bad key
         self._mapping, self._spec, self._key = mapping, spec, token_key
         self._run_id, self._recorded, self._buckets = run_id, recorded_at_us, buckets
