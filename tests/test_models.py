@@ -114,6 +114,30 @@ def test_top_reasons_in_json_jsonl_batch_and_none_on_request(model_dir: Path, sp
         _cli(score_cli, ["score", "--model", str(model_dir), "--json", "{}", "--reasons", "-1"])
 
 
+def test_one_booster_call_gives_the_score_and_margin_bit_for_bit(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A decision's score comes from its margin through xgboost's own sigmoid (one booster call):
+    the same bits as the booster's probability, on each of 4,000 rows; a model of another
+    objective keeps two calls and gives the same answer. The rows are random inputs of every scale
+    (a tenth missing), so the margins spread far wider than a test day's."""
+    scorer = Scorer.load(model_dir)
+    assert scorer._sigmoid is not None
+    import xgboost as xgb
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.0, 1.0, (4_000, len(scorer.features))) * rng.choice([1, 10, 1_000, 100_000], len(scorer.features))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    scores, margins = scorer.score_matrix(x), scorer.score_matrix(x, margin=True)
+    assert len(set(scores.tolist())) > 100
+    for i in range(len(x)):
+        score, margin = scorer.score_one(x[i:i + 1])
+        assert score == scores[i] and margin == margins[i], i
+    other = xgb.train({"objective": "reg:logistic", "max_depth": 2, "nthread": 1},
+                      xgb.DMatrix(x[:500], label=rng.random(500)), num_boost_round=5)
+    plain = Scorer(booster=other, features=scorer.features, spec_hash=None, model_id="x", model_dir=tmp_path)
+    assert score_cli._logistic_sigmoid(other, len(scorer.features)) is None and plain._sigmoid is None
+    assert plain.score_one(x[:1]) == (plain.score_matrix(x[:1])[0], plain.score_matrix(x[:1], margin=True)[0])
+
+
 def test_saabas_reasons_also_add_up_and_are_cheaper_per_tree(model_dir: Path, sparkov_warehouse: Path,  # noqa: F811
                                                               capsys: pytest.CaptureFixture) -> None:
     exact = Scorer.load(model_dir)

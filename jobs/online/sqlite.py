@@ -33,6 +33,7 @@ from finfeat.jobs.online.base import (
     DEFAULT_TTL_S,
     EntityState,
     EntityUpdate,
+    EventTimes,
     Label,
     MissingState,
     OnlineStore,
@@ -241,16 +242,33 @@ class SqliteOnlineStore(OnlineStore):
         try:
             self._ensure_meta(conn, write=False)
             # one statement per entity: a consistent view of that entity (writers commit whole batches)
-            return [self._read_one(conn, kind, key, now_us, labels=self.retention[kind].labels)
-                    for kind, key in keys]
+            retention = self.retention
+            return [self._read_one(conn, kind, key, now_us, labels=retention[kind].labels,
+                                   times_only=retention[kind].times_only) for kind, key in keys]
         except sqlite3.Error as exc:
             raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
-    def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int, *, labels: bool = False
-                  ) -> EntityState | MissingState:
+    def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int, *, labels: bool = False,
+                  times_only: bool = False) -> EntityState | MissingState:
         if labels:
             return SqliteOnlineStore._read_labelled(conn, kind, key, now_us)
+        if times_only:  # ids and times only: the index by time covers them, no table row is read
+            rows = conn.execute(
+                "SELECT s.asof_us, s.pruned_max_us, s.expires_at_us, e.txn_id, e.event_time_us "
+                "FROM entity_state AS s LEFT JOIN entity_event AS e "
+                "ON e.entity_kind = s.entity_kind AND e.entity_id = s.entity_id "
+                "WHERE s.entity_kind = ? AND s.entity_id = ? ORDER BY e.event_time_us, e.txn_id",
+                (kind, key)).fetchall()
+            if not rows:
+                return MissingState(kind, key)
+            asof, pruned_max, expires, first, _ = rows[0]
+            if expires <= now_us:
+                return MissingState(kind, key, expired_at_us=expires)
+            if first is None:
+                return EntityState(kind, key, asof, pruned_max, EventTimes((), ()))
+            _, _, _, txn_ids, times = zip(*rows)
+            return EntityState(kind, key, asof, pruned_max, EventTimes(txn_ids, times))
         rows = conn.execute(
             "SELECT s.asof_us, s.pruned_max_us, s.expires_at_us, e.txn_id, e.event_time_us, e.located, e.payload "
             "FROM entity_state AS s LEFT JOIN entity_event AS e "
