@@ -1,0 +1,254 @@
+"""Exact tree SHAP of an xgboost model in numpy, from its trees parsed once.
+
+xgboost's own tree SHAP (``Booster.predict(DMatrix, pred_contribs=True)``) needs a DMatrix per
+call and walks every tree path for every row; for one decision of a 200-tree model that is most
+of the time a score with reasons takes. This module computes the same values (path-dependent
+tree SHAP, the algorithm xgboost implements) differently:
+
+* for a leaf, let ``U`` be the distinct features split on along its path (``d`` of them), ``z_j``
+  the fraction of the training cover that follows the path at the splits on ``j`` (the product of
+  child cover / parent cover) and ``o_j`` 1 when the row follows the path at every split on ``j``,
+  else 0. The leaf adds to feature ``i`` of ``U``::
+
+      v * (o_i - z_i) * sum over S subset of U - {i}, S within {j: o_j = 1}, of
+          |S|! (d - |S| - 1)! / d!  *  prod of z_j over j in U - S - {i}
+
+* the ``o`` of a leaf is one of ``2**d`` patterns (``d`` is at most the tree depth), so every
+  leaf's contributions for every pattern are tabulated once, when the model is loaded;
+* a row then costs one comparison per split node, one pattern per leaf and a table look-up:
+  a few vectorized numpy calls for the whole forest.
+
+The bias (the model's expected log-odds) is taken from one xgboost call at load. The values
+equal xgboost's ``pred_contribs`` up to its float32 arithmetic (tests compare them to 1e-6 on
+every row); :meth:`TreeShap.from_booster` returns None for a model it does not cover (not a
+single-output ``gbtree``, categorical splits, too deep), and the caller then uses xgboost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from math import factorial
+from typing import Any
+
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+
+#: Deepest tree covered (a leaf's path positions pack into one byte); deeper models use xgboost.
+MAX_DEPTH = 8
+_GATHER_BYTES = np.uint64(0x0102040810204080)
+#: Rows per vectorized block (bounds the temporary arrays: rows x leaves x depth).
+BLOCK_ROWS = 16
+
+
+class TreeShap:
+    """Tree SHAP contributions of one xgboost forest (see the module docstring)."""
+
+    def __init__(self, *, n_features: int, feature: np.ndarray, threshold: np.ndarray, default_left: np.ndarray,
+                 path_node: np.ndarray, path_left: np.ndarray, code_start: np.ndarray, slot_feature: np.ndarray,
+                 table: np.ndarray, bias: float) -> None:
+        self.n_features = n_features
+        self._feature, self._threshold, self._default_left = feature, threshold, default_left
+        self._path_node, self._path_left, self._code_start = path_node, path_left, code_start
+        self._slot_feature, self._table, self.bias = slot_feature, table, bias
+        self._flat_slots = slot_feature.ravel()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._feature, self._threshold, self._default_left, self._path_node,
+                                      self._path_left, self._code_start, self._slot_feature, self._table))
+
+    @classmethod
+    def from_booster(cls, booster: Any, n_features: int) -> TreeShap | None:
+        """The tables of ``booster``'s trees, or None when the model is not one this covers."""
+        if sys.byteorder != "little":  # _block reads a leaf's 8 path flags as one little-endian integer
+            return None
+        model = json.loads(booster.save_raw("json"))
+        learner = model["learner"]
+        gbm = learner["gradient_booster"]
+        params = learner["learner_model_param"]
+        if (gbm.get("name") != "gbtree" or params.get("num_class", "0") not in ("0", "1")
+                or params.get("num_target", "1") != "1" or int(params.get("num_feature", -1)) != n_features):
+            return None
+        trees = gbm["model"]["trees"]
+        if any(t["tree_param"].get("size_leaf_vector", "1") not in ("0", "1") or any(t["split_type"])
+               for t in trees):
+            return None
+        try:
+            parsed = [_leaf_paths(t) for t in trees]
+        except _Unsupported as exc:
+            _LOG.info("tree SHAP in numpy does not cover this model (%s): xgboost computes it", exc)
+            return None
+        out = cls._build(n_features, trees, parsed)
+        if out is None:
+            return None
+        # the bias (base margin + every tree's cover-weighted mean leaf) is one number per model:
+        # xgboost's own, so that bias + contributions add up to xgboost's margin as before
+        import xgboost as xgb
+
+        row = np.zeros((1, n_features), dtype=np.float64)
+        got = booster.predict(xgb.DMatrix(row, missing=np.nan, nthread=1), pred_contribs=True,
+                              validate_features=False)
+        out.bias = float(np.asarray(got, dtype=np.float64)[0, -1])
+        return out
+
+    @classmethod
+    def _build(cls, n_features: int, trees: list[dict], parsed: list[list[tuple]]) -> TreeShap | None:
+        # split nodes of the whole forest, numbered globally; number n_split is the padding of short paths
+        feature, threshold, default_left, number = [], [], [], []
+        for t in trees:
+            mine: dict[int, int] = {}
+            for k, child in enumerate(t["left_children"]):
+                if child != -1:
+                    mine[k] = len(feature)
+                    feature.append(t["split_indices"][k])
+                    threshold.append(t["split_conditions"][k])
+                    default_left.append(bool(t["default_left"][k]))
+            number.append(mine)
+        pad_node = len(feature)
+        leaves = [(number[i], path, v) for i, paths in enumerate(parsed) for path, v in paths]
+        leaves = [leaf for leaf in leaves if leaf[1]]  # a one-leaf tree adds to the bias only
+        depth = max((len(p) for _, p, _ in leaves), default=1)
+        if depth > MAX_DEPTH:
+            return None
+        n = len(leaves)
+        path_node = np.full((n, 8), pad_node, dtype=np.int64)
+        path_left = np.ones((n, 8), dtype=bool)
+        slot_of = np.zeros((n, 8), dtype=np.int64)        # the distinct-feature slot of each path position
+        distinct: list[list[int]] = []
+        fractions: list[list[float]] = []
+        values = np.empty(n, dtype=np.float64)
+        for li, (mine, path, v) in enumerate(leaves):
+            feats: list[int] = []
+            zs: list[float] = []
+            for p, (node, goes_left, feat, z) in enumerate(path):
+                if feat in feats:
+                    u = feats.index(feat)
+                    zs[u] *= z
+                else:
+                    u = len(feats)
+                    feats.append(feat)
+                    zs.append(z)
+                path_node[li, p] = mine[node]
+                path_left[li, p] = goes_left
+                slot_of[li, p] = u
+            distinct.append(feats)
+            fractions.append(zs)
+            values[li] = v
+        # which of a leaf's path positions a row leaves (bit p, packed) -> its pattern (bit u: the
+        # row follows every split on distinct feature u)
+        codes = np.arange(256)
+        code_bits = (codes[:, None] >> np.arange(8)[None, :]) & 1                         # (256, 8)
+        d_all = np.array([len(f) for f in distinct], dtype=np.int64)
+        lengths = np.array([len(leaf[1]) for leaf in leaves], dtype=np.int64)
+        position_bit = np.where(np.arange(8)[None, :] < lengths[:, None], 1 << slot_of, 0)   # (n, 8)
+        missed = np.zeros((n, 256), dtype=np.int64)
+        for p in range(8):
+            missed |= code_bits[None, :, p] * position_bit[:, p:p + 1]
+        pattern_of = ((1 << d_all) - 1)[:, None] ^ missed                                  # (n, 256)
+        width = max((len(f) for f in distinct), default=1)
+        d_of = d_all
+        leaf_row = np.zeros(n, dtype=np.int64)
+        slot_feature = np.full((n, width), n_features, dtype=np.int64)  # padding adds to a spare slot
+        rows = 0
+        for li, f in enumerate(distinct):
+            leaf_row[li] = rows
+            slot_feature[li, :len(f)] = f
+            rows += 1 << len(f)
+        table = np.zeros((rows, width), dtype=np.float64)
+        for d in range(1, width + 1):
+            ls = np.flatnonzero(d_of == d)
+            if len(ls) == 0:
+                continue
+            z = np.array([fractions[li] for li in ls], dtype=np.float64)                  # (n_d, d)
+            contrib = _leaf_tables(z, values[ls])                                          # (n_d, 2**d, d)
+            at = leaf_row[ls][:, None] + np.arange(1 << d)[None, :]                        # (n_d, 2**d)
+            table[at.ravel(), :d] = contrib.reshape(-1, d)
+        # rows by packed code (bit p: the row leaves the path at position p), 2**(path length) per
+        # leaf: a row is then one look-up, whatever features repeat along the path
+        code_start = np.concatenate([[0], np.cumsum(1 << lengths)[:-1]]).astype(np.int64)
+        by_code = (leaf_row[:, None] + pattern_of)[codes[None, :] < (1 << lengths)[:, None]]   # leaf by leaf, code order
+        return cls(n_features=n_features, feature=np.array(feature, dtype=np.intp),
+                   threshold=np.array(threshold, dtype=np.float32), default_left=np.array(default_left, dtype=bool),
+                   path_node=path_node.astype(np.intp), path_left=path_left, code_start=code_start.astype(np.intp),
+                   slot_feature=slot_feature, table=np.ascontiguousarray(table[by_code]), bias=0.0)
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """(rows, n_features + 1) float64: each input's contribution to the log-odds, then the bias."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[0] == 1:
+            return self._block(x)
+        out = np.empty((x.shape[0], self.n_features + 1), dtype=np.float64)
+        for start in range(0, x.shape[0], BLOCK_ROWS):
+            out[start:start + BLOCK_ROWS] = self._block(x[start:start + BLOCK_ROWS])
+        return out
+
+    def _block(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        value = x.astype(np.float32)[:, self._feature]             # (n, split nodes): xgboost compares in float32
+        with np.errstate(invalid="ignore"):
+            left = np.where(np.isnan(value), self._default_left, value < self._threshold)
+        left = np.concatenate([left, np.ones((n, 1), dtype=bool)], axis=1)   # the padding node: always followed
+        off = left[:, self._path_node] != self._path_left           # (n, leaves, 8): the row leaves the path there
+        # the 8 flags of a leaf are 8 bytes of 0/1: one multiplication gathers them into the top
+        # byte, flag p at bit p (the partial products below it never carry into it)
+        code = ((np.ascontiguousarray(off).view(np.uint64)[:, :, 0] * _GATHER_BYTES) >> np.uint64(56)).astype(np.intp)
+        got = self._table[self._code_start + code]                   # (n, leaves, width)
+        if n == 1:
+            phi = np.bincount(self._flat_slots, weights=got.ravel(), minlength=self.n_features + 1)[None, :]
+        else:
+            width = self.n_features + 1
+            index = np.arange(n, dtype=np.int64)[:, None] * width + self._flat_slots[None, :]
+            phi = np.bincount(index.ravel(), weights=got.ravel(), minlength=n * width).reshape(n, width)
+        phi[:, -1] = self.bias
+        return phi
+
+
+class _Unsupported(ValueError):
+    pass
+
+
+def _leaf_paths(tree: dict) -> list[tuple[list[tuple[int, bool, int, float]], float]]:
+    """Every leaf of one tree as (path, value): the path is (split node, goes left, feature,
+    child cover / node cover) from the root down."""
+    left, right = tree["left_children"], tree["right_children"]
+    feat, cond, hess = tree["split_indices"], tree["split_conditions"], tree["sum_hessian"]
+    n_features = int(tree["tree_param"]["num_feature"])
+    out = []
+    stack: list[tuple[int, list]] = [(0, [])]
+    while stack:
+        node, path = stack.pop()
+        if left[node] == -1:
+            out.append((path, float(np.float32(cond[node]))))
+            continue
+        if not 0 <= feat[node] < n_features:
+            raise _Unsupported(f"split on feature {feat[node]}")
+        if hess[node] <= 0:
+            raise _Unsupported("a split node without cover")
+        cover = np.float64(np.float32(hess[node]))
+        for child, goes_left in ((left[node], True), (right[node], False)):
+            z = float(np.float64(np.float32(hess[child])) / cover)
+            stack.append((child, [*path, (node, goes_left, feat[node], z)]))
+    return out
+
+
+def _leaf_tables(z: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(leaves, 2**d, d): for leaves of ``d`` distinct path features with cover fractions ``z``
+    (leaves, d) and values ``v``, the contribution to each of its features for every pattern
+    (bit u of the pattern: the row follows the path at every split on feature u)."""
+    n, d = z.shape
+    masks = np.arange(1 << d)
+    bits = (masks[:, None] >> np.arange(d)[None, :]) & 1                      # (2**d, d)
+    # q[l, M] = product of z_j over j outside M
+    q = np.prod(np.where(bits[None, :, :] == 1, 1.0, z[:, None, :]), axis=2)   # (n, 2**d)
+    size = bits.sum(axis=1)
+    weight = np.array([factorial(s) * factorial(d - s - 1) / factorial(d) if s < d else 0.0 for s in size])
+    within = (masks[None, :] & ~masks[:, None]) == 0                           # within[p, M]: M inside p
+    out = np.empty((n, 1 << d, d), dtype=np.float64)
+    for i in range(d):
+        bit = 1 << i
+        a = np.where(within & ((masks & bit) == 0)[None, :], weight[None, :], 0.0)   # (patterns, M without i)
+        c = q[:, masks | bit] @ a.T                                            # (n, patterns)
+        out[:, :, i] = v[:, None] * (bits[None, :, i] - z[:, i:i + 1]) * c
+    return out
