@@ -47,12 +47,14 @@ class TreeShap:
 
     def __init__(self, *, n_features: int, feature: np.ndarray, threshold: np.ndarray, default_left: np.ndarray,
                  path_node: np.ndarray, path_left: np.ndarray, code_start: np.ndarray, slot_feature: np.ndarray,
-                 table: np.ndarray, bias: float) -> None:
+                 table: np.ndarray, bias: float, tree_of: np.ndarray, n_trees: int) -> None:
         self.n_features = n_features
         self._feature, self._threshold, self._default_left = feature, threshold, default_left
         self._path_node, self._path_left, self._code_start = path_node, path_left, code_start
         self._slot_feature, self._table, self.bias = slot_feature, table, bias
-        self._flat_slots = slot_feature.ravel()
+        self.n_trees = n_trees
+        # each (leaf, slot) adds to (its tree, its feature): per-tree sums, then xgboost's float32 sum over trees
+        self._flat_slots = (tree_of[:, None] * (n_features + 1) + slot_feature).ravel()
 
     @property
     def nbytes(self) -> int:
@@ -107,9 +109,10 @@ class TreeShap:
                     default_left.append(bool(t["default_left"][k]))
             number.append(mine)
         pad_node = len(feature)
-        leaves = [(number[i], path, v) for i, paths in enumerate(parsed) for path, v in paths]
+        leaves = [(number[i], path, v, i) for i, paths in enumerate(parsed) for path, v in paths]
         leaves = [leaf for leaf in leaves if leaf[1]]  # a one-leaf tree adds to the bias only
-        depth = max((len(p) for _, p, _ in leaves), default=1)
+        tree_of = np.array([leaf[3] for leaf in leaves], dtype=np.int64)
+        depth = max((len(leaf[1]) for leaf in leaves), default=1)
         if depth > MAX_DEPTH:
             return None
         n = len(leaves)
@@ -119,7 +122,7 @@ class TreeShap:
         distinct: list[list[int]] = []
         fractions: list[list[float]] = []
         values = np.empty(n, dtype=np.float64)
-        for li, (mine, path, v) in enumerate(leaves):
+        for li, (mine, path, v, _) in enumerate(leaves):
             feats: list[int] = []
             zs: list[float] = []
             for p, (node, goes_left, feat, z) in enumerate(path):
@@ -172,7 +175,8 @@ class TreeShap:
         return cls(n_features=n_features, feature=np.array(feature, dtype=np.intp),
                    threshold=np.array(threshold, dtype=np.float32), default_left=np.array(default_left, dtype=bool),
                    path_node=path_node.astype(np.intp), path_left=path_left, code_start=code_start.astype(np.intp),
-                   slot_feature=slot_feature, table=np.ascontiguousarray(table[by_code]), bias=0.0)
+                   slot_feature=slot_feature, table=np.ascontiguousarray(table[by_code]), bias=0.0,
+                   tree_of=tree_of, n_trees=len(trees))
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """(rows, n_features + 1) float64: each input's contribution to the log-odds, then the bias."""
@@ -195,12 +199,15 @@ class TreeShap:
         # byte, flag p at bit p (the partial products below it never carry into it)
         code = ((np.ascontiguousarray(off).view(np.uint64)[:, :, 0] * _GATHER_BYTES) >> np.uint64(56)).astype(np.intp)
         got = self._table[self._code_start + code]                   # (n, leaves, width)
+        bins = self.n_trees * (self.n_features + 1)
         if n == 1:
-            phi = np.bincount(self._flat_slots, weights=got.ravel(), minlength=self.n_features + 1)[None, :]
+            index = self._flat_slots
         else:
-            width = self.n_features + 1
-            index = np.arange(n, dtype=np.int64)[:, None] * width + self._flat_slots[None, :]
-            phi = np.bincount(index.ravel(), weights=got.ravel(), minlength=n * width).reshape(n, width)
+            index = (np.arange(n, dtype=np.int64)[:, None] * bins + self._flat_slots[None, :]).ravel()
+        per_tree = np.bincount(index, weights=got.ravel(), minlength=n * bins).reshape(n, self.n_trees, -1)
+        # xgboost adds each tree's float32 contributions to a float32 total, tree after tree: so do
+        # these (a float64 sum would differ from its values by float32 rounding, ~1e-6 for 200 trees)
+        phi = np.cumsum(per_tree.astype(np.float32), axis=1, dtype=np.float32)[:, -1, :].astype(np.float64)
         phi[:, -1] = self.bias
         return phi
 
