@@ -16,11 +16,12 @@ tree SHAP, the algorithm xgboost implements) differently:
 * the ``o`` of a leaf is one of ``2**d`` patterns (``d`` is at most the tree depth), so every
   leaf's contributions for every pattern are tabulated once, when the model is loaded;
 * a row then costs one comparison per split node, one pattern per leaf and a table look-up:
-  a few vectorized numpy calls for the whole forest.
+  a few vectorized numpy calls for the whole forest. Each tree's contributions are summed, then
+  the trees are added up in float32, tree after tree, as xgboost adds them.
 
 The bias (the model's expected log-odds) is taken from one xgboost call at load. The values
 equal xgboost's ``pred_contribs`` up to its float32 arithmetic (tests compare them to 1e-6 on
-every row); :meth:`TreeShap.from_booster` returns None for a model it does not cover (not a
+every row; most entries are the same bits); :meth:`TreeShap.from_booster` returns None for a model it does not cover (not a
 single-output ``gbtree``, categorical splits, too deep), and the caller then uses xgboost.
 """
 from __future__ import annotations
@@ -45,21 +46,20 @@ BLOCK_ROWS = 16
 class TreeShap:
     """Tree SHAP contributions of one xgboost forest (see the module docstring)."""
 
-    def __init__(self, *, n_features: int, feature: np.ndarray, threshold: np.ndarray, default_left: np.ndarray,
-                 path_node: np.ndarray, path_left: np.ndarray, code_start: np.ndarray, slot_feature: np.ndarray,
-                 table: np.ndarray, bias: float, tree_of: np.ndarray, n_trees: int) -> None:
-        self.n_features = n_features
+    def __init__(self, *, n_features: int, n_trees: int, feature: np.ndarray, threshold: np.ndarray,
+                 default_left: np.ndarray, path_node: np.ndarray, path_left: np.ndarray, leaf_full: np.ndarray,
+                 repeated: np.ndarray, repeated_pattern: np.ndarray, pair_leaf: np.ndarray, pair_base: np.ndarray,
+                 pair_width: np.ndarray, pair_bin: np.ndarray, table: np.ndarray, bias: float) -> None:
+        self.n_features, self.n_trees, self.bias = n_features, n_trees, bias
         self._feature, self._threshold, self._default_left = feature, threshold, default_left
-        self._path_node, self._path_left, self._code_start = path_node, path_left, code_start
-        self._slot_feature, self._table, self.bias = slot_feature, table, bias
-        self.n_trees = n_trees
-        # each (leaf, slot) adds to (its tree, its feature): per-tree sums, then xgboost's float32 sum over trees
-        self._flat_slots = (tree_of[:, None] * (n_features + 1) + slot_feature).ravel()
+        self._path_node, self._path_left, self._leaf_full = path_node, path_left, leaf_full
+        self._repeated, self._repeated_pattern = repeated, repeated_pattern
+        self._pair_leaf, self._pair_base, self._pair_width, self._pair_bin = pair_leaf, pair_base, pair_width, pair_bin
+        self._table = table
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self._feature, self._threshold, self._default_left, self._path_node,
-                                      self._path_left, self._code_start, self._slot_feature, self._table))
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
     @classmethod
     def from_booster(cls, booster: Any, n_features: int) -> TreeShap | None:
@@ -150,33 +150,30 @@ class TreeShap:
         for p in range(8):
             missed |= code_bits[None, :, p] * position_bit[:, p:p + 1]
         pattern_of = ((1 << d_all) - 1)[:, None] ^ missed                                  # (n, 256)
-        width = max((len(f) for f in distinct), default=1)
-        d_of = d_all
-        leaf_row = np.zeros(n, dtype=np.int64)
-        slot_feature = np.full((n, width), n_features, dtype=np.int64)  # padding adds to a spare slot
-        rows = 0
-        for li, f in enumerate(distinct):
-            leaf_row[li] = rows
-            slot_feature[li, :len(f)] = f
-            rows += 1 << len(f)
-        table = np.zeros((rows, width), dtype=np.float64)
-        for d in range(1, width + 1):
-            ls = np.flatnonzero(d_of == d)
+        # the table: per leaf, for each of its 2**d patterns, its d contributions (float32, as
+        # xgboost's), leaf after leaf; a row then reads one pattern's d values per leaf
+        leaf_off = np.concatenate([[0], np.cumsum((1 << d_all) * d_all)[:-1]]).astype(np.int64)
+        table = np.zeros(int(((1 << d_all) * d_all).sum()), dtype=np.float64)
+        for d in range(1, int(d_all.max(initial=0)) + 1):
+            ls = np.flatnonzero(d_all == d)
             if len(ls) == 0:
                 continue
             z = np.array([fractions[li] for li in ls], dtype=np.float64)                  # (n_d, d)
             contrib = _leaf_tables(z, values[ls])                                          # (n_d, 2**d, d)
-            at = leaf_row[ls][:, None] + np.arange(1 << d)[None, :]                        # (n_d, 2**d)
-            table[at.ravel(), :d] = contrib.reshape(-1, d)
-        # rows by packed code (bit p: the row leaves the path at position p), 2**(path length) per
-        # leaf: a row is then one look-up, whatever features repeat along the path
-        code_start = np.concatenate([[0], np.cumsum(1 << lengths)[:-1]]).astype(np.int64)
-        by_code = (leaf_row[:, None] + pattern_of)[codes[None, :] < (1 << lengths)[:, None]]   # leaf by leaf, code order
-        return cls(n_features=n_features, feature=np.array(feature, dtype=np.intp),
+            table[(leaf_off[ls][:, None] + np.arange((1 << d) * d)[None, :]).ravel()] = contrib.ravel()
+        # a leaf whose path splits on no feature twice has pattern = all ^ code; the others a map
+        repeated = np.flatnonzero(d_all < lengths)
+        pair_leaf = np.repeat(np.arange(n, dtype=np.int64), d_all)                          # (leaf, slot) pairs
+        pair_slot = np.arange(len(pair_leaf)) - np.repeat(np.cumsum(d_all) - d_all, d_all)
+        pair_feature = np.array([f for feats in distinct for f in feats], dtype=np.int64)
+        return cls(n_features=n_features, n_trees=len(trees), feature=np.array(feature, dtype=np.intp),
                    threshold=np.array(threshold, dtype=np.float32), default_left=np.array(default_left, dtype=bool),
-                   path_node=path_node.astype(np.intp), path_left=path_left, code_start=code_start.astype(np.intp),
-                   slot_feature=slot_feature, table=np.ascontiguousarray(table[by_code]), bias=0.0,
-                   tree_of=tree_of, n_trees=len(trees))
+                   path_node=path_node.astype(np.intp), path_left=path_left, leaf_full=(1 << d_all).astype(np.intp) - 1,
+                   repeated=repeated.astype(np.intp), repeated_pattern=pattern_of[repeated].astype(np.uint8),
+                   pair_leaf=pair_leaf.astype(np.intp), pair_base=(leaf_off[pair_leaf] + pair_slot).astype(np.intp),
+                   pair_width=d_all[pair_leaf].astype(np.intp),
+                   pair_bin=(tree_of[pair_leaf] * (n_features + 1) + pair_feature).astype(np.intp),
+                   table=table.astype(np.float32), bias=0.0)
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """(rows, n_features + 1) float64: each input's contribution to the log-odds, then the bias."""
@@ -198,12 +195,15 @@ class TreeShap:
         # the 8 flags of a leaf are 8 bytes of 0/1: one multiplication gathers them into the top
         # byte, flag p at bit p (the partial products below it never carry into it)
         code = ((np.ascontiguousarray(off).view(np.uint64)[:, :, 0] * _GATHER_BYTES) >> np.uint64(56)).astype(np.intp)
-        got = self._table[self._code_start + code]                   # (n, leaves, width)
+        pattern = self._leaf_full ^ code                              # (n, leaves): bit u, feature u followed
+        if len(self._repeated):
+            pattern[:, self._repeated] = self._repeated_pattern[np.arange(len(self._repeated)), code[:, self._repeated]]
+        got = self._table[self._pair_base + pattern[:, self._pair_leaf] * self._pair_width]   # (n, pairs)
         bins = self.n_trees * (self.n_features + 1)
         if n == 1:
-            index = self._flat_slots
+            index = self._pair_bin
         else:
-            index = (np.arange(n, dtype=np.int64)[:, None] * bins + self._flat_slots[None, :]).ravel()
+            index = (np.arange(n, dtype=np.intp)[:, None] * bins + self._pair_bin[None, :]).ravel()
         per_tree = np.bincount(index, weights=got.ravel(), minlength=n * bins).reshape(n, self.n_trees, -1)
         # xgboost adds each tree's float32 contributions to a float32 total, tree after tree: so do
         # these (a float64 sum would differ from its values by float32 rounding, ~1e-6 for 200 trees)
