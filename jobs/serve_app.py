@@ -212,6 +212,7 @@ class FeatureService:
             if self.scorer.spec_hash and self.scorer.spec_hash != self.spec.spec_hash:
                 raise ServeError(f"the model was trained on feature spec {self.scorer.spec_hash}, the store "
                                  f"serves {self.spec.spec_hash}: pass the matching --feature-spec")
+            self.scorer.prepare_reasons()  # the tree SHAP tables, before the first request rather than during it
         try:
             self.store = open_store(settings.store, self.spec, create=False, namespace=settings.namespace)
         except (OnlineStoreError, ValueError) as exc:

@@ -114,6 +114,85 @@ def test_top_reasons_in_json_jsonl_batch_and_none_on_request(model_dir: Path, sp
         _cli(score_cli, ["score", "--model", str(model_dir), "--json", "{}", "--reasons", "-1"])
 
 
+def test_one_booster_call_gives_the_score_and_margin_bit_for_bit(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A decision's score comes from its margin through xgboost's own sigmoid (one booster call):
+    the same bits as the booster's probability, on each of 4,000 rows; a model of another
+    objective keeps two calls and gives the same answer. The rows are random inputs of every scale
+    (a tenth missing), so the margins spread far wider than a test day's."""
+    scorer = Scorer.load(model_dir)
+    assert scorer._sigmoid is not None
+    import xgboost as xgb
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.0, 1.0, (4_000, len(scorer.features))) * rng.choice([1, 10, 1_000, 100_000], len(scorer.features))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    scores, margins = scorer.score_matrix(x), scorer.score_matrix(x, margin=True)
+    assert len(set(scores.tolist())) > 100
+    for i in range(len(x)):
+        score, margin = scorer.score_one(x[i:i + 1])
+        assert score == scores[i] and margin == margins[i], i
+    other = xgb.train({"objective": "reg:logistic", "max_depth": 2, "nthread": 1},
+                      xgb.DMatrix(x[:500], label=rng.random(500)), num_boost_round=5)
+    plain = Scorer(booster=other, features=scorer.features, spec_hash=None, model_id="x", model_dir=tmp_path)
+    assert score_cli._logistic_sigmoid(other, len(scorer.features)) is None and plain._sigmoid is None
+    assert plain.score_one(x[:1]) == (plain.score_matrix(x[:1])[0], plain.score_matrix(x[:1], margin=True)[0])
+
+
+def _pred_contribs(booster, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    import xgboost as xgb
+
+    return np.asarray(booster.predict(xgb.DMatrix(x, missing=np.nan, nthread=1), pred_contribs=True,
+                                      validate_features=False), dtype=np.float64)
+
+
+def _assert_same_shap(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal to xgboost's float32 tree SHAP within 1e-6 of the larger of 1 and the value."""
+    assert got.shape == want.shape
+    bad = np.abs(got - want) > 1e-6 * np.maximum(1.0, np.abs(want))
+    assert not bad.any(), (np.argwhere(bad)[:5], got[bad][:5], want[bad][:5])
+
+
+def test_tree_shap_from_tabulated_trees_is_xgboosts_pred_contribs_on_every_row(model_dir: Path,  # noqa: F811
+                                                                                 sparkov_warehouse: Path) -> None:
+    """The reasons come from the model's trees tabulated in numpy, not from a DMatrix per call:
+    every row of the features table, and random rows with missing values, against xgboost's own
+    ``pred_contribs``; one row at a time gives the very numbers of the whole matrix."""
+    scorer = Scorer.load(model_dir)
+    x = feature_matrix(DeltaTable(str(sparkov_warehouse / "features")).to_pyarrow_table(), scorer.features)
+    rng = np.random.default_rng(3)
+    noise = x[rng.integers(0, len(x), 2_000)] * rng.uniform(0.5, 2.0, (2_000, x.shape[1]))
+    noise[rng.random(noise.shape) < 0.2] = np.nan
+    x = np.concatenate([x, noise])
+    got = scorer.contributions(x)
+    assert scorer._tree_shap  # the tables were built: this model is one they cover
+    _assert_same_shap(got, _pred_contribs(scorer.booster, x))
+    assert (got[:, -1] == _pred_contribs(scorer.booster, x[:1])[0, -1]).all()  # the bias is xgboost's
+    for i in rng.integers(0, len(x), 50):
+        assert (scorer.contributions(x[i:i + 1])[0] == got[i]).all()
+
+
+@pytest.mark.parametrize("depth", [8, 9])
+def test_tree_shap_on_deep_trees_with_repeated_features_and_missing_values(depth: int, tmp_path: Path) -> None:
+    """Few inputs and deep trees (features split on again and again along a path, missing values
+    going either way): equal to ``pred_contribs``; deeper than the tables cover (9): xgboost's own."""
+    import xgboost as xgb
+
+    rng = np.random.default_rng(depth)
+    x = rng.normal(0.0, 1.0, (3_000, 4))
+    y = (np.sin(3 * x[:, 0]) + x[:, 1] * x[:, 2] > 0.3).astype(float)
+    x[rng.random(x.shape) < 0.15] = np.nan
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": depth, "eta": 0.3, "nthread": 1,
+                         "min_child_weight": 0.1}, xgb.DMatrix(x, label=y, missing=np.nan), num_boost_round=30)
+    scorer = Scorer(booster=booster, features=["a", "b", "c", "d"], spec_hash=None, model_id="x", model_dir=tmp_path)
+    got = scorer.contributions(x)
+    want = _pred_contribs(booster, x)
+    if depth <= 8:
+        assert scorer._tree_shap
+        _assert_same_shap(got, want)
+    else:
+        assert scorer._tree_shap is False and (got == want).all()
+
+
 def test_saabas_reasons_also_add_up_and_are_cheaper_per_tree(model_dir: Path, sparkov_warehouse: Path,  # noqa: F811
                                                               capsys: pytest.CaptureFixture) -> None:
     exact = Scorer.load(model_dir)

@@ -44,7 +44,7 @@ from finfeat.jobs.online import (
     open_store,
     retention_for,
 )
-from finfeat.jobs.online.base import EntityState, OnlineStore, StoredEvent, prune, wall_clock_us
+from finfeat.jobs.online.base import EntityState, EntityUpdate, OnlineStore, StoredEvent, prune, wall_clock_us
 from finfeat.jobs.online.redis_store import RedisOnlineStore
 from finfeat.jobs.online.sqlite import SqliteOnlineStore
 from finfeat.jobs import serve_lookup
@@ -297,6 +297,49 @@ def test_older_event_never_overwrites_newer_state(make_store) -> None:
     assert [e.txn_id for e in state.events] == ["t2", "t3", "t4"]
     assert state.as_of_us == t and state.pruned_max_us == t - 60 * DAY_US
     assert state.events[-1].values[1] == 100
+
+
+def test_times_only_state_reads_ids_and_times_and_answers_ties_and_rescoring(make_store) -> None:
+    """A merchant's counts read nothing but ids and times: its state reads as EventTimes (the
+    same events as a tuple of StoredEvent, never located even when written so). Candidates at the
+    instant of stored events go among them by txn id, and a stored transaction looked up under
+    its own id is its batch row: each equals compute_features over the events plus it."""
+    store = make_store(SPEC)
+    t = 1_600_000_000_000_000
+    written = [_ev("m-a", "c1", t, merchant="m"), _ev("m-c", "c2", t, merchant="m"),
+               _ev("m-e", "c3", t, merchant="m"), _ev("m-0", "c1", t - 3_600_000_000, merchant="m"),
+               _ev("m-9", "c4", t + 5, merchant="m"), _ev("x-1", "c2", t - 60_000_000, merchant="other")]
+    store.write(written)
+    r = store.retention["merchant"]
+    assert r.times_only and not store.retention["card"].times_only
+    state = store.read_state("merchant", "m")
+    assert [(e.txn_id, e.time_us, e.located, e.values) for e in state.events] == [
+        ("m-0", t - 3_600_000_000, False, ()), ("m-a", t, False, ()), ("m-c", t, False, ()),
+        ("m-e", t, False, ()), ("m-9", t + 5, False, ())]
+    assert state.events == tuple(state.events) and state.events[1:3] == tuple(state.events)[1:3]
+    if isinstance(store, SqliteOnlineStore):
+        from finfeat.jobs.online.base import EventTimes
+
+        assert isinstance(state.events, EventTimes)
+    # an event written as located to a kind that keeps no coordinates is stored unlocated
+    store.write_updates([EntityUpdate("merchant", "m", (StoredEvent("m-f", t + 9, True, ()),))])
+    assert store.read_state("merchant", "m").events[-1] == StoredEvent("m-f", t + 9, False, ())
+    events = events_to_table(written + [_ev("m-f", "c9", t + 9, merchant="m")])
+    cands = [Candidate(card_token="c5", merchant_id="m", amount_minor=300, at_us=t, currency="USD", txn_id=txn)
+             for txn in ("m-b", "m-d", "m-00", "m-z")]  # between, between, before all, after all at t
+    cands.append(Candidate(card_token="c5", merchant_id="m", amount_minor=300, at_us=t, currency="USD"))
+    for c, res in zip(cands, lookup_many(store, SPEC, cands, on_missing="empty")):
+        assert res.features == batch_row(events, SPEC, c), c.txn_id
+    merchant_features = [f.name for f in SPEC.for_entity("merchant")]
+    counts = {c.txn_id: lookup(store, SPEC, c, on_missing="empty").features for c in cands}
+    assert len({tuple(counts[c.txn_id][n] for n in merchant_features) for c in cands}) > 1  # the ties matter
+    # re-scoring stored transactions under their own ids: their own rows
+    everything = _by_txn(compute_features(events, SPEC), SPEC)
+    for e in written[:5]:
+        c = Candidate(card_token=e.card_token, merchant_id=e.merchant_id, amount_minor=e.amount_minor,
+                      at_us=e.event_time_us, currency="USD", merchant_lat=e.merchant_lat,
+                      merchant_lon=e.merchant_lon, txn_id=e.txn_id)
+        assert lookup(store, SPEC, c).features == everything[e.txn_id], e.txn_id
 
 
 def test_shuffled_repeated_and_reversed_writes_end_in_the_in_order_state(make_store,

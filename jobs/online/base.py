@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -163,6 +163,12 @@ class Retention:
     def keeps_location(self) -> bool:
         return all(f in self.fields for f in _GEO_FIELDS)
 
+    @property
+    def times_only(self) -> bool:
+        """Whether its features read nothing of an event but its id and time (e.g. a merchant's
+        counts): no field, no location, no labels. Such a state reads as :class:`EventTimes`."""
+        return not self.fields and not self.labels
+
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {"reach_us": self.reach_us, "fields": list(self.fields)}
         if self.labels:
@@ -224,6 +230,44 @@ class StoredEvent(NamedTuple):
             return [make((t, us, loc, ())) for t, us, loc, _ in items]
         values = json.loads("[" + ",".join(item[3] for item in items) + "]")
         return [make((t, us, loc, tuple(v))) for (t, us, loc, _), v in zip(items, values)]
+
+
+class EventTimes(Sequence[StoredEvent]):
+    """The events of a :attr:`Retention.times_only` state as two columns, ``txn_ids`` and
+    ``times_us`` (sorted by time, then txn id): reading a busy merchant's hundreds of events makes
+    no object per event. As a sequence it is the same :class:`StoredEvent` values (no fields, not
+    located), made on demand, and it compares equal to a tuple of them."""
+
+    __slots__ = ("txn_ids", "times_us")
+
+    def __init__(self, txn_ids: Sequence[str], times_us: Sequence[int]) -> None:
+        if len(txn_ids) != len(times_us):
+            raise ValueError("txn_ids and times_us differ in length")
+        self.txn_ids, self.times_us = txn_ids, times_us
+
+    def __len__(self) -> int:
+        return len(self.txn_ids)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 - an index or a slice, as a tuple's
+        if isinstance(i, slice):
+            return tuple(StoredEvent(t, us, False, ()) for t, us in zip(self.txn_ids[i], self.times_us[i]))
+        return StoredEvent(self.txn_ids[i], self.times_us[i], False, ())
+
+    def __iter__(self) -> Iterator[StoredEvent]:
+        return (StoredEvent(t, us, False, ()) for t, us in zip(self.txn_ids, self.times_us))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EventTimes):
+            return list(self.txn_ids) == list(other.txn_ids) and list(self.times_us) == list(other.times_us)
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"EventTimes({len(self)} events)"
 
 
 class Label(NamedTuple):
@@ -294,7 +338,7 @@ class EntityState:
     key: str
     as_of_us: int
     pruned_max_us: int | None
-    events: tuple[StoredEvent, ...]
+    events: Sequence[StoredEvent]  # a tuple, or EventTimes for a times-only kind
     #: label-aware kinds: the live feed label of each of its events that has one (txn id -> label)
     labels: Mapping[str, Label] = field(default_factory=dict)
 
@@ -422,6 +466,13 @@ def updates_from_events(table: pa.Table, retention: Mapping[str, Retention]) -> 
     return out
 
 
+def _unlocated(update: EntityUpdate) -> EntityUpdate:
+    """``update`` with no event located: "located" means having the coordinates the kind keeps,
+    so an event of a kind that keeps none is never located (what :func:`stored_events` gives)."""
+    return EntityUpdate(update.entity, update.key, tuple(e._replace(located=False) for e in update.events),
+                        update.pruned_max_us)
+
+
 # ----------------------------------------------------------------------------- the store class
 
 
@@ -456,7 +507,8 @@ class OnlineStore(ABC):
             if u.entity not in self.retention:
                 raise ValueError(f"entity kind {u.entity!r} is not in this store's spec "
                                  f"({', '.join(self.retention)})")
-        updates = [u for u in updates if u.events]
+        updates = [u if self.retention[u.entity].keeps_location or not any(e.located for e in u.events)
+                   else _unlocated(u) for u in updates if u.events]
         if not updates:
             return WriteStats()
         for u in updates:  # NUL separates fields in the Redis read path; no real id contains it

@@ -44,6 +44,7 @@ import pyarrow as pa
 from finfeat.jobs.online.base import (
     CandidateBeforeState,
     EntityState,
+    EventTimes,
     MissingState,
     OnlineStore,
     Retention,
@@ -253,13 +254,21 @@ def _entity_arrays(r: Retention, candidates: Sequence[Candidate], states: Sequen
             group.append(i)
             continue
         # the stored events are sorted by (time, txn id bytes): the candidate goes in at k
-        events = [ev for ev in s.events if ev.txn_id != c.txn_id]
-        ts = [ev.time_us for ev in events]
+        if isinstance(s.events, EventTimes):  # ids and times only (nothing else to line up)
+            ids, ts = s.events.txn_ids, s.events.times_us
+            if c.txn_id in ids:
+                drop = ids.index(c.txn_id)
+                ids, ts = [*ids[:drop], *ids[drop + 1:]], [*ts[:drop], *ts[drop + 1:]]
+            events: Sequence[Any] = ids
+        else:
+            events = [ev for ev in s.events if ev.txn_id != c.txn_id]
+            ids, ts = None, [ev.time_us for ev in events]
         k = bisect.bisect_left(ts, c.at_us)
         tied = bisect.bisect_right(ts, c.at_us, lo=k)
         if tied > k:
             own_id = c.txn_id.encode()
-            k += sum(1 for ev in events[k:tied] if ev.txn_id.encode() < own_id)
+            tied_ids = ids[k:tied] if ids is not None else [ev.txn_id for ev in events[k:tied]]
+            k += sum(1 for t in tied_ids if t.encode() < own_id)
         times += ts[:k]
         times.append(c.at_us)
         times += ts[k:]

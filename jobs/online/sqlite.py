@@ -18,7 +18,9 @@ conditional upsert ``ON CONFLICT DO UPDATE SET asof_us = max(asof_us, excluded.a
 extends the expiry. A state whose expiry has passed is not served (:class:`KeyExpired`) and is
 dropped by the next write to that entity, which starts it afresh, as Redis does. Labels are
 upserted the same way (the stored label is replaced only by one that supersedes it, or when it
-has expired); a read of a label-aware entity joins its events with their live labels.
+has expired); a read of a label-aware entity joins its events with their live labels. A read of
+several keys is one read transaction (one snapshot); a times-only kind (a merchant's counts)
+reads ids and times from the time index alone, into :class:`EventTimes`.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from finfeat.jobs.online.base import (
     DEFAULT_TTL_S,
     EntityState,
     EntityUpdate,
+    EventTimes,
     Label,
     MissingState,
     OnlineStore,
@@ -240,17 +243,37 @@ class SqliteOnlineStore(OnlineStore):
         conn = self._conn()
         try:
             self._ensure_meta(conn, write=False)
-            # one statement per entity: a consistent view of that entity (writers commit whole batches)
-            return [self._read_one(conn, kind, key, now_us, labels=self.retention[kind].labels)
-                    for kind, key in keys]
+            # one read transaction: a consistent view of every entity read (writers commit whole batches)
+            retention = self.retention
+            own = not conn.in_transaction
+            if own:
+                conn.execute("BEGIN")
+            try:
+                return [self._read_one(conn, kind, key, now_us, labels=retention[kind].labels,
+                                       times_only=retention[kind].times_only) for kind, key in keys]
+            finally:
+                if own and conn.in_transaction:
+                    conn.execute("COMMIT")  # a read: ends the snapshot
         except sqlite3.Error as exc:
             raise StoreUnavailable(self.location, f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
-    def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int, *, labels: bool = False
-                  ) -> EntityState | MissingState:
+    def _read_one(conn: sqlite3.Connection, kind: str, key: str, now_us: int, *, labels: bool = False,
+                  times_only: bool = False) -> EntityState | MissingState:
         if labels:
             return SqliteOnlineStore._read_labelled(conn, kind, key, now_us)
+        if times_only:  # ids and times only: the index by time covers them, no table row is read
+            row = conn.execute("SELECT asof_us, pruned_max_us, expires_at_us FROM entity_state "
+                               "WHERE entity_kind = ? AND entity_id = ?", (kind, key)).fetchone()
+            if row is None:
+                return MissingState(kind, key)
+            asof, pruned_max, expires = row
+            if expires <= now_us:
+                return MissingState(kind, key, expired_at_us=expires)
+            rows = conn.execute("SELECT txn_id, event_time_us FROM entity_event WHERE entity_kind = ? AND entity_id = ? "
+                                "ORDER BY event_time_us, txn_id", (kind, key)).fetchall()
+            txn_ids, times = zip(*rows) if rows else ((), ())
+            return EntityState(kind, key, asof, pruned_max, EventTimes(txn_ids, times))
         rows = conn.execute(
             "SELECT s.asof_us, s.pruned_max_us, s.expires_at_us, e.txn_id, e.event_time_us, e.located, e.payload "
             "FROM entity_state AS s LEFT JOIN entity_event AS e "
