@@ -187,24 +187,21 @@ def spill_inputs(cfg: BackfillConfig, folder: Path, *, recorded_at_us: int) -> S
     parse = ParseBatchFn(mapping=cfg.mapping, token_key=cfg.token_key, run_id=cfg.run_id,
                          recorded_at_us=recorded_at_us, event_suite=cfg.event_suite)
     parse.setup()
-    for path in cfg.inputs:
-        for triple in read.process(str(path)):
-            for out in parse.process(triple):
-                if isinstance(out, pvalue.TaggedOutput):
-                    spill.tagged.append((kinds[out.tag], out.value))
-                else:
-                    spill.write(out)
-    labels = []
-    if cfg.labels:
-        read_labels = ReadLabelsFn(run_id=cfg.run_id, recorded_at_us=recorded_at_us)
-        parse_labels = ParseLabelsFn(run_id=cfg.run_id, recorded_at_us=recorded_at_us)
-        for path in cfg.labels:
-            for triple in read_labels.process(str(path)):
-                for out in parse_labels.process(triple):
+
+    def parsed(reader, parser, paths) -> Iterator[pa.Table]:  # noqa: ANN001
+        """The parser's main output over every file; its tagged outputs go to the spill."""
+        for path in paths:
+            for triple in reader.process(str(path)):
+                for out in parser.process(triple):
                     if isinstance(out, pvalue.TaggedOutput):
                         spill.tagged.append((kinds[out.tag], out.value))
                     else:
-                        labels.append(out)
+                        yield out
+
+    for events in parsed(read, parse, cfg.inputs):
+        spill.write(events)
+    labels = list(parsed(ReadLabelsFn(run_id=cfg.run_id, recorded_at_us=recorded_at_us),
+                         ParseLabelsFn(run_id=cfg.run_id, recorded_at_us=recorded_at_us), cfg.labels))
     if labels:
         pq.write_table(pa.concat_tables(labels), folder / _LABELS)
     return spill
