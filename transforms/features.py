@@ -270,23 +270,9 @@ class _EntityFrame:
             if self.every_row:
                 self._lo[window] = window_lower_bounds(self.t, self.group, window)
             else:  # y.t > t - window, i.e. y.t >= t - window + 1 (integer microseconds)
-                self._lo[window] = self._searchsorted(self.t[self.at] - window + 1)
+                at = self.at
+                self._lo[window] = group_searchsorted(self.t, self.group, self.group[at], self.t[at] - window + 1)
         return self._lo[window]
-
-    def _searchsorted(self, query_t: np.ndarray) -> np.ndarray:
-        """For each wanted row: the first row of its group with t >= the query time."""
-        at, t, group = self.at, self.t, self.group
-        if not self.n:
-            return at.copy()
-        if "key" not in self._cache:  # one composite key (group, t) for every window, when it fits
-            t0, span = int(t.min()), int(t.max()) - int(t.min()) + 2
-            fits = (int(group[-1]) + 1) * span < _INT64_MAX // 2
-            self._cache["key"] = (t0, span, group * span + (t - t0) if fits else None)
-        t0, span, key = self._cache["key"]
-        if key is None:
-            return group_searchsorted(t, group, group[at], query_t)
-        qkey = group[at] * span + (np.clip(query_t, t0, t0 + span - 1) - t0)
-        return np.searchsorted(key, qkey, side="left")
 
     def count(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """Events in each wanted row's window, and whether there are any (shared: read-only)."""
