@@ -59,7 +59,8 @@ import numpy as np
 import pyarrow as pa
 
 from finfeat.schemas.events import EVENT_SCHEMA, TransactionEvent, events_to_table
-from finfeat.transforms.spec import ENTITY_COLUMNS, FIELD_COLUMNS, FeatureSpec
+from finfeat.transforms.features import frame_fields
+from finfeat.transforms.spec import ENTITY_COLUMNS, FeatureSpec
 
 #: Layout version of the stored state; part of every key / the SQLite schema.
 LAYOUT_VERSION = 1
@@ -182,15 +183,7 @@ def retention_for(spec: FeatureSpec) -> dict[str, Retention]:
     for entity in spec.entities:
         defs = spec.for_entity(entity)
         reach = max(d.reach_us for d in defs)  # window (plus label delay, for features that have one)
-        needed: set[str] = set()
-        for d in defs:
-            if d.field and FIELD_COLUMNS[d.field] != ENTITY_COLUMNS[entity]:
-                needed.add(FIELD_COLUMNS[d.field])
-            if d.agg == "geo_velocity":
-                needed.update(_GEO_FIELDS)
-            if d.agg == "fraud_rate":
-                needed.add("is_fraud")
-        fields = tuple(n for n in EVENT_SCHEMA.names if n in needed)  # canonical order
+        fields = tuple(frame_fields(defs, EVENT_SCHEMA.names))  # what the engine reads, canonical order
         out[entity] = Retention(entity=entity, reach_us=reach, fields=fields,
                                 labels=any(d.agg == "fraud_rate" for d in defs))
     return out
