@@ -483,6 +483,19 @@ def identity_columns(events: pa.Table, spec: FeatureSpec) -> dict[str, pa.Array]
     return cols
 
 
+def _coded(values: pa.Array | pa.ChunkedArray, code_of: dict[Any, int]) -> np.ndarray:
+    """Integer codes of ``values`` from ``code_of``, which gives each new value the next code
+    (nulls get code 0: callers keep their validity apart)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    encoded = pc.dictionary_encode(values)
+    mapping = np.fromiter((code_of.setdefault(k, len(code_of)) for k in encoded.dictionary.to_pylist()),
+                          dtype=np.int64, count=len(encoded.dictionary))
+    if not len(mapping):  # nothing but nulls
+        return np.zeros(len(values), dtype=np.int64)
+    return mapping[encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)]
+
+
 class EntityHistory:
     """A bucket's history: the events its entities' longest window can still reach, plus, however
     old, each entity's newest and newest located event (``history_tail``). The runner's list state
@@ -520,15 +533,14 @@ class EntityHistory:
 
     def _index(self, table: pa.Table) -> None:
         """Hold ``table``, put in (entity, event_time, txn_id) order, and index it."""
-        encoded = pc.dictionary_encode(table.column(self.column).combine_chunks())
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.code_of: dict[Any, int] = {}
+        codes = _coded(table.column(self.column), self.code_of)
         order = sorted_order(table, self.column, codes)
         if len(order) and not (order[1:] > order[:-1]).all():
             table, codes = table.take(pa.array(order)).combine_chunks(), codes[order]
         self._blocks = [table]
         self._t = _Growing(event_times_us(table))
         self._codes = _Growing(codes)
-        self.code_of = {k: i for i, k in enumerate(encoded.dictionary.to_pylist())}
         self._fields: dict[str, _Field] = {}
         self._reindex(in_code_order=True)
 
@@ -634,18 +646,14 @@ class EntityHistory:
 
     def codes_of(self, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """The entity codes of these keys (new keys get new codes)."""
-        encoded = pc.dictionary_encode(keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys)
-        code_of = self.code_of
-        mapping = np.fromiter((code_of.setdefault(k, len(code_of)) for k in encoded.dictionary.to_pylist()),
-                              dtype=np.int64, count=len(encoded.dictionary))
-        return mapping[encoded.indices.to_numpy(zero_copy_only=False)]
+        return _coded(keys, self.code_of)
 
-    def add(self, ready: pa.Table, *, floor: int, codes: np.ndarray | None = None) -> StateChange:
+    def add(self, ready: pa.Table, *, floor: int, codes: np.ndarray) -> StateChange:
         """Append released events (in (entity, event_time, txn_id) order, all newer than every
         row held); rewrite without what is out of reach (at or before ``floor``, entities' tails
         excepted) when that is due."""
         kept = ready.select(self._blocks[0].column_names)  # the columns this history keeps
-        self._append(kept, self.codes_of(ready.column(self.column)) if codes is None else codes)
+        self._append(kept, codes)
         self.pieces += 1
         droppable = int(np.count_nonzero(self.t <= floor)) - self.kept_tails
         if not _rewrite_due(self.pieces - 1, droppable, self.num_rows - droppable):
@@ -688,13 +696,7 @@ class _Field:
             column = column.combine_chunks()
         valid = column.is_valid().to_numpy(zero_copy_only=False)
         if self.text:
-            encoded = pc.dictionary_encode(column)
-            code_of = self.code_of
-            mapping = np.fromiter((code_of.setdefault(k, len(code_of)) for k in encoded.dictionary.to_pylist()),
-                                  dtype=np.int64, count=len(encoded.dictionary))
-            if not len(mapping):  # nothing but nulls
-                return np.zeros(len(column), dtype=np.int64), valid
-            return mapping[encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)], valid
+            return _coded(column, self.code_of), valid
         if self.floats:
             return column.fill_null(0.0).to_numpy(zero_copy_only=False), valid
         if pa.types.is_boolean(column.type):
@@ -766,8 +768,7 @@ def entity_part(ready: pa.Table, history: EntityHistory | None, step: EntityStep
     if history is None:
         cols = compute_entity_features(ready, defs, step.entity)
     else:
-        cols = history.features(ready, history.codes_of(ready.column(history.column)) if codes is None else codes,
-                                defs)
+        cols = history.features(ready, codes, defs)
     part = identity_columns(ready, step.spec) if step.anchor else {}
     part["txn_id"] = ready.column("txn_id")
     part.update(cols)
